@@ -1,0 +1,203 @@
+"""LaunchSpec: what the user asked for, resolved against the machine, and the DTRAIN_* contract.
+
+Everything here is pure: it decides, it never starts a process. The runtime side reads the
+same variables back in `dtrain.runtime.env`, so a name changes in both places or in neither.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from dtrain.errors import UsageError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEFAULT_MASTER_PORT = 29500
+
+# The DTRAIN_* contract between launcher and workers (documented in docs/architecture.md).
+ENV_DEVICE = "DTRAIN_DEVICE"
+ENV_PRECISION = "DTRAIN_PRECISION"
+ENV_SEED = "DTRAIN_SEED"
+ENV_RUN_DIR = "DTRAIN_RUN_DIR"
+ENV_MAX_STEPS = "DTRAIN_MAX_STEPS"
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchSpec:
+    """One job on one node: the launcher renders this into an argv and an environment."""
+
+    recipe: str
+    recipe_args: tuple[str, ...]
+    device: str  # "cuda" or "cpu"
+    nproc: int  # processes on this node
+    nodes: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+    max_restarts: int
+    precision: str
+    seed: int
+    max_steps: int | None
+    name: str
+    run_dir: str
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.nproc
+
+    @property
+    def log_dir(self) -> str:
+        return str(Path(self.run_dir) / "logs")
+
+
+def load_profile(path: str) -> dict[str, Any]:
+    """Read a YAML launch profile: a mapping of option names (as on the command line) to values."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise UsageError(f"profile {path} does not exist; pass a YAML file such as launch/cpu_ddp.yaml.")
+    except OSError as exc:
+        raise UsageError(f"cannot read profile {path} ({exc.strerror}); check its permissions.")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise UsageError(f"profile {path} is not valid YAML{line}; fix the syntax or remove the file.")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"profile {path} must be a mapping of option: value, not a {type(data).__name__}.")
+    return {str(key).replace("-", "_"): value for key, value in data.items()}
+
+
+def default_name(recipe: str, now: float | None = None) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    return f"{Path(recipe).stem}-{stamp}"
+
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def resolve(options: Mapping[str, Any], gpus_available: int, free_port: int) -> LaunchSpec:
+    """Turn merged CLI/profile options into a LaunchSpec, or raise UsageError saying what to fix.
+
+    `gpus_available` and `free_port` come from the machine; passing them in keeps this pure.
+    """
+    recipe = options["recipe"]
+    if not Path(recipe).is_file():
+        raise UsageError(f"recipe {recipe} does not exist; pass the path of a Python training script.")
+
+    precision = options.get("precision") or "fp32"
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}.")
+
+    device, nproc = _resolve_processes(options, gpus_available)
+
+    nodes = options.get("nodes") or 1
+    node_rank = options.get("node_rank") or 0
+    if nodes < 1:
+        raise UsageError(f"--nodes must be at least 1, got {nodes}.")
+    if not 0 <= node_rank < nodes:
+        raise UsageError(f"--node-rank must be between 0 and {nodes - 1} for {nodes} node(s), got {node_rank}.")
+
+    master_addr = options.get("master_addr") or "127.0.0.1"
+    master_port = options.get("master_port")
+    if master_port is None:
+        master_port = free_port if nodes == 1 else DEFAULT_MASTER_PORT
+    if not 1 <= master_port <= 65535:
+        raise UsageError(f"--master-port must be between 1 and 65535, got {master_port}.")
+
+    max_restarts = options.get("max_restarts") or 0
+    if max_restarts < 0:
+        raise UsageError(f"--max-restarts cannot be negative, got {max_restarts}.")
+    max_steps = options.get("max_steps")
+    if max_steps is not None and max_steps < 1:
+        raise UsageError(f"--max-steps must be at least 1, got {max_steps}.")
+
+    name, run_dir = _resolve_run_dir(options, recipe, nodes)
+    return LaunchSpec(
+        recipe=recipe,
+        recipe_args=tuple(options.get("recipe_args") or ()),
+        device=device,
+        nproc=nproc,
+        nodes=nodes,
+        node_rank=node_rank,
+        master_addr=master_addr,
+        master_port=master_port,
+        max_restarts=max_restarts,
+        precision=precision,
+        seed=options.get("seed") or 0,
+        max_steps=max_steps,
+        name=name,
+        run_dir=run_dir,
+    )
+
+
+def _resolve_processes(options: Mapping[str, Any], gpus_available: int) -> tuple[str, int]:
+    """Pick the device and processes per node: explicit --cpu, explicit --gpus, or whatever is here."""
+    gpus, nproc, cpu = options.get("gpus"), options.get("nproc"), options.get("cpu")
+    if cpu and gpus is not None:
+        raise UsageError("--cpu and --gpus contradict each other; pass one of them.")
+    if nproc is not None and nproc < 1:
+        raise UsageError(f"--nproc must be at least 1, got {nproc}.")
+    if cpu:
+        return "cpu", nproc or 1
+    if gpus is not None:
+        if nproc is not None:
+            raise UsageError("--nproc is for CPU processes; with GPUs use --gpus N (one process per GPU).")
+        if gpus < 1:
+            raise UsageError(f"--gpus must be at least 1, got {gpus}; use --cpu to run without GPUs.")
+        if gpus_available == 0:
+            raise UsageError(
+                f"--gpus {gpus} asks for GPUs but none is visible on this machine; "
+                "run on CPU processes with --cpu --nproc N."
+            )
+        if gpus > gpus_available:
+            raise UsageError(
+                f"--gpus {gpus} asks for more GPUs than the {gpus_available} visible here; "
+                f"pass --gpus {gpus_available} or fewer."
+            )
+        return "cuda", gpus
+    if nproc is not None:
+        raise UsageError("--nproc sets CPU processes and needs --cpu; with GPUs use --gpus N.")
+    if gpus_available == 0:
+        return "cpu", 1
+    return "cuda", gpus_available
+
+
+def _resolve_run_dir(options: Mapping[str, Any], recipe: str, nodes: int) -> tuple[str, str]:
+    name, run_dir = options.get("name"), options.get("run_dir")
+    if name is not None and not _NAME_RE.match(name):
+        raise UsageError(f"run name {name!r} may hold only letters, digits, '.', '_' and '-'.")
+    if run_dir is not None:
+        return (name or Path(run_dir).name), str(run_dir)
+    if name is None:
+        if nodes > 1:
+            raise UsageError(
+                "a multi-node launch needs --name (or --run-dir), the same on every node, "
+                "so that all nodes join one rendezvous and share one run directory."
+            )
+        name = default_name(recipe)
+    return name, str(Path("runs") / name)
+
+
+def worker_env(spec: LaunchSpec, cpus: int, base: Mapping[str, str]) -> dict[str, str]:
+    """The environment every worker process gets: the caller's, plus the DTRAIN_* contract."""
+    env = dict(base)
+    env[ENV_DEVICE] = spec.device
+    env[ENV_PRECISION] = spec.precision
+    env[ENV_SEED] = str(spec.seed)
+    env[ENV_RUN_DIR] = spec.run_dir
+    if spec.max_steps is not None:
+        env[ENV_MAX_STEPS] = str(spec.max_steps)
+    else:
+        env.pop(ENV_MAX_STEPS, None)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cpus // spec.nproc)))
+    return env

@@ -1,0 +1,75 @@
+"""What this machine offers, found without importing torch (the launch side must stay fast)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+
+
+def visible_gpus(environ: dict[str, str] | None = None) -> int:
+    """Number of CUDA devices a worker would see.
+
+    CUDA_VISIBLE_DEVICES wins when set (as CUDA itself does); otherwise ask nvidia-smi.
+    """
+    environ = os.environ if environ is None else environ
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return count_visible_devices(visible)
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    if out.returncode != 0:
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
+def count_visible_devices(value: str) -> int:
+    """Count entries of a CUDA_VISIBLE_DEVICES value; CUDA stops at the first invalid one (-1)."""
+    count = 0
+    for entry in value.split(","):
+        entry = entry.strip()
+        if not entry or entry.startswith("-"):
+            break
+        count += 1
+    return count
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (respects affinity masks set by SLURM or taskset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def port_is_free(port: int, host: str = "") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A TCP port the OS just reported free; used for single-node rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def is_local_address(host: str) -> bool:
+    """True when `host` names this machine, so a rendezvous store would bind here."""
+    if host in ("localhost", "127.0.0.1", "::1", "") or host.startswith("127."):
+        return True
+    try:
+        address = socket.gethostbyname(host)
+    except OSError:
+        return False
+    names = {socket.gethostname(), socket.getfqdn()}
+    return address.startswith("127.") or host in names

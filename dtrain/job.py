@@ -1,0 +1,135 @@
+"""Run a rendered launcher command: the one place on the launch side that starts processes.
+
+The launcher (torchrun) runs in its own session so that dtrain decides how a signal reaches
+it: Ctrl-C or SIGTERM to dtrain becomes one SIGTERM to torchrun, which stops every rank. If
+dtrain itself dies, the kernel sends torchrun SIGTERM (PR_SET_PDEATHSIG), so no rank is left
+behind. Console lines carrying the rank-0 prefix are shown; torchrun's own chatter (and its
+long ChildFailedError traceback) goes to `logs/launcher.log`, and dtrain prints the failing
+rank's traceback once instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Mapping, Sequence
+
+RANK0_PREFIX = "[rank0]: "
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class RankFailure:
+    rank: int
+    local_rank: int
+    message: str
+    traceback: str
+    time: float
+
+
+def run_job(argv: Sequence[str], env: Mapping[str, str], log_dir: str) -> int:
+    """Start the launcher, stream rank 0 to the console, and return the job's exit code."""
+    logs = Path(log_dir)
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / "launcher.log", "a", buffering=1) as launcher_log:
+        proc = subprocess.Popen(
+            list(argv), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, bufsize=1, start_new_session=True, preexec_fn=_die_with_parent,
+        )
+        received: list[int] = []
+
+        def forward(signum, _frame):
+            if not received:
+                print(f"dtrain: got {signal.Signals(signum).name}, stopping every rank ...", file=sys.stderr)
+            received.append(signum)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        pumps = [
+            threading.Thread(target=_pump, args=(proc.stdout, sys.stdout, launcher_log), daemon=True),
+            threading.Thread(target=_pump, args=(proc.stderr, sys.stderr, launcher_log), daemon=True),
+        ]
+        try:
+            for pump in pumps:
+                pump.start()
+            returncode = proc.wait()
+            for pump in pumps:
+                pump.join()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    if received:
+        return 128 + received[0]
+    if returncode != 0:
+        report_failure(logs, returncode)
+    return returncode
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def _pump(source: IO[str], console: IO[str], launcher_log: IO[str]) -> None:
+    for line in source:
+        if line.startswith(RANK0_PREFIX):
+            console.write(line[len(RANK0_PREFIX):])
+            console.flush()
+        elif line.startswith("[rank"):
+            console.write(line)
+            console.flush()
+        else:
+            launcher_log.write(line)
+
+
+def report_failure(logs: Path, returncode: int) -> None:
+    """Tell the user which rank failed first and show its traceback unless the console had it."""
+    failure = first_failure(logs)
+    if failure is None:
+        print(
+            f"dtrain: the job failed with exit code {returncode}; "
+            f"see {logs}/launcher.log and the per-rank logs under {logs}.",
+            file=sys.stderr,
+        )
+        return
+    if failure.local_rank != 0:
+        sys.stderr.write(f"[rank{failure.rank}]: " + failure.traceback.rstrip("\n").replace("\n", f"\n[rank{failure.rank}]: ") + "\n")
+    print(
+        f"dtrain: rank {failure.rank} failed first ({failure.message}); the job stopped with exit code "
+        f"{returncode}. Per-rank logs: {logs}.",
+        file=sys.stderr,
+    )
+
+
+def first_failure(logs: Path) -> RankFailure | None:
+    """The earliest error recorded by a worker in the newest attempt, from its error.json."""
+    attempts = sorted(logs.glob("*/attempt_*"), key=lambda p: p.stat().st_mtime)
+    if not attempts:
+        return None
+    failures = [f for f in map(read_error_file, attempts[-1].glob("*/error.json")) if f is not None]
+    return min(failures, key=lambda f: f.time, default=None)
+
+
+def read_error_file(path: Path) -> RankFailure | None:
+    """Parse an error file written by `dtrain.runtime.dist` (torchelastic's format plus a 'dtrain' key)."""
+    try:
+        data = json.loads(path.read_text())
+        info = data["dtrain"]
+        return RankFailure(
+            rank=int(info["rank"]),
+            local_rank=int(path.parent.name),
+            message=str(data["message"]["message"]),
+            traceback=str(data["message"]["extraInfo"]["py_callstack"]),
+            time=float(info["time"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -1,0 +1,40 @@
+"""LaunchSpec -> `python -m torch.distributed.run` argv and environment."""
+
+from __future__ import annotations
+
+import sys
+from typing import Mapping
+
+from dtrain.config import LaunchSpec, worker_env
+
+# Global rank in front of every line torchrun copies to the console or a log file.
+LINE_PREFIX_TEMPLATE = "[rank${rank}]: "
+
+
+def build_command(
+    spec: LaunchSpec, cpus: int, base_env: Mapping[str, str], python: str = sys.executable
+) -> tuple[list[str], dict[str, str]]:
+    """Return the torchrun argv and the environment for it.
+
+    Every rank's stdout/stderr is written under `<run_dir>/logs/` (`--tee 3`); only the node's
+    local rank 0 reaches the console. Rendezvous is c10d in every case: on one node at a free
+    local port, on many at MASTER_ADDR:MASTER_PORT with node rank 0 hosting the store.
+    """
+    argv = [
+        python, "-m", "torch.distributed.run",
+        "--nnodes", str(spec.nodes),
+        "--nproc-per-node", str(spec.nproc),
+        "--node-rank", str(spec.node_rank),
+        "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", f"{spec.master_addr}:{spec.master_port}",
+        "--rdzv-id", spec.name,
+        "--rdzv-conf", f"is_host={1 if spec.node_rank == 0 else 0}",
+        "--max-restarts", str(spec.max_restarts),
+        "--log-dir", spec.log_dir,
+        "--tee", "3",
+        "--local-ranks-filter", "0",
+        "--log-line-prefix-template", LINE_PREFIX_TEMPLATE,
+        spec.recipe,
+        *spec.recipe_args,
+    ]
+    return argv, worker_env(spec, cpus, base_env)

@@ -1,0 +1,175 @@
+"""The primitives a recipe uses, whatever the hardware: `setup()` returns a `Context`.
+
+A custom loop reads like plain PyTorch with a few calls swapped in:
+
+    ctx = setup(config=vars(args))
+    model, optimizer = ctx.prepare(model, optimizer)
+    for x, y in ctx.loader(train_set, batch_size=64):
+        with ctx.autocast():
+            loss = loss_fn(model(x), y)
+        ctx.backward(loss)
+        ctx.clip_grad_norm(1.0)
+        ctx.step()
+    ctx.save_model(model)
+    ctx.close()
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import dtrain
+from dtrain.runtime import dist as dist_utils
+from dtrain.runtime.data import make_loader
+from dtrain.runtime.env import WorkerEnv, read_env
+from dtrain.runtime.logging import MetricsWriter, write_config
+from dtrain.runtime.precision import Precision
+
+
+def setup(config: Mapping[str, Any] | None = None) -> "Context":
+    """Seed, pick the device, join the process group, and (rank 0) write `config.yaml`."""
+    env = read_env()
+    seed_everything(env.seed + env.rank)
+    device = dist_utils.pick_device(env)
+    dist_utils.install_error_hook(env.rank)
+    dist_utils.init_process_group(env, device)
+    return Context(env, device, config or {})
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy
+    except ImportError:
+        return
+    numpy.random.seed(seed % 2**32)
+
+
+class Context:
+    def __init__(self, env: WorkerEnv, device: torch.device, config: Mapping[str, Any]):
+        self.env = env
+        self.device = device
+        self.precision = Precision(env.precision, device)
+        self.run_dir = Path(env.run_dir)
+        self.models: list[nn.Module] = []
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self._metrics = MetricsWriter(self.run_dir / "metrics.jsonl") if self.is_main else None
+        if self.is_main:
+            write_config(self.run_dir / "config.yaml", self.describe(config))
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.rank == 0
+
+    @property
+    def max_steps(self) -> int | None:
+        return self.env.max_steps
+
+    def describe(self, recipe_config: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "dtrain_version": dtrain.__version__,
+            "torch_version": str(torch.__version__),
+            "recipe": sys.argv[0],
+            "recipe_args": sys.argv[1:],
+            "world_size": self.world_size,
+            "device": self.device.type,
+            "precision": self.env.precision,
+            "seed": self.env.seed,
+            "run_dir": str(self.run_dir),
+            "config": dict(recipe_config),
+        }
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        if self.is_main:
+            print(*args, **kwargs, flush=True)
+
+    def prepare(self, model: nn.Module, *optimizers: torch.optim.Optimizer):
+        """Move the model to this rank's device and wrap it for data parallelism.
+
+        Call it before creating optimizers, or pass them in: the optimizer keeps the same
+        parameter objects either way, since DDP wraps rather than copies.
+        """
+        model = model.to(self.device)
+        if self.world_size > 1:
+            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.models.append(model)
+        self.optimizers.extend(optimizers)
+        return (model, *optimizers) if optimizers else model
+
+    def loader(self, dataset, batch_size: int, *, shuffle: bool = True, train: bool = True, num_workers: int = 0):
+        """This rank's batches, on the device; call `set_epoch(epoch)` on it before each epoch."""
+        return make_loader(dataset, batch_size, rank=self.rank, world_size=self.world_size, device=self.device,
+                           shuffle=shuffle, seed=self.env.seed, train=train, num_workers=num_workers)
+
+    def autocast(self):
+        return self.precision.autocast()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.precision.backward(loss)
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip the prepared models' gradients by total norm, after undoing fp16 loss scaling."""
+        for optimizer in self.optimizers:
+            self.precision.unscale(optimizer)
+        parameters = [p for model in self.models for p in model.parameters()]
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+    def step(self) -> None:
+        """Apply the gradients of every prepared optimizer, then clear them."""
+        for optimizer in self.optimizers:
+            self.precision.step(optimizer)
+            optimizer.zero_grad(set_to_none=True)
+
+    def all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=op)
+        return tensor
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Record scalars (rank 0). Tensors are read here, so call it at an interval, not every step."""
+        if self._metrics is None:
+            return
+        self._metrics.write(step, {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()})
+
+    @staticmethod
+    def unwrap(model: nn.Module) -> nn.Module:
+        return model.module if isinstance(model, DistributedDataParallel) else model
+
+    def save_model(self, model: nn.Module, path: str | os.PathLike | None = None) -> Path:
+        """Write the plain `state_dict` (no `module.` prefix) that `model.load_state_dict` takes."""
+        path = Path(path) if path is not None else self.run_dir / "model.pth"
+        if self.is_main:
+            state = {k: v.detach().cpu() for k, v in self.unwrap(model).state_dict().items()}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+        self.barrier()
+        return path
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+        dist_utils.destroy_process_group()

@@ -1,0 +1,88 @@
+"""Process group and device: nccl on CUDA, gloo on CPU, with a timeout so a hang becomes an error."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+
+from dtrain.runtime.env import WorkerEnv
+
+DEFAULT_TIMEOUT_S = 600
+
+
+def pick_device(env: WorkerEnv) -> torch.device:
+    kind = env.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("DTRAIN_DEVICE=cuda but torch sees no CUDA device; launch with --cpu.")
+        torch.cuda.set_device(env.local_rank)
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
+def init_process_group(env: WorkerEnv, device: torch.device) -> None:
+    """Join the job's process group when there is more than one rank; a world of one needs none."""
+    if env.world_size == 1 or dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    timeout = datetime.timedelta(seconds=float(os.environ.get("DTRAIN_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
+    dist.init_process_group(
+        backend="nccl" if device.type == "cuda" else "gloo",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timeout,
+        device_id=device if device.type == "cuda" else None,
+    )
+
+
+def destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def install_error_hook(rank: int) -> None:
+    """Record an uncaught exception where torchrun and `dtrain launch` look for it.
+
+    The file (TORCHELASTIC_ERROR_FILE) lets the launcher name the rank that failed first. A
+    rank that only fails because a peer died prints one line instead of a second traceback.
+    """
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb):
+        text = "".join(traceback.format_exception(exc_type, exc, tb))
+        _write_error_file(rank, f"{exc_type.__name__}: {exc}", text)
+        if issubclass(exc_type, dist.DistBackendError) or _peer_vanished(exc):
+            print(f"rank {rank}: stopped because another rank failed ({exc_type.__name__}).", file=sys.stderr)
+            return
+        previous(exc_type, exc, tb)
+
+    sys.excepthook = hook
+
+
+def _peer_vanished(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("Connection closed by peer" in text or "Connection reset by peer" in text)
+
+
+def _write_error_file(rank: int, message: str, text: str) -> None:
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    now = time.time()
+    record = {
+        "message": {"message": message, "extraInfo": {"py_callstack": text, "timestamp": str(int(now))}},
+        "dtrain": {"rank": rank, "time": now},
+    }
+    try:
+        with open(path, "w") as fh:
+            json.dump(record, fh)
+    except OSError:
+        pass

@@ -1,0 +1,75 @@
+"""MNIST CNN, the reference recipe: the classic plain-PyTorch program, run by dtrain on any hardware.
+
+    dtrain launch recipes/mnist_cnn.py --cpu --nproc 2 -- --epochs 1
+    python recipes/mnist_cnn.py --epochs 1          # also works: a world of one
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+from torch import nn
+from torchvision import datasets, transforms
+
+from dtrain.runtime import Context, Trainer, materialize, setup
+
+
+class MNISTCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv_layers = nn.Sequential(
+            nn.Conv2d(1, 32, kernel_size=3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, kernel_size=3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.fc_layers = nn.Sequential(
+            nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_layers(self.conv_layers(x).flatten(1))
+
+
+TRANSFORM = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+
+
+def load_mnist(ctx: Context, data_dir: str, loader: str):
+    """Train and test sets; local rank 0 downloads them if missing while the other ranks wait."""
+    if ctx.env.local_rank == 0:
+        for train in (True, False):
+            datasets.MNIST(data_dir, train=train, download=True)
+    ctx.barrier()
+    sets = [datasets.MNIST(data_dir, train=train, download=False, transform=TRANSFORM) for train in (True, False)]
+    if loader == "memory":
+        sets = [materialize(s) for s in sets]
+    return sets
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=64, help="per process")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--data-dir", default=os.environ.get("DTRAIN_DATA_DIR", "./data"))
+    parser.add_argument("--limit-train-batches", type=int, default=None, help="batches per epoch, per process")
+    parser.add_argument("--loader", choices=("memory", "dataloader"), default="memory",
+                        help="memory: decode once, keep tensors on the device; dataloader: torch DataLoader")
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
+    ctx = setup(config=vars(args))
+    train_set, test_set = load_mnist(ctx, args.data_dir, args.loader)
+    model = MNISTCNN()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    trainer = Trainer(ctx, model, optimizer, nn.CrossEntropyLoss(), batch_size=args.batch_size)
+    trainer.fit(train_set, test_set, epochs=args.epochs, limit_train_batches=args.limit_train_batches)
+    trainer.save_model()
+    ctx.close()
+
+
+if __name__ == "__main__":
+    main()
