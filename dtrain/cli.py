@@ -108,7 +108,7 @@ def _apply_profile(ctx: click.Context, path: str, options: dict[str, Any]) -> di
         try:
             merged[key] = param.type_cast_value(ctx, value)
         except click.BadParameter as exc:
-            raise UsageError(f"profile {path}: {key}: {exc.format_message()}")
+            raise UsageError(f"profile {path}: {exc.format_message()}")
     return merged
 
 
@@ -134,6 +134,10 @@ def main() -> None:
         code = cli.main(prog_name="dtrain", standalone_mode=False)
     except click.exceptions.Abort:
         sys.exit(130)
+    except click.NoSuchOption as exc:
+        click.echo(f"dtrain: error: dtrain has no option {exc.option_name}; recipe arguments go after '--', "
+                   f"as in: dtrain launch RECIPE --cpu -- {exc.option_name} VALUE", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         click.echo(f"dtrain: error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)

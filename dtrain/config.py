@@ -93,27 +93,27 @@ def resolve(options: Mapping[str, Any], gpus_available: int, free_port: int) -> 
     if not Path(recipe).is_file():
         raise UsageError(f"recipe {recipe} does not exist; pass the path of a Python training script.")
 
-    precision = options.get("precision") or "fp32"
+    precision = _value(options, "precision", "fp32")
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}.")
 
     device, nproc = _resolve_processes(options, gpus_available)
 
-    nodes = options.get("nodes") or 1
-    node_rank = options.get("node_rank") or 0
+    nodes = _value(options, "nodes", 1)
+    node_rank = _value(options, "node_rank", 0)
     if nodes < 1:
         raise UsageError(f"--nodes must be at least 1, got {nodes}.")
     if not 0 <= node_rank < nodes:
         raise UsageError(f"--node-rank must be between 0 and {nodes - 1} for {nodes} node(s), got {node_rank}.")
 
-    master_addr = options.get("master_addr") or "127.0.0.1"
+    master_addr = _value(options, "master_addr", "127.0.0.1")
     master_port = options.get("master_port")
     if master_port is None:
         master_port = free_port if nodes == 1 else DEFAULT_MASTER_PORT
     if not 1 <= master_port <= 65535:
         raise UsageError(f"--master-port must be between 1 and 65535, got {master_port}.")
 
-    max_restarts = options.get("max_restarts") or 0
+    max_restarts = _value(options, "max_restarts", 0)
     if max_restarts < 0:
         raise UsageError(f"--max-restarts cannot be negative, got {max_restarts}.")
     max_steps = options.get("max_steps")
@@ -132,11 +132,17 @@ def resolve(options: Mapping[str, Any], gpus_available: int, free_port: int) -> 
         master_port=master_port,
         max_restarts=max_restarts,
         precision=precision,
-        seed=options.get("seed") or 0,
+        seed=_value(options, "seed", 0),
         max_steps=max_steps,
         name=name,
         run_dir=run_dir,
     )
+
+
+def _value(options: Mapping[str, Any], key: str, default: Any) -> Any:
+    """The option's value, or `default` only when it was not given (0 is a value, not "unset")."""
+    value = options.get(key)
+    return default if value is None else value
 
 
 def _resolve_processes(options: Mapping[str, Any], gpus_available: int) -> tuple[str, int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -68,8 +69,24 @@ def run_job(argv: Sequence[str], env: Mapping[str, str], log_dir: str) -> int:
     if received:
         return 128 + received[0]
     if returncode != 0:
+        returncode = worker_exit_code((logs / "launcher.log").read_text(errors="replace"), returncode)
         report_failure(logs, returncode)
     return returncode
+
+
+_WORKER_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: \d+")
+
+
+def worker_exit_code(launcher_log: str, launcher_code: int) -> int:
+    """The first failed worker's own exit code (torchrun itself always exits 1).
+
+    A worker killed by signal N is reported as -N by torchrun and becomes 128 + N, as in a shell.
+    """
+    found = _WORKER_FAILED.findall(launcher_log)
+    if not found:
+        return launcher_code
+    code = int(found[-1])
+    return 128 - code if code < 0 else code or launcher_code
 
 
 def _die_with_parent() -> None:

@@ -1,7 +1,6 @@
 """The worker side of dtrain, imported by recipes inside every process."""
 
 from dtrain.runtime.context import Context, setup
-from dtrain.runtime.data import materialize
 from dtrain.runtime.trainer import Trainer
 
-__all__ = ["Context", "Trainer", "materialize", "setup"]
+__all__ = ["Context", "Trainer", "setup"]

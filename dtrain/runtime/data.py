@@ -1,7 +1,7 @@
 """Distributed data: every rank gets its own shard, in an order fixed by (seed, epoch).
 
 Two paths with the same sample order guarantees:
-- `TensorDataset` (a data set decoded once, see `materialize`): tensors live on the training
+- `TensorDataset` (a data set decoded and normalised once): tensors live on the training
   device and batches are sliced from them, with no worker processes and no per-sample Python.
 - any other `Dataset`: a `DataLoader` over the same shard, batches moved to the device.
 """
@@ -104,13 +104,3 @@ def make_loader(dataset: Dataset, batch_size: int, *, rank: int, world_size: int
     if isinstance(dataset, TensorDataset):
         return InMemoryLoader(dataset.tensors, batch_size, sampler, device)
     return DeviceLoader(dataset, batch_size, sampler, device, num_workers)
-
-
-def materialize(dataset: Dataset, batch_size: int = 1000) -> TensorDataset:
-    """Apply a data set's per-sample transforms once and keep the result as tensors in memory."""
-    columns: list[list[torch.Tensor]] = []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        columns = columns or [[] for _ in batch]
-        for column, part in zip(columns, batch):
-            column.append(part)
-    return TensorDataset(*(torch.cat(column) for column in columns))

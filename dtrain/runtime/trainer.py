@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from dtrain.runtime.context import Context
+from dtrain.runtime.evaluation import evaluate_classifier
 
 
 class Trainer:
@@ -79,20 +80,9 @@ class Trainer:
         mean = self.ctx.all_reduce(torch.stack([loss_sum, torch.tensor(float(done), device=loss_sum.device)]))
         return (mean[0] / mean[1].clamp(min=1)).item()
 
-    @torch.no_grad()
     def evaluate(self, eval_set: Dataset) -> dict[str, float]:
         """Loss and accuracy over the whole `eval_set`, each sample counted once across ranks."""
-        self.model.eval()
-        loader = self.ctx.loader(eval_set, self.eval_batch_size, shuffle=False, train=False)
-        totals = torch.zeros(3, dtype=torch.float64, device=self.ctx.device)  # loss sum, correct, count
-        for x, y in loader:
-            with self.ctx.autocast():
-                logits = self.model(x)
-            totals[0] += self.loss_fn(logits.float(), y).double() * len(y)
-            totals[1] += (logits.argmax(dim=1) == y).sum()
-            totals[2] += len(y)
-        loss_sum, correct, count = self.ctx.all_reduce(totals).tolist()
-        return {"loss": loss_sum / count, "accuracy": correct / count}
+        return evaluate_classifier(self.ctx, self.model, eval_set, self.loss_fn, self.eval_batch_size)
 
     def save_model(self, path=None):
         return self.ctx.save_model(self.model, path)

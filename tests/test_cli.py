@@ -1,0 +1,111 @@
+"""The `dtrain` command line as a user meets it: no torch import, clear errors, profiles, dry runs."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, run_dtrain
+
+NO_TORCH_PROBE = """
+import sys, time
+start = time.perf_counter()
+from dtrain.cli import cli
+for args in {args}:
+    try:
+        cli.main(args, prog_name="dtrain", standalone_mode=False)
+    except SystemExit:
+        pass
+print(f"{{time.perf_counter() - start:.3f}}", "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("args", [
+    [["--help"]],
+    [["launch", "--help"], ["debug", "--help"]],
+    [["launch", "recipes/mnist_cnn.py", "--cpu", "--nproc", "2", "--dry-run", "--", "--epochs", "1"]],
+])
+def test_help_and_dry_run_never_import_torch(args):
+    out = subprocess.run([sys.executable, "-c", NO_TORCH_PROBE.format(args=repr(args))],
+                         cwd=ROOT, capture_output=True, text=True, check=True)
+    seconds, torch_loaded = out.stdout.split()[-2:]
+    assert torch_loaded == "False", out.stdout
+    print(f"{args}: {seconds} s in-process")
+
+
+def test_dry_run_prints_the_exact_command_and_environment(tmp_path):
+    out = run_dtrain("launch", "recipes/mnist_cnn.py", "--cpu", "--nproc", "2", "--precision", "bf16",
+                     "--run-dir", str(tmp_path / "r"), "--dry-run", "--", "--epochs", "1", "--lr", "a b")
+    assert out.returncode == 0, out.stderr
+    assert "DTRAIN_PRECISION=bf16" in out.stdout and f"DTRAIN_RUN_DIR={tmp_path / 'r'}" in out.stdout
+    assert "-m torch.distributed.run --nnodes 1 --nproc-per-node 2" in out.stdout
+    assert out.stdout.rstrip().endswith("recipes/mnist_cnn.py --epochs 1 --lr 'a b'")
+    assert not (tmp_path / "r").exists(), "a dry run must not create the run directory"
+
+
+def test_profile_fills_options_and_the_command_line_wins(tmp_path):
+    profile = tmp_path / "p.yaml"
+    profile.write_text("cpu: true\nnproc: 2\nprecision: fp16\nseed: 5\n")
+    out = run_dtrain("launch", "recipes/mnist_cnn.py", "--profile", str(profile), "--precision", "bf16",
+                     "--name", "p", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "--nproc-per-node 2" in out.stdout
+    assert "DTRAIN_PRECISION=bf16" in out.stdout and "DTRAIN_SEED=5" in out.stdout
+
+
+def test_shipped_profiles_are_valid():
+    for profile in sorted((ROOT / "launch").glob("*.yaml")):
+        out = run_dtrain("launch", "recipes/mnist_cnn.py", "--profile", str(profile), "--cpu", "--dry-run")
+        assert out.returncode == 0, f"{profile.name}: {out.stderr}"
+
+
+@pytest.fixture
+def busy_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def bad_inputs(tmp_path, busy_port):
+    (tmp_path / "broken.yaml").write_text("cpu: true\nnproc: [2\n")
+    (tmp_path / "unknown.yaml").write_text("gpu: 2\n")
+    (tmp_path / "wrongtype.yaml").write_text("nproc: two\n")
+    return {
+        "gpus without GPU": (["recipes/mnist_cnn.py", "--gpus", "8"], "none is visible on this machine"),
+        "missing recipe": (["recipes/nope.py", "--cpu"], "recipe recipes/nope.py does not exist"),
+        "unknown precision": (["recipes/mnist_cnn.py", "--precision", "fp8"], "'fp8' is not one of"),
+        "nproc 0": (["recipes/mnist_cnn.py", "--cpu", "--nproc", "0"], "--nproc must be at least 1"),
+        "malformed profile": (["recipes/mnist_cnn.py", "--profile", str(tmp_path / "broken.yaml")], "not valid YAML"),
+        "unknown profile key": (["recipes/mnist_cnn.py", "--profile", str(tmp_path / "unknown.yaml")],
+                                "unknown option 'gpu'"),
+        "profile wrong type": (["recipes/mnist_cnn.py", "--profile", str(tmp_path / "wrongtype.yaml")],
+                               "'two' is not a valid integer"),
+        "missing profile": (["recipes/mnist_cnn.py", "--profile", "launch/nope.yaml"], "does not exist"),
+        "port in use": (["recipes/mnist_cnn.py", "--cpu", "--master-port", str(busy_port)],
+                        f"port {busy_port} is already in use"),
+        "recipe option before --": (["recipes/mnist_cnn.py", "--cpu", "--epochs", "1"], "dtrain has no option --epochs; recipe arguments go after '--'"),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "gpus without GPU", "missing recipe", "unknown precision", "nproc 0", "malformed profile",
+    "unknown profile key", "profile wrong type", "missing profile", "port in use", "recipe option before --",
+])
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
+def test_bad_input_gets_one_sentence_and_a_nonzero_exit(tmp_path, busy_port, case, dry_run):
+    args, words = bad_inputs(tmp_path, busy_port)[case]
+    start = time.perf_counter()
+    out = run_dtrain("launch", *args, *(["--dry-run"] if dry_run else []), "--run-dir", str(tmp_path / "run"))
+    assert out.returncode == 2
+    assert out.stdout == ""
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dtrain: error: "), out.stderr
+    assert words in lines[0]
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "run").exists()
+    assert time.perf_counter() - start < 5, "refusing bad input must not start anything"

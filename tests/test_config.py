@@ -1,0 +1,109 @@
+"""Pure launch-side decisions: option resolution, the torchrun argv, the worker environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dtrain import config, hardware
+from dtrain.errors import UsageError
+from dtrain.job import worker_exit_code
+from dtrain.launchers import torchrun
+
+RECIPE = str(Path(__file__).resolve().parent.parent / "recipes" / "mnist_cnn.py")
+
+
+def resolve(gpus_available=0, **options):
+    return config.resolve({"recipe": RECIPE, **options}, gpus_available=gpus_available, free_port=41234)
+
+
+def test_cpu_processes_on_one_node_use_a_free_local_port():
+    spec = resolve(cpu=True, nproc=2, name="run1")
+    assert (spec.device, spec.nproc, spec.world_size) == ("cpu", 2, 2)
+    assert (spec.master_addr, spec.master_port, spec.run_dir) == ("127.0.0.1", 41234, "runs/run1")
+
+
+def test_default_takes_every_visible_gpu():
+    spec = resolve(gpus_available=4)
+    assert (spec.device, spec.nproc) == ("cuda", 4)
+
+
+def test_no_gpu_and_no_flag_falls_back_to_one_cpu_process():
+    spec = resolve(gpus_available=0)
+    assert (spec.device, spec.nproc) == ("cpu", 1)
+
+
+# The GPU counts below are passed in: this machine has no GPU, so "4 visible" cannot be real here.
+@pytest.mark.parametrize("options, available, words", [
+    ({"gpus": 8}, 0, "none is visible"),
+    ({"gpus": 8}, 4, "more GPUs than the 4 visible"),
+    ({"gpus": 0}, 4, "at least 1"),
+    ({"cpu": True, "nproc": 0}, 0, "--nproc must be at least 1"),
+    ({"nproc": 2}, 0, "needs --cpu"),
+    ({"gpus": 2, "nproc": 2}, 4, "--nproc is for CPU processes"),
+    ({"cpu": True, "gpus": 1}, 4, "contradict"),
+    ({"precision": "fp8"}, 0, "unknown precision 'fp8'"),
+    ({"nodes": 2, "node_rank": 2, "name": "x"}, 0, "--node-rank must be between 0 and 1"),
+    ({"nodes": 2}, 0, "needs --name"),
+    ({"nodes": 0}, 0, "--nodes must be at least 1"),
+    ({"name": "../escape"}, 0, "may hold only"),
+    ({"master_port": 70000}, 0, "between 1 and 65535"),
+])
+def test_bad_options_are_refused_with_the_fix(options, available, words):
+    with pytest.raises(UsageError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        resolve(gpus_available=available, **options)
+
+
+def test_missing_recipe_is_refused():
+    with pytest.raises(UsageError, match="recipe nope.py does not exist"):
+        config.resolve({"recipe": "nope.py"}, gpus_available=0, free_port=1)
+
+
+def test_torchrun_argv_for_two_nodes():
+    spec = resolve(gpus_available=8, gpus=8, nodes=2, node_rank=1, master_addr="node-a", name="big",
+                   recipe_args=("--epochs", "2"), max_restarts=3)
+    argv, env = torchrun.build_command(spec, cpus=32, base_env={}, python="python")
+    assert argv == [
+        "python", "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "8", "--node-rank", "1",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", "node-a:29500", "--rdzv-id", "big", "--rdzv-conf", "is_host=0",
+        "--max-restarts", "3", "--log-dir", "runs/big/logs", "--tee", "3", "--local-ranks-filter", "0",
+        "--log-line-prefix-template", "[rank${rank}]: ", RECIPE, "--epochs", "2",
+    ]
+    assert env["DTRAIN_DEVICE"] == "cuda" and env["DTRAIN_RUN_DIR"] == "runs/big"
+    assert env["OMP_NUM_THREADS"] == "4"
+
+
+def test_worker_env_is_the_dtrain_contract_and_keeps_the_callers_variables():
+    spec = resolve(cpu=True, nproc=2, precision="bf16", seed=7, max_steps=5, name="r")
+    env = config.worker_env(spec, cpus=2, base={"PATH": "/bin", "OMP_NUM_THREADS": "3"})
+    assert env == {
+        "PATH": "/bin", "OMP_NUM_THREADS": "3", "PYTHONUNBUFFERED": "1",
+        "DTRAIN_DEVICE": "cpu", "DTRAIN_PRECISION": "bf16", "DTRAIN_SEED": "7",
+        "DTRAIN_RUN_DIR": "runs/r", "DTRAIN_MAX_STEPS": "5",
+    }
+
+
+def test_profile_must_be_a_yaml_mapping(tmp_path):
+    (tmp_path / "bad.yaml").write_text("nproc: [2\n")
+    (tmp_path / "list.yaml").write_text("- nproc\n")
+    (tmp_path / "ok.yaml").write_text("nproc: 2\nmax-restarts: 1\n")
+    with pytest.raises(UsageError, match="not valid YAML at line"):
+        config.load_profile(str(tmp_path / "bad.yaml"))
+    with pytest.raises(UsageError, match="must be a mapping"):
+        config.load_profile(str(tmp_path / "list.yaml"))
+    with pytest.raises(UsageError, match="does not exist"):
+        config.load_profile(str(tmp_path / "missing.yaml"))
+    assert config.load_profile(str(tmp_path / "ok.yaml")) == {"nproc": 2, "max_restarts": 1}
+
+
+@pytest.mark.parametrize("value, count", [("0,1,2", 3), ("", 0), ("-1", 0), ("0,-1,2", 1), ("GPU-abc,GPU-def", 2)])
+def test_cuda_visible_devices_count(value, count):
+    assert hardware.visible_gpus({"CUDA_VISIBLE_DEVICES": value}) == count
+
+
+def test_worker_exit_code_comes_from_the_first_failed_worker():
+    log = "E1127 06:20:40 api.py:1002] failed (exitcode: 3) local_rank: 1 (pid: 2395) of binary: python\n"
+    assert worker_exit_code(log, 1) == 3
+    assert worker_exit_code(log.replace("exitcode: 3", "exitcode: -9"), 1) == 137
+    assert worker_exit_code("nothing about workers", 1) == 1
