@@ -87,7 +87,7 @@ def debug(**options: Any) -> int:
     dtrain debug recipes/mnist_cnn.py --max-steps 20 -- --epochs 1
     """
     gpus_available = 0 if options.get("cpu") else min(hardware.visible_gpus(), 1)
-    spec = config.resolve(options, gpus_available, free_port=0)
+    spec = config.resolve(options, gpus_available, free_port=config.DEFAULT_MASTER_PORT)
     spec = dataclasses.replace(spec, nproc=1)
     from dtrain.debug import run_in_process
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Mapping, Sequence
 
-RANK0_PREFIX = "[rank0]: "
 _PR_SET_PDEATHSIG = 1
 
 
@@ -96,16 +95,29 @@ def _die_with_parent() -> None:
         pass
 
 
+_RANK_PREFIX = re.compile(r"^(\[rank(\d+)\]: )+")
+
+
 def _pump(source: IO[str], console: IO[str], launcher_log: IO[str]) -> None:
     for line in source:
-        if line.startswith(RANK0_PREFIX):
-            console.write(line[len(RANK0_PREFIX):])
-            console.flush()
-        elif line.startswith("[rank"):
-            console.write(line)
-            console.flush()
-        else:
+        console_line = console_text(line)
+        if console_line is None:
             launcher_log.write(line)
+        else:
+            console.write(console_line)
+            console.flush()
+
+
+def console_text(line: str) -> str | None:
+    """What the console shows of a line from torchrun: rank 0 bare, other ranks with one prefix,
+    torchrun's own lines not at all (None). Recent torch prefixes both the log file and the tee,
+    so a line may carry the prefix twice."""
+    match = _RANK_PREFIX.match(line)
+    if match is None:
+        return None
+    rank = match.group(2)
+    body = line[match.end():]
+    return body if rank == "0" else f"[rank{rank}]: {body}"
 
 
 def report_failure(logs: Path, returncode: int) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from dtrain import config, hardware
 from dtrain.errors import UsageError
-from dtrain.job import worker_exit_code
+from dtrain.job import console_text, worker_exit_code
 from dtrain.launchers import torchrun
 
 RECIPE = str(Path(__file__).resolve().parent.parent / "recipes" / "mnist_cnn.py")
@@ -107,3 +107,13 @@ def test_worker_exit_code_comes_from_the_first_failed_worker():
     assert worker_exit_code(log, 1) == 3
     assert worker_exit_code(log.replace("exitcode: 3", "exitcode: -9"), 1) == 137
     assert worker_exit_code("nothing about workers", 1) == 1
+
+
+@pytest.mark.parametrize("line, shown", [
+    ("[rank0]: Epoch 1/1\n", "Epoch 1/1\n"),
+    ("[rank0]: [rank0]: Epoch 1/1\n", "Epoch 1/1\n"),
+    ("[rank3]: [rank3]: warning\n", "[rank3]: warning\n"),
+    ("W1127 06:20:40.549000 api.py:1028] Sending process 2396 closing signal SIGTERM\n", None),
+])
+def test_console_shows_rank_lines_once_and_hides_torchruns_own(line, shown):
+    assert console_text(line) == shown

@@ -1,0 +1,19 @@
+# Three entry points, each one command on a fresh machine (they install what they need first):
+#   make install   make run   make test
+PYTHON ?= python3
+VENV ?= .venv
+
+.PHONY: install run test
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -e '.[test]'
+	touch $@
+
+run: install
+	$(VENV)/bin/dtrain launch recipes/mnist_cnn.py $(ARGS)
+
+test: install
+	$(VENV)/bin/pytest $(PYTEST_ARGS)

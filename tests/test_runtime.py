@@ -1,0 +1,99 @@
+"""The worker side in one process: data sharding, the fast data path, precision."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DistributedSampler, TensorDataset
+
+from conftest import ROOT
+from dtrain.runtime import setup
+from dtrain.runtime.data import make_loader, shard_indices
+
+sys.path.insert(0, str(ROOT / "recipes"))
+from mnist_cnn import TRANSFORM, to_tensors  # noqa: E402
+
+
+@pytest.mark.parametrize("n, world", [(10, 2), (11, 2), (7, 3), (2, 4)])
+def test_training_shards_follow_distributed_sampler_order(n, world):
+    data = list(range(n))
+    for rank in range(world):
+        sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=3)
+        sampler.set_epoch(5)
+        assert shard_indices(n, rank, world, shuffle=True, seed=3, epoch=5, pad=True).tolist() == list(sampler)
+
+
+@pytest.mark.parametrize("n, world", [(10, 2), (11, 2), (7, 3), (2, 4)])
+def test_evaluation_shards_cover_every_sample_exactly_once(n, world):
+    seen = [i for rank in range(world) for i in shard_indices(n, rank, world, shuffle=False, seed=0, epoch=0,
+                                                              pad=False).tolist()]
+    assert sorted(seen) == list(range(n))
+
+
+def test_in_memory_and_dataloader_paths_give_the_same_batches():
+    x, y = torch.randn(103, 4), torch.arange(103)
+
+    class Plain(torch.utils.data.Dataset):  # not a TensorDataset: takes the DataLoader path
+        def __len__(self):
+            return len(y)
+
+        def __getitem__(self, i):
+            return x[i], y[i]
+
+    kwargs = dict(rank=1, world_size=2, device=torch.device("cpu"), shuffle=True, seed=1, train=True)
+    fast, slow = make_loader(TensorDataset(x, y), 8, **kwargs), make_loader(Plain(), 8, **kwargs)
+    for epoch in (0, 1):
+        fast.set_epoch(epoch)
+        slow.set_epoch(epoch)
+        pairs = list(zip(fast, slow, strict=True))
+        assert len(pairs) == len(fast) == 7
+        for (fx, fy), (sx, sy) in pairs:
+            assert torch.equal(fx, sx) and torch.equal(fy, sy)
+
+
+def test_mnist_tensors_equal_the_per_sample_transform(data_dir):
+    from torchvision import datasets
+    train = datasets.MNIST(data_dir, train=True)
+    images, labels = to_tensors(train).tensors
+    for i in (0, 1, 777, 59999):
+        image, label = train[i]
+        assert torch.equal(images[i], TRANSFORM(image)) and labels[i].item() == label
+
+
+def _train_steps(monkeypatch, tmp_path, precision: str, steps: int = 30) -> tuple[list[float], object]:
+    monkeypatch.setenv("DTRAIN_PRECISION", precision)
+    monkeypatch.setenv("DTRAIN_DEVICE", "cpu")
+    monkeypatch.setenv("DTRAIN_RUN_DIR", str(tmp_path / precision))
+    ctx = setup()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 32, generator=generator)
+    y = (x[:, :4].sum(1) > 0).long() + (x[:, 4:8].sum(1) > 0).long()
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 3))
+    model, optimizer = ctx.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    losses = []
+    loader = ctx.loader(TensorDataset(x, y), 64)
+    for epoch in range(steps // len(loader) + 1):
+        loader.set_epoch(epoch)
+        for xb, yb in loader:
+            if len(losses) == steps:
+                break
+            with ctx.autocast():
+                loss = nn.functional.cross_entropy(model(xb), yb)
+            ctx.backward(loss)
+            ctx.clip_grad_norm(1.0)
+            ctx.step()
+            losses.append(loss.item())
+    ctx.close()
+    return losses, ctx.precision
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_tracks_fp32_on_a_few_dozen_steps(monkeypatch, tmp_path, precision):
+    reference, _ = _train_steps(monkeypatch, tmp_path, "fp32")
+    losses, used = _train_steps(monkeypatch, tmp_path, precision)
+    assert (used.scaler is not None) == (precision == "fp16")
+    assert losses[-1] < 0.6 * losses[0], "training must make progress"
+    assert abs(sum(losses[-5:]) / 5 - sum(reference[-5:]) / 5) < 0.05
