@@ -25,6 +25,14 @@ def _common_options(func: Callable) -> Callable:
         click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps (smoke runs)."),
         click.option("--name", default=None, help="Run name: the run directory is runs/NAME (default: recipe-timestamp)."),
         click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="Run directory (overrides runs/NAME)."),
+        click.option("--checkpoint-every", default=None,
+                     help="When to checkpoint: N steps, epoch (default), N,epoch, or never."),
+        click.option("--keep-last", type=int, default=None, help="Keep only the newest K committed checkpoints."),
+        click.option("--resume", default=None,
+                     help="auto (default: continue from the run directory's newest checkpoint), never, "
+                          "or a checkpoints/step_N folder."),
+        click.option("--async-checkpoint", is_flag=True, default=None,
+                     help="Write checkpoints in the background while training goes on."),
         click.argument("recipe_args", nargs=-1, type=click.UNPROCESSED),
         click.argument("recipe", type=str),
     ]
@@ -92,6 +100,52 @@ def debug(**options: Any) -> int:
     from dtrain.debug import run_in_process
 
     return run_in_process(spec)
+
+
+@cli.group()
+def ckpt() -> None:
+    """Inspect and export a run's checkpoints."""
+
+
+@ckpt.command("ls")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+def ckpt_ls(run_dir: str) -> int:
+    """List RUN_DIR's checkpoints: step, epoch, time, size, state and the metrics at that step."""
+    from dtrain import checkpoints
+
+    rows = checkpoints.describe(checkpoints.checkpoint_root(run_dir))
+    if not rows:
+        raise UsageError(f"{run_dir} has no checkpoints (looked in {checkpoints.checkpoint_root(run_dir)}).")
+    click.echo(checkpoints.format_table(rows))
+    return 0
+
+
+@ckpt.command("export")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--step", type=int, default=None, help="Export this step (default: the newest good checkpoint).")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Where to write the state_dict file.")
+def ckpt_export(run_dir: str, step: int | None, out: str) -> int:
+    """Write a checkpoint's model as a plain state_dict (`model.load_state_dict(torch.load(OUT))`)."""
+    from pathlib import Path
+
+    from dtrain import checkpoints
+
+    if step is None:
+        choice = checkpoints.choose_for_resume(run_dir, "auto")
+        for note in choice.notes:
+            click.echo(f"dtrain: {note}", err=True)
+        if choice.path is None:
+            raise UsageError(f"{run_dir} has no committed checkpoint to export.")
+        path = choice.path
+    else:
+        path = checkpoints.checkpoint_root(run_dir) / checkpoints.step_dir_name(step)
+        if not path.is_dir():
+            raise UsageError(f"{run_dir} has no checkpoint for step {step}; `dtrain ckpt ls {run_dir}` lists them.")
+    from dtrain.runtime.checkpoint import export_model
+
+    count = export_model(path, Path(out))
+    click.echo(f"wrote {out}: {count} tensors from {path}")
+    return 0
 
 
 def _apply_profile(ctx: click.Context, path: str, options: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,10 @@ ENV_PRECISION = "DTRAIN_PRECISION"
 ENV_SEED = "DTRAIN_SEED"
 ENV_RUN_DIR = "DTRAIN_RUN_DIR"
 ENV_MAX_STEPS = "DTRAIN_MAX_STEPS"
+ENV_CHECKPOINT_EVERY = "DTRAIN_CHECKPOINT_EVERY"
+ENV_KEEP_LAST = "DTRAIN_KEEP_LAST"
+ENV_RESUME = "DTRAIN_RESUME"
+ENV_ASYNC_CHECKPOINT = "DTRAIN_ASYNC_CHECKPOINT"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +49,10 @@ class LaunchSpec:
     max_steps: int | None
     name: str
     run_dir: str
+    checkpoint_every: str = "epoch"
+    keep_last: int | None = None
+    resume: str = "auto"
+    async_checkpoint: bool = False
 
     @property
     def world_size(self) -> int:
@@ -121,6 +129,15 @@ def resolve(options: Mapping[str, Any], gpus_available: int, free_port: int) -> 
         raise UsageError(f"--max-steps must be at least 1, got {max_steps}.")
 
     name, run_dir = _resolve_run_dir(options, recipe, nodes)
+    checkpoint_every = _value(options, "checkpoint_every", "epoch")
+    parse_checkpoint_every(checkpoint_every)
+    keep_last = options.get("keep_last")
+    if keep_last is not None and keep_last < 1:
+        raise UsageError(f"--keep-last must be at least 1, got {keep_last}; leave it out to keep every checkpoint.")
+    resume = _value(options, "resume", "auto")
+    if resume not in ("auto", "never") and not (Path(resume) / "COMMITTED").is_file():
+        raise UsageError(f"--resume {resume} is not a committed checkpoint folder; pass runs/NAME/checkpoints/step_N, "
+                         "auto or never.")
     return LaunchSpec(
         recipe=recipe,
         recipe_args=tuple(options.get("recipe_args") or ()),
@@ -136,7 +153,27 @@ def resolve(options: Mapping[str, Any], gpus_available: int, free_port: int) -> 
         max_steps=max_steps,
         name=name,
         run_dir=run_dir,
+        checkpoint_every=checkpoint_every,
+        keep_last=keep_last,
+        resume=resume,
+        async_checkpoint=bool(options.get("async_checkpoint")),
     )
+
+
+def parse_checkpoint_every(value: str) -> tuple[int | None, bool]:
+    """`N`, `epoch`, `N,epoch` or `never` -> (save every N steps or None, save at each epoch end)."""
+    steps, epoch = None, False
+    for part in filter(None, (p.strip() for p in str(value).split(","))):
+        if part == "epoch":
+            epoch = True
+        elif part == "never":
+            continue
+        elif part.isdigit() and int(part) > 0:
+            steps = int(part)
+        else:
+            raise UsageError(f"--checkpoint-every {value!r} is not understood; use a step count (500), "
+                             "epoch, both (500,epoch) or never.")
+    return steps, epoch
 
 
 def _value(options: Mapping[str, Any], key: str, default: Any) -> Any:
@@ -200,10 +237,15 @@ def worker_env(spec: LaunchSpec, cpus: int, base: Mapping[str, str]) -> dict[str
     env[ENV_PRECISION] = spec.precision
     env[ENV_SEED] = str(spec.seed)
     env[ENV_RUN_DIR] = spec.run_dir
-    if spec.max_steps is not None:
-        env[ENV_MAX_STEPS] = str(spec.max_steps)
-    else:
-        env.pop(ENV_MAX_STEPS, None)
+    env[ENV_CHECKPOINT_EVERY] = spec.checkpoint_every
+    env[ENV_RESUME] = spec.resume
+    optional = {ENV_MAX_STEPS: spec.max_steps, ENV_KEEP_LAST: spec.keep_last,
+                ENV_ASYNC_CHECKPOINT: "1" if spec.async_checkpoint else None}
+    for key, value in optional.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = str(value)
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("OMP_NUM_THREADS", str(max(1, cpus // spec.nproc)))
     return env

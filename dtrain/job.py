@@ -31,6 +31,7 @@ class RankFailure:
     message: str
     traceback: str
     time: float
+    usage: bool  # a UsageError: one sentence, no traceback
 
 
 def run_job(argv: Sequence[str], env: Mapping[str, str], log_dir: str) -> int:
@@ -130,6 +131,10 @@ def report_failure(logs: Path, returncode: int) -> None:
             file=sys.stderr,
         )
         return
+    if failure.usage:
+        if failure.local_rank != 0:  # rank 0's message is already on the console
+            print(f"dtrain: error: {failure.message}", file=sys.stderr)
+        return
     if failure.local_rank != 0:
         sys.stderr.write(f"[rank{failure.rank}]: " + failure.traceback.rstrip("\n").replace("\n", f"\n[rank{failure.rank}]: ") + "\n")
     print(
@@ -159,6 +164,7 @@ def read_error_file(path: Path) -> RankFailure | None:
             message=str(data["message"]["message"]),
             traceback=str(data["message"]["extraInfo"]["py_callstack"]),
             time=float(info["time"]),
+            usage=bool(info.get("usage")),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None

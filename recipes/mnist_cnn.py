@@ -63,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--data-dir", default=os.environ.get("DTRAIN_DATA_DIR", "./data"))
     parser.add_argument("--limit-train-batches", type=int, default=None, help="batches per epoch, per process")
+    parser.add_argument("--log-every", type=int, default=50, help="log the training loss every N steps")
     parser.add_argument("--loader", choices=("memory", "dataloader"), default="memory",
                         help="memory: decode once, keep tensors on the device; dataloader: torch DataLoader")
     return parser.parse_args(argv)
@@ -74,7 +75,8 @@ def main() -> None:
     train_set, test_set = load_mnist(ctx, args.data_dir, args.loader)
     model = MNISTCNN()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    trainer = Trainer(ctx, model, optimizer, nn.CrossEntropyLoss(), batch_size=args.batch_size)
+    trainer = Trainer(ctx, model, optimizer, nn.CrossEntropyLoss(), batch_size=args.batch_size,
+                      log_every=args.log_every)
     trainer.fit(train_set, test_set, epochs=args.epochs, limit_train_batches=args.limit_train_batches)
     trainer.save_model()
     ctx.close()

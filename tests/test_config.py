@@ -49,6 +49,10 @@ def test_no_gpu_and_no_flag_falls_back_to_one_cpu_process():
     ({"nodes": 0}, 0, "--nodes must be at least 1"),
     ({"name": "../escape"}, 0, "may hold only"),
     ({"master_port": 70000}, 0, "between 1 and 65535"),
+    ({"checkpoint_every": "0"}, 0, "--checkpoint-every '0' is not understood"),
+    ({"checkpoint_every": "hourly"}, 0, "is not understood"),
+    ({"keep_last": 0}, 0, "--keep-last must be at least 1"),
+    ({"resume": "runs/nope/checkpoints/step_0000001"}, 0, "is not a committed checkpoint folder"),
 ])
 def test_bad_options_are_refused_with_the_fix(options, available, words):
     with pytest.raises(UsageError, match=words.replace("(", r"\(").replace(")", r"\)")):
@@ -75,13 +79,23 @@ def test_torchrun_argv_for_two_nodes():
 
 
 def test_worker_env_is_the_dtrain_contract_and_keeps_the_callers_variables():
-    spec = resolve(cpu=True, nproc=2, precision="bf16", seed=7, max_steps=5, name="r")
-    env = config.worker_env(spec, cpus=2, base={"PATH": "/bin", "OMP_NUM_THREADS": "3"})
+    spec = resolve(cpu=True, nproc=2, precision="bf16", seed=7, max_steps=5, name="r", checkpoint_every="100,epoch",
+                   keep_last=2, async_checkpoint=True)
+    env = config.worker_env(spec, cpus=2, base={"PATH": "/bin", "OMP_NUM_THREADS": "3", "DTRAIN_KEEP_LAST": "9"})
     assert env == {
         "PATH": "/bin", "OMP_NUM_THREADS": "3", "PYTHONUNBUFFERED": "1",
         "DTRAIN_DEVICE": "cpu", "DTRAIN_PRECISION": "bf16", "DTRAIN_SEED": "7",
-        "DTRAIN_RUN_DIR": "runs/r", "DTRAIN_MAX_STEPS": "5",
+        "DTRAIN_RUN_DIR": "runs/r", "DTRAIN_MAX_STEPS": "5", "DTRAIN_CHECKPOINT_EVERY": "100,epoch",
+        "DTRAIN_RESUME": "auto", "DTRAIN_KEEP_LAST": "2", "DTRAIN_ASYNC_CHECKPOINT": "1",
     }
+    plain = config.worker_env(resolve(cpu=True, name="r"), cpus=2, base={"DTRAIN_KEEP_LAST": "9"})
+    assert "DTRAIN_KEEP_LAST" not in plain and "DTRAIN_ASYNC_CHECKPOINT" not in plain
+
+
+@pytest.mark.parametrize("value, parsed", [("epoch", (None, True)), ("500", (500, False)), ("500,epoch", (500, True)),
+                                           ("never", (None, False))])
+def test_checkpoint_every_values(value, parsed):
+    assert config.parse_checkpoint_every(value) == parsed
 
 
 def test_profile_must_be_a_yaml_mapping(tmp_path):

@@ -28,7 +28,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import dtrain
+from dtrain.runtime import checkpoint
 from dtrain.runtime import dist as dist_utils
+from dtrain.runtime.checkpoint import TrainState
 from dtrain.runtime.data import make_loader
 from dtrain.runtime.env import WorkerEnv, read_env
 from dtrain.runtime.logging import MetricsWriter, write_config
@@ -66,6 +68,9 @@ class Context:
         self._metrics = MetricsWriter(self.run_dir / "metrics.jsonl") if self.is_main else None
         if self.is_main:
             write_config(self.run_dir / "config.yaml", self.describe(config))
+        self.checkpointer = checkpoint.Checkpointer(self.run_dir, env.rank, env.world_size, keep_last=env.keep_last,
+                                                    async_save=env.async_checkpoint)
+        self._rng_to_restore: dict | None = None
 
     @property
     def rank(self) -> int:
@@ -147,7 +152,7 @@ class Context:
         """Record scalars (rank 0). Tensors are read here, so call it at an interval, not every step."""
         if self._metrics is None:
             return
-        self._metrics.write(step, {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()})
+        self._metrics.write(step, {k: _scalar(v) for k, v in metrics.items()})
 
     @staticmethod
     def unwrap(model: nn.Module) -> nn.Module:
@@ -169,7 +174,67 @@ class Context:
         if self.world_size > 1:
             dist.barrier()
 
+    # --- checkpoints ------------------------------------------------------------------------------
+
+    @property
+    def checkpointing(self) -> bool:
+        """False with --checkpoint-every never."""
+        return self.env.checkpoint_epochs or self.env.checkpoint_steps is not None
+
+    def checkpoint_due(self, step: int, epoch_end: bool = False) -> bool:
+        """Whether the --checkpoint-every policy asks for a checkpoint now."""
+        if epoch_end:
+            return self.env.checkpoint_epochs
+        return self.env.checkpoint_steps is not None and step % self.env.checkpoint_steps == 0
+
+    def save_checkpoint(self, state: TrainState, scheduler=None, metrics: Mapping[str, Any] | None = None) -> None:
+        """Checkpoint the prepared model and optimizers, `scheduler`, the GradScaler and `state`."""
+        self.checkpointer.save(state, self._model(), self.optimizers, self._extras(scheduler),
+                               {k: _scalar(v) for k, v in (metrics or {}).items()})
+
+    def resume(self, scheduler=None) -> TrainState | None:
+        """Load the checkpoint --resume selects (auto: the run's newest good one), or return None.
+
+        The RNG states are restored later, by `restore_rng()`, once the data iterator of the
+        resumed epoch exists: creating it may draw random numbers.
+        """
+        path, notes, state, extras, self._rng_to_restore = self.checkpointer.resume(
+            self.env.resume, self._model(), self.optimizers, self._extras(scheduler))
+        for note in notes:
+            self.print(f"dtrain: {note}")
+        if path is None:
+            return None
+        if scheduler is not None:
+            scheduler.load_state_dict(extras["scheduler"])
+        if self.precision.scaler is not None:
+            self.precision.scaler.load_state_dict(extras["scaler"])
+        self.print(f"dtrain: resuming from {path} (step {state.step}, epoch {state.epoch + 1}, batch {state.batch})")
+        return state
+
+    def restore_rng(self) -> None:
+        if self._rng_to_restore is not None:
+            checkpoint.restore_rng(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    def _model(self) -> nn.Module:
+        if len(self.models) != 1:
+            raise RuntimeError(f"checkpoints need exactly one prepared model, found {len(self.models)}.")
+        return self.models[0]
+
+    def _extras(self, scheduler) -> dict[str, Any]:
+        extras = {}
+        if scheduler is not None:
+            extras["scheduler"] = scheduler.state_dict()
+        if self.precision.scaler is not None:
+            extras["scaler"] = self.precision.scaler.state_dict()
+        return extras
+
     def close(self) -> None:
+        self.checkpointer.wait()
         if self._metrics is not None:
             self._metrics.close()
         dist_utils.destroy_process_group()
+
+
+def _scalar(value: Any) -> Any:
+    return value.item() if isinstance(value, torch.Tensor) else value

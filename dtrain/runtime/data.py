@@ -40,58 +40,63 @@ class ShardSampler(Sampler[int]):
         self.n, self.rank, self.world_size = n, rank, world_size
         self.shuffle, self.seed, self.pad = shuffle, seed, pad
         self.epoch = 0
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch's order; `start` skips that many samples (resuming mid-epoch)."""
+        self.epoch, self.start = epoch, start
 
     def indices(self) -> torch.Tensor:
         return shard_indices(self.n, self.rank, self.world_size, shuffle=self.shuffle, seed=self.seed,
                              epoch=self.epoch, pad=self.pad)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.indices().tolist())
+        return iter(self.indices()[self.start:].tolist())
 
     def __len__(self) -> int:
-        return len(self.indices()) if not self.pad else math.ceil(self.n / self.world_size)
+        full = math.ceil(self.n / self.world_size) if self.pad else len(range(self.rank, self.n, self.world_size))
+        return max(0, full - self.start)
 
 
-class InMemoryLoader:
-    """Batches sliced from device-resident tensors, in the order of a `ShardSampler`."""
+class _ShardLoader:
+    """Batches of one rank's shard; `set_epoch(epoch, start_batch)` picks the order and the resume point."""
 
-    def __init__(self, tensors: Sequence[torch.Tensor], batch_size: int, sampler: ShardSampler,
-                 device: torch.device):
-        self.tensors = [t.to(device) for t in tensors]
+    def __init__(self, batch_size: int, sampler: ShardSampler):
         self.batch_size = batch_size
         self.sampler = sampler
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_batch * self.batch_size)
 
     def __len__(self) -> int:
+        """Batches left in this epoch."""
         return math.ceil(len(self.sampler) / self.batch_size)
 
+
+class InMemoryLoader(_ShardLoader):
+    """Batches sliced from device-resident tensors: no worker processes, no per-sample Python."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor], batch_size: int, sampler: ShardSampler,
+                 device: torch.device):
+        super().__init__(batch_size, sampler)
+        self.tensors = [t.to(device) for t in tensors]
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        order = self.sampler.indices().to(self.tensors[0].device)
+        order = self.sampler.indices()[self.sampler.start:].to(self.tensors[0].device)
         for start in range(0, len(order), self.batch_size):
             index = order[start:start + self.batch_size]
             yield tuple(t.index_select(0, index) for t in self.tensors)
 
 
-class DeviceLoader:
+class DeviceLoader(_ShardLoader):
     """A `DataLoader` over a `ShardSampler` whose batches arrive on the training device."""
 
     def __init__(self, dataset: Dataset, batch_size: int, sampler: ShardSampler, device: torch.device,
                  num_workers: int):
-        self.sampler = sampler
+        super().__init__(batch_size, sampler)
         self.device = device
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                  pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         for batch in self.loader:

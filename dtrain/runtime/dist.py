@@ -12,6 +12,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
+from dtrain.errors import UsageError
 from dtrain.runtime.env import WorkerEnv
 
 DEFAULT_TIMEOUT_S = 600
@@ -52,13 +53,18 @@ def install_error_hook(rank: int) -> None:
     """Record an uncaught exception where torchrun and `dtrain launch` look for it.
 
     The file (TORCHELASTIC_ERROR_FILE) lets the launcher name the rank that failed first. A
-    rank that only fails because a peer died prints one line instead of a second traceback.
+    rank that only fails because a peer died prints one line instead of a second traceback,
+    and a `UsageError` (a bad checkpoint, say) is one sentence, never a traceback.
     """
     previous = sys.excepthook
 
     def hook(exc_type, exc, tb):
-        text = "".join(traceback.format_exception(exc_type, exc, tb))
-        _write_error_file(rank, f"{exc_type.__name__}: {exc}", text)
+        usage = issubclass(exc_type, UsageError)
+        text = str(exc) if usage else "".join(traceback.format_exception(exc_type, exc, tb))
+        _write_error_file(rank, str(exc) if usage else f"{exc_type.__name__}: {exc}", text, usage)
+        if usage:
+            print(f"dtrain: error: {exc}", file=sys.stderr)
+            return
         if issubclass(exc_type, dist.DistBackendError) or _peer_vanished(exc):
             print(f"rank {rank}: stopped because another rank failed ({exc_type.__name__}).", file=sys.stderr)
             return
@@ -72,14 +78,14 @@ def _peer_vanished(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("Connection closed by peer" in text or "Connection reset by peer" in text)
 
 
-def _write_error_file(rank: int, message: str, text: str) -> None:
+def _write_error_file(rank: int, message: str, text: str, usage: bool) -> None:
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
     now = time.time()
     record = {
         "message": {"message": message, "extraInfo": {"py_callstack": text, "timestamp": str(int(now))}},
-        "dtrain": {"rank": rank, "time": now},
+        "dtrain": {"rank": rank, "time": now, "usage": usage},
     }
     try:
         with open(path, "w") as fh:

@@ -23,6 +23,11 @@ class WorkerEnv:
     seed: int
     run_dir: str
     max_steps: int | None
+    checkpoint_steps: int | None  # save every N optimizer steps
+    checkpoint_epochs: bool  # save at the end of each epoch
+    keep_last: int | None
+    resume: str  # auto, never, or a checkpoint folder
+    async_checkpoint: bool
 
 
 def read_env(environ: Mapping[str, str] | None = None) -> WorkerEnv:
@@ -32,6 +37,9 @@ def read_env(environ: Mapping[str, str] | None = None) -> WorkerEnv:
         return next((environ[n] for n in names if environ.get(n)), default)
 
     max_steps = environ.get(config.ENV_MAX_STEPS)
+    keep_last = environ.get(config.ENV_KEEP_LAST)
+    checkpoint_steps, checkpoint_epochs = config.parse_checkpoint_every(
+        environ.get(config.ENV_CHECKPOINT_EVERY) or "epoch")
     return WorkerEnv(
         rank=int(first("RANK", "SLURM_PROCID", default="0")),
         local_rank=int(first("LOCAL_RANK", "SLURM_LOCALID", default="0")),
@@ -41,4 +49,9 @@ def read_env(environ: Mapping[str, str] | None = None) -> WorkerEnv:
         seed=int(environ.get(config.ENV_SEED) or 0),
         run_dir=environ.get(config.ENV_RUN_DIR) or os.path.join("runs", "default"),
         max_steps=int(max_steps) if max_steps else None,
+        checkpoint_steps=checkpoint_steps,
+        checkpoint_epochs=checkpoint_epochs,
+        keep_last=int(keep_last) if keep_last else None,
+        resume=environ.get(config.ENV_RESUME) or "auto",
+        async_checkpoint=environ.get(config.ENV_ASYNC_CHECKPOINT) == "1",
     )

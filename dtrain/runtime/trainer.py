@@ -1,4 +1,4 @@
-"""`Trainer`: the standard loop (train an epoch, evaluate, report) on top of `Context`'s primitives."""
+"""`Trainer`: the standard loop (train an epoch, evaluate, report, checkpoint) on `Context`'s primitives."""
 
 from __future__ import annotations
 
@@ -9,55 +9,73 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from dtrain.runtime.checkpoint import TrainState
 from dtrain.runtime.context import Context
 from dtrain.runtime.evaluation import evaluate_classifier
 
 
 class Trainer:
     def __init__(self, ctx: Context, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, batch_size: int = 64,
-                 eval_batch_size: int = 1000, log_every: int = 50):
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, scheduler=None,
+                 batch_size: int = 64, eval_batch_size: int = 1000, log_every: int = 50):
         self.ctx = ctx
         self.model, self.optimizer = ctx.prepare(model, optimizer)
+        self.scheduler = scheduler  # stepped once per epoch
         self.loss_fn = loss_fn
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.log_every = log_every
         self.step = 0
+        self.metrics: dict[str, float] = {}
 
     def fit(self, train_set: Dataset, eval_set: Dataset | None = None, *, epochs: int,
             limit_train_batches: int | None = None) -> dict[str, float]:
-        """Train for `epochs`, evaluating after each; prints one line per epoch on rank 0."""
+        """Train for `epochs` (resuming per --resume), evaluating after each; one line per epoch on rank 0."""
         loader = self.ctx.loader(train_set, self.batch_size, shuffle=True, train=True)
-        metrics: dict[str, float] = {}
-        for epoch in range(epochs):
-            loader.set_epoch(epoch)
-            train_loss = self.train_epoch(loader, limit_train_batches)
-            metrics = {"epoch": epoch + 1, "train/loss": train_loss}
+        state = self.ctx.resume(self.scheduler)
+        start_epoch, start_batch = 0, 0
+        if state is not None:
+            self.step = state.step
+            start_epoch, start_batch = state.epoch, state.batch_on(self.ctx.world_size, self.batch_size)
+        for epoch in range(start_epoch, epochs):
+            if self.stopped:
+                break
+            loader.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
+            done, complete, train_loss = self.train_epoch(loader, epoch, limit_train_batches)
+            self.metrics = {"epoch": epoch + 1, "train/loss": train_loss}
             line = f"Epoch {epoch + 1}/{epochs} | Train Loss: {train_loss:.4f}"
             if eval_set is not None:
                 result = self.evaluate(eval_set)
-                metrics.update({"eval/loss": result["loss"], "eval/accuracy": result["accuracy"]})
+                self.metrics.update({"eval/loss": result["loss"], "eval/accuracy": result["accuracy"]})
                 line += f" | Test Acc: {100 * result['accuracy']:.2f}%"
-            self.ctx.log(self.step, metrics)
+            self.ctx.log(self.step, self.metrics)
             self.ctx.print(line)
-            if self.stopped:
-                break
-        return metrics
+            if complete and self.scheduler is not None:
+                self.scheduler.step()
+            due = self.ctx.checkpoint_due(self.step, epoch_end=True) or self.ctx.checkpoint_due(self.step)
+            if self.ctx.checkpointing and (due or self.stopped):
+                self.save_checkpoint(*((epoch + 1, 0) if complete else (epoch, done)))
+        return self.metrics
 
     @property
     def stopped(self) -> bool:
         return self.ctx.max_steps is not None and self.step >= self.ctx.max_steps
 
-    def train_epoch(self, loader, limit_batches: int | None = None) -> float:
-        """One pass over this rank's shard; returns the mean loss over all ranks."""
+    def train_epoch(self, loader, epoch: int, limit_batches: int | None = None) -> tuple[int, bool, float]:
+        """Train on the rest of this rank's shard for `epoch`.
+
+        Returns the batches of the epoch now done (counting those before a resume), whether the
+        epoch is complete, and the mean loss over all ranks of the batches run here.
+        """
         self.model.train()
-        batches = len(loader) if limit_batches is None else min(limit_batches, len(loader))
+        start = loader.sampler.start // loader.batch_size
+        end = start + len(loader) if limit_batches is None else min(limit_batches, start + len(loader))
         loss_sum = torch.zeros((), device=self.ctx.device)
         window_sum = torch.zeros((), device=self.ctx.device)
-        window_start, window_steps, done = time.perf_counter(), 0, 0
+        window_start, window_steps, done = time.perf_counter(), 0, start
         batch_iter = iter(loader)
-        while done < batches and not self.stopped:
+        self.ctx.restore_rng()
+        while done < end and not self.stopped:  # checked before fetching: a fetch may draw random numbers
             x, y = next(batch_iter)
             with self.ctx.autocast():
                 loss = self.loss_fn(self.model(x), y)
@@ -77,8 +95,16 @@ class Trainer:
                 })
                 window_sum.zero_()
                 window_start, window_steps = time.perf_counter(), 0
-        mean = self.ctx.all_reduce(torch.stack([loss_sum, torch.tensor(float(done), device=loss_sum.device)]))
-        return (mean[0] / mean[1].clamp(min=1)).item()
+            if self.ctx.checkpoint_due(self.step) and done < end:
+                self.save_checkpoint(epoch, done)
+        totals = self.ctx.all_reduce(torch.stack([loss_sum, torch.tensor(float(done - start), device=loss_sum.device)]))
+        return done, done >= end, (totals[0] / totals[1].clamp(min=1)).item()
+
+    def save_checkpoint(self, epoch: int, batch: int) -> None:
+        """Checkpoint with the data position: the next batch to train is `batch` of `epoch`."""
+        state = TrainState(step=self.step, epoch=epoch, batch=batch, world_size=self.ctx.world_size,
+                           batch_size=self.batch_size)
+        self.ctx.save_checkpoint(state, self.scheduler, self.metrics)
 
     def evaluate(self, eval_set: Dataset) -> dict[str, float]:
         """Loss and accuracy over the whole `eval_set`, each sample counted once across ranks."""

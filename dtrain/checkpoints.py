@@ -1,0 +1,196 @@
+"""Reading the run directory's checkpoints without torch: layout, commit state, manifests, choice.
+
+Shared by the workers (`dtrain.runtime.checkpoint`, which writes and loads) and the launch side
+(`dtrain ckpt ls`, `--resume` checks), so both agree on what "committed" and "latest" mean.
+
+    checkpoints/
+      step_0000600/            committed: DCP shards, .metadata, per-rank RNG, trainer_state.json,
+                               manifest.json (files, sizes, sha256), COMMITTED (written last)
+      step_0001200.partial/    being written or abandoned: never loaded, removed at the next start
+      LATEST                   "step_0000600", replaced atomically after the rename
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from dtrain.errors import UsageError
+
+CHECKPOINTS = "checkpoints"
+LATEST = "LATEST"
+MARKER = "COMMITTED"
+MANIFEST = "manifest.json"
+PARTIAL = ".partial"
+_STEP_DIR = re.compile(r"^step_(\d{7,})$")
+
+
+class CheckpointError(UsageError):
+    """A checkpoint that cannot be used; the message names the file and what is wrong with it."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def checkpoint_root(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def step_dirs(root: Path) -> list[Path]:
+    """Folders named like a finished checkpoint (`step_N`), newest step first; `verify` says if they are."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def committed(root: Path) -> list[Path]:
+    """Checkpoint folders that finished the commit protocol (they hold the marker), newest first."""
+    return [p for p in step_dirs(root) if (p / MARKER).is_file()]
+
+
+def partials(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.name.endswith(PARTIAL)) if root.is_dir() else []
+
+
+def read_latest(root: Path) -> str | None:
+    """The name LATEST points to, or None when LATEST is missing or is not a checkpoint name."""
+    try:
+        name = (root / LATEST).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return name if _STEP_DIR.match(name) else None
+
+
+def file_digest(path: Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return path.stat().st_size, digest.hexdigest()
+
+
+def read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} has no {MANIFEST}: it was not written by dtrain or is incomplete.")
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is unreadable ({exc}).")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} does not list the checkpoint's files.")
+    return manifest
+
+
+def verify(path: Path, inspect: Callable[[Path], object] | None = None) -> dict:
+    """Check a checkpoint against its manifest; return the manifest or raise CheckpointError.
+
+    `inspect` is a further check that needs torch (the workers pass the safe metadata reader).
+    """
+    if path.name.endswith(PARTIAL):
+        raise CheckpointError(f"checkpoint {path} is a partial save and is never loaded.")
+    if not (path / MARKER).is_file():
+        raise CheckpointError(f"checkpoint {path} has no {MARKER} marker: its save did not finish.")
+    manifest = read_manifest(path)
+    for name, expected in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint file {file} is missing.")
+        size = file.stat().st_size
+        if size != expected["size"]:
+            raise CheckpointError(f"checkpoint file {file} has {size} bytes, the manifest says {expected['size']}: "
+                                  "it is truncated or was changed.")
+        if file_digest(file)[1] != expected["sha256"]:
+            raise CheckpointError(f"checkpoint file {file} does not match its checksum: it is corrupt.")
+    if inspect is not None:
+        inspect(path)
+    return manifest
+
+
+@dataclass(frozen=True)
+class Choice:
+    path: Path | None
+    notes: tuple[str, ...]
+
+
+def choose_for_resume(run_dir: str | os.PathLike, resume: str,
+                      inspect: Callable[[Path], object] | None = None) -> Choice:
+    """Which checkpoint to resume from: `never`, an explicit path (must verify), or `auto`.
+
+    `auto` takes the newest committed checkpoint that verifies, so a damaged newest one falls
+    back to the previous one, and says so. LATEST is cross-checked; garbage in it is reported.
+    """
+    if resume == "never":
+        return Choice(None, ())
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint {path} does not exist; pass a checkpoints/step_* folder or --resume auto.")
+        verify(path, inspect)
+        return Choice(path, ())
+    root = checkpoint_root(run_dir)
+    notes = []
+    latest = read_latest(root)
+    if (root / LATEST).exists() and latest is None:
+        notes.append(f"{root / LATEST} does not name a checkpoint; ignoring it.")
+    for path in step_dirs(root):
+        try:
+            verify(path, inspect)
+        except CheckpointError as exc:
+            notes.append(f"{exc} Falling back to an earlier checkpoint.")
+            continue
+        return Choice(path, tuple(notes))
+    if notes:
+        notes.append("no usable checkpoint is left; starting from scratch.")
+    return Choice(None, tuple(notes))
+
+
+def retention_victims(root: Path, keep_last: int | None) -> list[Path]:
+    """Committed checkpoints beyond the newest `keep_last`, never the one LATEST names."""
+    if not keep_last:
+        return []
+    latest = read_latest(root)
+    return [p for p in committed(root)[keep_last:] if p.name != latest]
+
+
+def describe(root: Path) -> list[dict]:
+    """One row per checkpoint folder for `dtrain ckpt ls` (sizes checked, checksums not: it stays fast)."""
+    latest = read_latest(root)
+    rows = []
+    for path in step_dirs(root):
+        row = {"name": path.name, "latest": path.name == latest, "state": "committed"}
+        try:
+            manifest = read_manifest(path)
+            row.update({k: manifest.get(k) for k in ("step", "epoch", "batch", "time", "metrics")})
+            row["size"] = sum(f["size"] for f in manifest["files"].values())
+            if not (path / MARKER).is_file():
+                row["state"] = "uncommitted"
+            elif any(not (path / n).is_file() or (path / n).stat().st_size != f["size"]
+                     for n, f in manifest["files"].items()):
+                row["state"] = "damaged"
+        except CheckpointError:
+            row["state"] = "damaged"
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    import time
+
+    header = ("", "checkpoint", "step", "epoch", "batch", "saved", "size", "state", "metrics")
+    lines = [header]
+    for row in rows:
+        saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["time"])) if row.get("time") else "-"
+        size = f"{row['size'] / 1e6:.1f} MB" if row.get("size") is not None else "-"
+        metrics = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in (row.get("metrics") or {}).items())
+        lines.append(("*" if row["latest"] else "", row["name"], str(row.get("step", "-")), str(row.get("epoch", "-")),
+                      str(row.get("batch", "-")), saved, size, row["state"], metrics))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1] for line in lines).rstrip()

@@ -1,0 +1,362 @@
+"""Shard-safe checkpoints: DCP shards plus dtrain's commit protocol, and exact resume.
+
+Save (every rank, then rank 0 commits):
+  1. write into `checkpoints/step_N.partial/`: DCP shards of model + optimizer + scheduler/scaler
+     state (files fsynced by DCP's writer), this rank's RNG state, rank 0's trainer_state.json;
+  2. every rank hashes the files it wrote; the digests meet on rank 0 (this is the barrier);
+  3. rank 0 writes manifest.json, then COMMITTED, fsyncs the folder, renames it to `step_N/`,
+     fsyncs `checkpoints/`, and atomically replaces LATEST; only then retention deletes old ones.
+A kill at any instant leaves LATEST naming a complete checkpoint (or none at all).
+
+Loading never runs pickled code: DCP's `.metadata` pickle goes through an allow-list unpickler
+and DCP's non-tensor values through `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+from torch.distributed.checkpoint._traverse import set_element
+
+from dtrain.checkpoints import (
+    LATEST, MANIFEST, MARKER, PARTIAL, CheckpointError, checkpoint_root, choose_for_resume, file_digest,
+    partials, retention_victims, step_dir_name, verify,
+)
+
+TRAINER_STATE = "trainer_state.json"
+CRASH_ENV = "DTRAIN_TEST_CRASH_AT"  # "point:rank:save" — SIGKILL this rank there, for crash tests only
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Where training stands: optimizer steps done, and the data position within the epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # batches of `epoch` already consumed by each rank
+    world_size: int = 1
+    batch_size: int = 0  # per rank; with world_size it converts `batch` when the world changes
+    wandb_run_id: str | None = None
+
+    def batch_on(self, world_size: int, batch_size: int) -> int:
+        """The data position for a job of another shape: the same number of samples seen, rounded down."""
+        if (world_size, batch_size) == (self.world_size, self.batch_size) or not batch_size:
+            return self.batch
+        return self.batch * self.world_size * self.batch_size // (world_size * batch_size)
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str | os.PathLike, rank: int, world_size: int, *, keep_last: int | None,
+                 async_save: bool):
+        self.root = checkpoint_root(run_dir)
+        self.rank, self.world_size = rank, world_size
+        self.keep_last = keep_last
+        self.async_save = async_save
+        # An async save on the default group hangs once DDP traffic resumes: give it its own.
+        self._group = dist.new_group(backend="gloo") if async_save and world_size > 1 else None
+        self._pending: tuple[Any, Path, TrainState, dict] | None = None
+        self._saves = 0
+        self._current: set[int] = set()  # steps of this run's timeline: resumed from or saved here
+        if rank == 0:
+            for stale in partials(self.root):
+                shutil.rmtree(stale, ignore_errors=True)
+
+    def save(self, state: TrainState, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer],
+             extras: dict[str, Any], metrics: dict[str, float] | None = None) -> None:
+        """Write checkpoint `step_<state.step>`; with async saves, only start it (see `wait`)."""
+        self.wait()
+        name = step_dir_name(state.step)
+        if state.step in self._current:
+            return
+        if (self.root / name).exists() and self.rank == 0:
+            self._set_aside(self.root / name)
+        self._saves += 1
+        partial = self.root / (name + PARTIAL)
+        if self.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        _barrier()
+        _write_json(partial / f"rng_rank{self.rank}.json", capture_rng())
+        self._crash_point("started")
+        if self.rank == 0:
+            _write_json(partial / TRAINER_STATE, dataclasses.asdict(state))
+        model_state, optim_state = get_state_dict(model, list(optimizers))
+        state_dict = {"model": model_state, "optim": optim_state, "extras": extras}
+        writer = FileSystemWriter(partial, sync_files=True)
+        if self.async_save:
+            future = dcp.async_save(state_dict, storage_writer=writer, process_group=self._group)
+            self._pending = (future, partial, state, dict(metrics or {}))
+        else:
+            dcp.save(state_dict, storage_writer=writer)
+            self._commit(partial, state, dict(metrics or {}))
+
+    def wait(self) -> None:
+        """Finish and commit a pending async save (the next save and the end of training call it)."""
+        if self._pending is None:
+            return
+        future, partial, state, metrics = self._pending
+        self._pending = None
+        future.result()
+        self._commit(partial, state, metrics)
+
+    def _commit(self, partial: Path, state: TrainState, metrics: dict) -> None:
+        self._crash_point("shards")
+        own = [p for p in partial.iterdir() if _written_by(p.name, self.rank)]
+        digests = {p.name: dict(zip(("size", "sha256"), file_digest(p))) for p in own}
+        gathered: list[dict] = [{} for _ in range(self.world_size)]
+        if self.world_size > 1:
+            dist.all_gather_object(gathered, digests)
+        else:
+            gathered = [digests]
+        if self.rank == 0:
+            self._crash_point("gathered")
+            files = {name: info for part in gathered for name, info in part.items()}
+            unlisted = sorted({p.name for p in partial.iterdir()} - set(files))
+            if unlisted:
+                raise CheckpointError(f"checkpoint {partial} holds files no rank accounted for: {unlisted}")
+            manifest = {"format": "dtrain-checkpoint-1", **dataclasses.asdict(state),
+                        "time": round(time.time(), 3), "metrics": metrics, "files": files}
+            _write_json(partial / MANIFEST, manifest)
+            self._crash_point("manifest")
+            _write_json(partial / MARKER, {"step": state.step})
+            _fsync_dir(partial)
+            self._crash_point("marker")
+            final = self.root / partial.name[: -len(PARTIAL)]
+            os.rename(partial, final)
+            _fsync_dir(self.root)
+            self._crash_point("rename")
+            _write_json(self.root / (LATEST + ".tmp"), None, text=final.name)
+            os.replace(self.root / (LATEST + ".tmp"), self.root / LATEST)
+            _fsync_dir(self.root)
+            self._crash_point("latest")
+            for old in retention_victims(self.root, self.keep_last):
+                shutil.rmtree(old)
+        self._current.add(state.step)
+        _barrier()
+
+    def _set_aside(self, path: Path) -> None:
+        """A `step_N` from an earlier life of the run (damaged, or from a timeline resume left) is
+        in the way of this save: keep it under another name rather than delete or overwrite it."""
+        aside = path.with_name(f"{path.name}.replaced-{int(time.time())}")
+        os.rename(path, aside)
+        print(f"dtrain: {path} came from an earlier attempt of this run; kept it as {aside.name}.", flush=True)
+
+    def resume(self, resume: str, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer],
+               extras: dict[str, Any]) -> tuple[Path | None, list[str], TrainState | None, dict[str, Any], dict | None]:
+        """Pick the checkpoint per `resume` (auto, never, or a folder) and load it.
+
+        Returns the folder, notes about checkpoints passed over, the train state, the extras
+        (scheduler, scaler) and this rank's RNG state (None when the world size changed).
+        """
+        path, notes = _choose_on_rank0(self.root.parent, resume, self.rank, self.world_size)
+        if path is None:
+            return None, notes, None, {}, None
+        state, loaded, rng = load(path, model, optimizers, extras, self.rank, self.world_size)
+        self._current.add(state.step)
+        return path, notes, state, loaded, rng
+
+    def _crash_point(self, point: str) -> None:
+        wanted = os.environ.get(CRASH_ENV)
+        if wanted and wanted == f"{point}:{self.rank}:{self._saves}":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _choose_on_rank0(run_dir: Path, resume: str, rank: int, world_size: int) -> tuple[Path | None, list[str]]:
+    """Rank 0 picks the checkpoint (verifying it) and every rank gets the same answer."""
+    choice: list[Any] = [None, []]
+    if rank == 0:
+        try:
+            picked = choose_for_resume(run_dir, resume, inspect=read_metadata_safely)
+            choice = [picked.path, list(picked.notes)]
+        except CheckpointError as exc:
+            choice = [exc, []]
+    if world_size > 1:
+        dist.broadcast_object_list(choice, src=0)
+    if isinstance(choice[0], CheckpointError):
+        raise choice[0]
+    return choice[0], choice[1]
+
+
+def load(path: Path, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], extras: dict[str, Any],
+         rank: int, world_size: int) -> tuple[TrainState, dict[str, Any], dict | None]:
+    """Load a verified checkpoint into model and optimizers; return its state, extras and this rank's RNG.
+
+    The RNG state is None when the world size changed: there is no rank to take it from.
+    """
+    model_state, optim_state = get_state_dict(model, list(optimizers))
+    state_dict = {"model": model_state, "optim": optim_state, "extras": extras}
+    try:
+        dcp.load(state_dict, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
+    except CheckpointError:
+        raise
+    except Exception as exc:  # DCP wraps every rank's error; the first line names the mismatch
+        detail = next((line.strip() for line in str(exc).splitlines() if "key" in line.lower() or "size" in line.lower()),
+                      str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise CheckpointError(f"checkpoint {path} does not fit this model and optimizer ({detail}); "
+                              "start a new run (another --name) or pass --resume never.") from None
+    set_state_dict(model, list(optimizers), model_state_dict=model_state, optim_state_dict=optim_state)
+    state = TrainState(**json.loads((path / TRAINER_STATE).read_text()))
+    rng_file = path / f"rng_rank{rank}.json"
+    rng = json.loads(rng_file.read_text()) if state.world_size == world_size and rng_file.exists() else None
+    return state, state_dict["extras"], rng
+
+
+def export_model(path: Path, out: Path) -> int:
+    """Write the checkpoint's model as a plain `state_dict` file; returns the number of tensors."""
+    verify(path)
+    read_metadata_safely(path)
+    state: dict[str, Any] = {}
+    _load_state_dict(state, storage_reader=SafeReader(path), planner=SafeEmptyPlanner(), no_dist=True)
+    model = {k: v for k, v in state["model"].items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(model, tmp)
+    os.replace(tmp, out)
+    return len(model)
+
+
+# --- RNG -------------------------------------------------------------------------------------------
+
+def capture_rng() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": _jsonable(random.getstate()), "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    try:
+        import numpy
+    except ImportError:
+        return state
+    kind, keys, pos, has_gauss, gauss = numpy.random.get_state()
+    state["numpy"] = [kind, keys.tolist(), pos, has_gauss, gauss]
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+    if "numpy" in state:
+        import numpy
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        numpy.random.set_state((kind, numpy.array(keys, dtype=numpy.uint32), pos, has_gauss, gauss))
+
+
+def _jsonable(value: Any) -> Any:
+    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+# --- loading without running pickled code ----------------------------------------------------------
+
+_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Allows only the plain data classes DCP's metadata is made of; anything else is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        obj = _lookup(module, name)
+        if module in _METADATA_MODULES and isinstance(obj, type) and (
+                dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
+            return obj
+        if module == "torch" and (obj is torch.Size or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format))):
+            return obj
+        if (module, name) in {("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                              ("collections", "OrderedDict")}:
+            return obj
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def _lookup(module: str, name: str) -> Any:
+    try:
+        obj = __import__(module, fromlist=[name])
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        return obj
+    except (ImportError, AttributeError):
+        return None
+
+
+def read_metadata_safely(path: Path) -> Any:
+    file = path / ".metadata"
+    try:
+        with open(file, "rb") as fh:
+            return _MetadataUnpickler(fh).load()
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"checkpoint file {file} asks to run {exc} while loading; refusing it "
+                              "(a checkpoint never needs code).") from None
+    except (OSError, EOFError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint file {file} is unreadable ({exc}).") from None
+
+
+class SafeReader(FileSystemReader):
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        metadata = read_metadata_safely(Path(self.path))
+        if getattr(metadata, "storage_meta", None) is not None:
+            metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _WeightsOnlyBytes:
+    """DCP's planners unpickle non-tensor values with weights_only=False; load them safely instead."""
+
+    def load_bytes(self, read_item, value) -> None:
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+class SafeLoadPlanner(_WeightsOnlyBytes, DefaultLoadPlanner):
+    pass
+
+
+class SafeEmptyPlanner(_WeightsOnlyBytes, _EmptyStateDictLoadPlanner):
+    pass
+
+
+# --- small durable writes --------------------------------------------------------------------------
+
+def _written_by(name: str, rank: int) -> bool:
+    if name.startswith(f"__{rank}_") or name == f"rng_rank{rank}.json":
+        return True
+    return rank == 0 and name in (".metadata", TRAINER_STATE)
+
+
+def _write_json(path: Path, value: Any, text: str | None = None) -> None:
+    with open(path, "w") as fh:
+        fh.write(text if text is not None else json.dumps(value))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,135 @@
+"""Checkpoints with real DCP saves from real torchrun processes: exact resume, crashes, damage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import DTRAIN, ROOT, processes_with_env, run_dtrain
+from dtrain import checkpoints
+
+sys.path.insert(0, str(ROOT / "recipes"))
+
+FAST = ["--limit-train-batches", "60", "--log-every", "1"]
+
+
+def launch(run_dir: Path, data_dir: str, *options: str, nproc: int = 2, recipe: str = "recipes/mnist_cnn.py",
+           recipe_args=(), env=None, timeout=300):
+    return run_dtrain("launch", recipe, "--cpu", "--nproc", str(nproc), "--run-dir", str(run_dir), *options,
+                      "--", "--data-dir", data_dir, *recipe_args, env=env, timeout=timeout)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Per-step training losses from metrics.jsonl (the last record wins for a step run twice)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "train/loss" in record and "epoch" not in record:
+            out[record["step"]] = record["train/loss"]
+    return out
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)
+
+
+def assert_bit_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def snapshot(run_dir: Path) -> dict[str, str]:
+    root = run_dir / "checkpoints"
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, data_dir) -> Path:
+    """2 processes, 2 epochs of 60 batches each in one go: the reference for every resume."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    out = launch(run_dir, data_dir, "--checkpoint-every", "never", recipe_args=["--epochs", "2", *FAST])
+    assert out.returncode == 0, out.stderr
+    return run_dir
+
+
+def test_resume_after_an_epoch_is_bit_exact(tmp_path, data_dir, straight_run):
+    run_dir = tmp_path / "run"
+    first = launch(run_dir, data_dir, recipe_args=["--epochs", "1", *FAST])
+    assert first.returncode == 0, first.stderr
+    second = launch(run_dir, data_dir, recipe_args=["--epochs", "2", *FAST])
+    assert second.returncode == 0, second.stderr
+    assert "resuming from" in second.stdout and "step_0000060" in second.stdout
+    assert_bit_equal(weights(straight_run / "model.pth"), weights(run_dir / "model.pth"))
+    reference, resumed = losses(straight_run), losses(run_dir)
+    assert [reference[s] for s in range(61, 121)] == [resumed[s] for s in range(61, 121)]
+
+
+def test_resume_mid_epoch_is_bit_exact(tmp_path, data_dir, straight_run):
+    run_dir = tmp_path / "run"
+    first = launch(run_dir, data_dir, "--max-steps", "90", recipe_args=["--epochs", "2", *FAST])
+    assert first.returncode == 0, first.stderr
+    state = json.loads((run_dir / "checkpoints" / "step_0000090" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["batch"]) == (1, 30)  # 30 batches into the second epoch
+    second = launch(run_dir, data_dir, recipe_args=["--epochs", "2", *FAST])
+    assert second.returncode == 0, second.stderr
+    assert_bit_equal(weights(straight_run / "model.pth"), weights(run_dir / "model.pth"))
+    reference, resumed = losses(straight_run), losses(run_dir)
+    assert [reference[s] for s in range(91, 121)] == [resumed[s] for s in range(91, 121)]
+
+
+def test_async_checkpoints_commit_and_resume_bit_exact(tmp_path, data_dir, straight_run):
+    run_dir = tmp_path / "run"
+    first = launch(run_dir, data_dir, "--async-checkpoint", "--checkpoint-every", "25", "--max-steps", "80",
+                   recipe_args=["--epochs", "2", *FAST])
+    assert first.returncode == 0, first.stderr
+    assert [p.name for p in checkpoints.committed(run_dir / "checkpoints")] == [
+        "step_0000080", "step_0000075", "step_0000050", "step_0000025"]
+    second = launch(run_dir, data_dir, "--async-checkpoint", recipe_args=["--epochs", "2", *FAST])
+    assert second.returncode == 0, second.stderr
+    assert_bit_equal(weights(straight_run / "model.pth"), weights(run_dir / "model.pth"))
+
+
+CRASH_POINTS = [  # (point, rank, LATEST afterwards): the second save (step 20) is interrupted
+    ("started", 1, "step_0000010"),
+    ("shards", 1, "step_0000010"),
+    ("shards", 0, "step_0000010"),
+    ("gathered", 0, "step_0000010"),
+    ("manifest", 0, "step_0000010"),
+    ("marker", 0, "step_0000010"),
+    ("rename", 0, "step_0000010"),
+    ("latest", 0, "step_0000020"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point, rank, latest", CRASH_POINTS, ids=[f"{p}@rank{r}" for p, r, _ in CRASH_POINTS])
+def test_a_kill_at_any_point_of_a_save_leaves_a_loadable_latest(tmp_path, data_dir, point, rank, latest):
+    run_dir = tmp_path / "run"
+    args = ["--checkpoint-every", "10", "--max-steps", "25"]
+    crashed = launch(run_dir, data_dir, *args, recipe_args=["--epochs", "1", *FAST],
+                     env={"DTRAIN_TEST_CRASH_AT": f"{point}:{rank}:2"})
+    assert crashed.returncode == 137, crashed.stderr  # the worker's SIGKILL, as a shell reports it
+    root = run_dir / "checkpoints"
+    assert checkpoints.read_latest(root) == latest
+    checkpoints.verify(root / latest)
+    choice = checkpoints.choose_for_resume(run_dir, "auto")
+    assert choice.path is not None and choice.path.name >= latest
+
+    resumed = launch(run_dir, data_dir, *args, recipe_args=["--epochs", "1", *FAST])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {choice.path}" in resumed.stdout
+    assert not checkpoints.partials(root), "a .partial folder must be cleaned up at the next start"
+    assert checkpoints.read_latest(root) == "step_0000025"
