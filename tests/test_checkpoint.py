@@ -133,3 +133,67 @@ def test_a_kill_at_any_point_of_a_save_leaves_a_loadable_latest(tmp_path, data_d
     assert f"resuming from {choice.path}" in resumed.stdout
     assert not checkpoints.partials(root), "a .partial folder must be cleaned up at the next start"
     assert checkpoints.read_latest(root) == "step_0000025"
+
+
+def _worker_pid(run_dir: Path, rank: int) -> int | None:
+    for pid in processes_with_env("DTRAIN_RUN_DIR", str(run_dir)):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ and b"TORCHELASTIC_RESTART_COUNT=0" in environ:
+            return pid
+    return None
+
+
+def _last_step(run_dir: Path) -> int:
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return max((json.loads(line)["step"] for line in lines[-3:] if line.endswith("}")), default=0)
+
+
+def test_a_killed_worker_is_restarted_and_the_job_ends_as_if_nothing_happened(tmp_path, data_dir, straight_run):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [DTRAIN, "launch", "recipes/mnist_cnn.py", "--cpu", "--nproc", "2", "--run-dir", str(run_dir),
+         "--max-restarts", "1", "--checkpoint-every", "20", "--", "--data-dir", data_dir, "--epochs", "2", *FAST],
+        cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while _last_step(run_dir) < 70 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    victim = _worker_pid(run_dir, rank=1)
+    assert victim is not None and _last_step(run_dir) < 120, "the job must still be in its second epoch"
+    os.kill(victim, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert "resuming from" in stdout
+    assert_bit_equal(weights(straight_run / "model.pth"), weights(run_dir / "model.pth"))
+
+
+def test_a_checkpoint_reshards_from_two_processes_to_one_and_back(tmp_path, data_dir):
+    two = tmp_path / "two"
+    out = launch(two, data_dir, "--max-steps", "30", recipe_args=["--epochs", "1", *FAST])
+    assert out.returncode == 0, out.stderr
+    exported = tmp_path / "two.pth"
+    assert run_dtrain("ckpt", "export", str(two), "--out", str(exported)).returncode == 0
+    assert_bit_equal(weights(exported), weights(two / "model.pth"))
+
+    # 2 -> 1: load the 2-process checkpoint on 1 process; the weights arrive unchanged ...
+    one = launch(two, data_dir, "--max-steps", "30", nproc=1, recipe_args=["--epochs", "1", *FAST])
+    assert one.returncode == 0 and "resuming from" in one.stdout, one.stderr
+    assert_bit_equal(weights(exported), weights(two / "model.pth"))
+    # ... and training continues from the same samples seen: 30 steps x 2 ranks = batch 60 on one rank.
+    more = launch(two, data_dir, "--max-steps", "40", nproc=1, recipe_args=["--epochs", "2", *FAST])
+    assert more.returncode == 0, more.stderr
+    assert "(step 30, epoch 1, batch 30)" in more.stdout
+    state = json.loads((two / "checkpoints" / "step_0000040" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["batch"], state["world_size"]) == (1, 10, 1)
+
+    # 1 -> 2
+    back = launch(two, data_dir, "--max-steps", "40", recipe_args=["--epochs", "2", *FAST])
+    assert back.returncode == 0 and "step_0000040" in back.stdout, back.stderr
+    exported_40 = tmp_path / "one.pth"
+    assert run_dtrain("ckpt", "export", str(two), "--step", "40", "--out", str(exported_40)).returncode == 0
+    assert_bit_equal(weights(exported_40), weights(two / "model.pth"))

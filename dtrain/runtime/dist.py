@@ -36,12 +36,26 @@ def init_process_group(env: WorkerEnv, device: torch.device) -> None:
     os.environ.setdefault("MASTER_PORT", "29500")
     timeout = datetime.timedelta(seconds=float(os.environ.get("DTRAIN_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
     dist.init_process_group(
+        store=_attempt_store(env.world_size, timeout),
         backend="nccl" if device.type == "cuda" else "gloo",
         rank=env.rank,
         world_size=env.world_size,
         timeout=timeout,
         device_id=device if device.type == "cuda" else None,
     )
+
+
+def _attempt_store(world_size: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """Under torchrun, a store namespace of this restart attempt's own.
+
+    torchrun hands every attempt the same agent store, so after a restart (--max-restarts) the
+    new workers read the dead workers' addresses and fail to connect (pytorch/pytorch#167288).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"dtrain/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def destroy_process_group() -> None:
