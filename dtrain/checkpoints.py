@@ -88,15 +88,22 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
+def check_committed(path: Path) -> None:
+    """The cheap part of `verify`: the folder exists, is not partial, and holds the marker."""
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a checkpoints/step_N folder, auto or never.")
+    if path.name.endswith(PARTIAL):
+        raise CheckpointError(f"checkpoint {path} is a partial save and is never loaded.")
+    if not (path / MARKER).is_file():
+        raise CheckpointError(f"checkpoint {path} has no {MARKER} marker: its save did not finish.")
+
+
 def verify(path: Path, inspect: Callable[[Path], object] | None = None) -> dict:
     """Check a checkpoint against its manifest; return the manifest or raise CheckpointError.
 
     `inspect` is a further check that needs torch (the workers pass the safe metadata reader).
     """
-    if path.name.endswith(PARTIAL):
-        raise CheckpointError(f"checkpoint {path} is a partial save and is never loaded.")
-    if not (path / MARKER).is_file():
-        raise CheckpointError(f"checkpoint {path} has no {MARKER} marker: its save did not finish.")
+    check_committed(path)
     manifest = read_manifest(path)
     for name, expected in manifest["files"].items():
         file = path / name
@@ -130,8 +137,6 @@ def choose_for_resume(run_dir: str | os.PathLike, resume: str,
         return Choice(None, ())
     if resume != "auto":
         path = Path(resume)
-        if not path.is_dir():
-            raise CheckpointError(f"checkpoint {path} does not exist; pass a checkpoints/step_* folder or --resume auto.")
         verify(path, inspect)
         return Choice(path, ())
     root = checkpoint_root(run_dir)

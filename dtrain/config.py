@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from dtrain.checkpoints import check_committed
 from dtrain.errors import UsageError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -135,9 +136,8 @@ def resolve(options: Mapping[str, Any], gpus_available: int, free_port: int) -> 
     if keep_last is not None and keep_last < 1:
         raise UsageError(f"--keep-last must be at least 1, got {keep_last}; leave it out to keep every checkpoint.")
     resume = _value(options, "resume", "auto")
-    if resume not in ("auto", "never") and not (Path(resume) / "COMMITTED").is_file():
-        raise UsageError(f"--resume {resume} is not a committed checkpoint folder; pass runs/NAME/checkpoints/step_N, "
-                         "auto or never.")
+    if resume not in ("auto", "never"):
+        check_committed(Path(resume))
     return LaunchSpec(
         recipe=recipe,
         recipe_args=tuple(options.get("recipe_args") or ()),

@@ -14,7 +14,7 @@ import os
 import torch
 from torch import nn
 
-from dtrain.runtime import setup
+from dtrain.runtime import TrainState, setup
 from dtrain.runtime.evaluation import evaluate_classifier
 from mnist_cnn import load_mnist
 
@@ -53,13 +53,19 @@ def main() -> None:
     loss_fn = nn.CrossEntropyLoss()
     loader = ctx.loader(train_set, args.batch_size)
 
-    step = 0
-    for epoch in range(args.epochs):
-        loader.set_epoch(epoch)
+    state = ctx.resume(scheduler) or TrainState()  # --resume auto: continue where the run stopped
+    step = state.step
+    for epoch in range(state.epoch, args.epochs):
+        first = state.batch if epoch == state.epoch else 0
+        loader.set_epoch(epoch, start_batch=first)
+        last = first + len(loader) if args.limit_train_batches is None else args.limit_train_batches
         model.train()
-        for batch, (x, y) in enumerate(loader):
-            if batch == args.limit_train_batches or (ctx.max_steps and step >= ctx.max_steps):
+        batches = iter(loader)
+        ctx.restore_rng()  # once the iterator exists: a resumed run draws the same random numbers
+        for batch in range(first, last):
+            if ctx.max_steps and step >= ctx.max_steps:
                 break
+            x, y = next(batches)
             with ctx.autocast():
                 loss = loss_fn(model(x), y)
             ctx.backward(loss)
@@ -68,11 +74,15 @@ def main() -> None:
             step += 1
             if step % args.log_every == 0:
                 ctx.log(step, {"train/loss": loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0]})
+            if ctx.checkpoint_due(step):
+                ctx.save_checkpoint(TrainState(step, epoch, batch + 1, batch_size=args.batch_size), scheduler)
         scheduler.step()
         result = evaluate_classifier(ctx, model, test_set, loss_fn)
         ctx.log(step, {"epoch": epoch + 1, "eval/accuracy": result["accuracy"], "lr": scheduler.get_last_lr()[0]})
         ctx.print(f"Epoch {epoch + 1}/{args.epochs} | LR: {scheduler.get_last_lr()[0]:.2e} "
                   f"| Test Acc: {100 * result['accuracy']:.2f}%")
+        if ctx.checkpoint_due(step, epoch_end=True):
+            ctx.save_checkpoint(TrainState(step, epoch + 1, 0, batch_size=args.batch_size), scheduler)
     ctx.save_model(model)
     ctx.close()
 

@@ -197,3 +197,99 @@ def test_a_checkpoint_reshards_from_two_processes_to_one_and_back(tmp_path, data
     exported_40 = tmp_path / "one.pth"
     assert run_dtrain("ckpt", "export", str(two), "--step", "40", "--out", str(exported_40)).returncode == 0
     assert_bit_equal(weights(exported_40), weights(two / "model.pth"))
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory, data_dir) -> Path:
+    """A 1-process run with committed checkpoints at steps 10 and 20."""
+    run_dir = tmp_path_factory.mktemp("two-ckpts") / "run"
+    out = launch(run_dir, data_dir, "--checkpoint-every", "10", "--max-steps", "20", nproc=1,
+                 recipe_args=["--epochs", "1", *FAST])
+    assert out.returncode == 0, out.stderr
+    return run_dir
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a malicious checkpoint would do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+def _damage(run_dir: Path, case: str, tmp_path: Path) -> str:
+    """Damage step 20 (or LATEST) the way `case` says; return the words the message must contain."""
+    newest = run_dir / "checkpoints" / "step_0000020"
+    if case == "truncated shard":
+        shard = newest / "__0_0.distcp"
+        shard.write_bytes(shard.read_bytes()[:1000])
+        return "__0_0.distcp has 1000 bytes"
+    if case == "missing marker":
+        (newest / "COMMITTED").unlink()
+        return "has no COMMITTED marker"
+    if case == "garbage in LATEST":
+        (run_dir / "checkpoints" / "LATEST").write_bytes(b"\x00\xffnot a checkpoint")
+        return "LATEST does not name a checkpoint"
+    if case == "pickle that runs code":
+        payload = pickle.dumps(_RunsCode(tmp_path / "pwned"))
+        (newest / ".metadata").write_bytes(payload)
+        manifest = json.loads((newest / "manifest.json").read_text())  # a forger fixes the manifest too
+        manifest["files"][".metadata"] = {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+        (newest / "manifest.json").write_text(json.dumps(manifest))
+        return "asks to run posix.system"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["truncated shard", "missing marker", "garbage in LATEST", "pickle that runs code"])
+def test_damaged_checkpoints_are_refused_or_fallen_back_from_and_never_touched(tmp_path, data_dir, two_checkpoints,
+                                                                               case):
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run_dir)
+    words = _damage(run_dir, case, tmp_path)
+    before = snapshot(run_dir)
+
+    # An explicit --resume of the damaged folder: one sentence naming the file, non-zero, no traceback.
+    if case != "garbage in LATEST":
+        explicit = launch(run_dir, data_dir, "--resume", str(run_dir / "checkpoints" / "step_0000020"), nproc=1,
+                          recipe_args=["--epochs", "1", *FAST])
+        assert explicit.returncode != 0
+        assert words in explicit.stderr and "Traceback" not in explicit.stderr + explicit.stdout, explicit.stderr
+        assert snapshot(run_dir) == before
+
+    # --resume auto falls back to the previous committed checkpoint and says why.
+    auto = launch(run_dir, data_dir, "--max-steps", "10", nproc=1, recipe_args=["--epochs", "1", *FAST])
+    assert auto.returncode == 0, auto.stderr
+    assert words in auto.stdout
+    expected = "step_0000020" if case == "garbage in LATEST" else "step_0000010"
+    assert f"resuming from {run_dir / 'checkpoints' / expected}" in auto.stdout
+    assert snapshot(run_dir) == before
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path, data_dir, two_checkpoints):
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run_dir)
+    before = snapshot(run_dir)
+    out = launch(run_dir, data_dir, nproc=1, recipe="recipes/mnist_mlp.py", recipe_args=["--epochs", "1"])
+    assert out.returncode != 0
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "does not fit this model and optimizer" in lines[0], out.stderr
+    assert "step_0000020" in lines[0]
+    assert snapshot(run_dir) == before
+
+
+def test_ckpt_ls_and_export(tmp_path, two_checkpoints):
+    listing = run_dtrain("ckpt", "ls", str(two_checkpoints))
+    assert listing.returncode == 0, listing.stderr
+    rows = listing.stdout.splitlines()
+    assert rows[1].startswith("*  step_0000020  20") and "committed" in rows[1]
+    assert rows[2].startswith("   step_0000010  10")
+    out = tmp_path / "model.pth"
+    exported = run_dtrain("ckpt", "export", str(two_checkpoints), "--step", "20", "--out", str(out))
+    assert exported.returncode == 0, exported.stderr
+    from mnist_cnn import MNISTCNN
+    model = MNISTCNN()
+    model.load_state_dict(torch.load(out, weights_only=True))
+    assert_bit_equal(model.state_dict(), weights(two_checkpoints / "model.pth"))

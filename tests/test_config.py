@@ -52,7 +52,7 @@ def test_no_gpu_and_no_flag_falls_back_to_one_cpu_process():
     ({"checkpoint_every": "0"}, 0, "--checkpoint-every '0' is not understood"),
     ({"checkpoint_every": "hourly"}, 0, "is not understood"),
     ({"keep_last": 0}, 0, "--keep-last must be at least 1"),
-    ({"resume": "runs/nope/checkpoints/step_0000001"}, 0, "is not a committed checkpoint folder"),
+    ({"resume": "runs/nope/checkpoints/step_0000001"}, 0, "checkpoint runs/nope/checkpoints/step_0000001 does not exist"),
 ])
 def test_bad_options_are_refused_with_the_fix(options, available, words):
     with pytest.raises(UsageError, match=words.replace("(", r"\(").replace(")", r"\)")):

@@ -1,6 +1,7 @@
 """The worker side of dtrain, imported by recipes inside every process."""
 
+from dtrain.runtime.checkpoint import TrainState
 from dtrain.runtime.context import Context, setup
 from dtrain.runtime.trainer import Trainer
 
-__all__ = ["Context", "Trainer", "setup"]
+__all__ = ["Context", "TrainState", "Trainer", "setup"]

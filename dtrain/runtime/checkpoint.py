@@ -23,6 +23,7 @@ import random
 import shutil
 import signal
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,6 +32,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
@@ -40,6 +42,9 @@ from dtrain.checkpoints import (
     LATEST, MANIFEST, MARKER, PARTIAL, CheckpointError, checkpoint_root, choose_for_resume, file_digest,
     partials, retention_victims, step_dir_name, verify,
 )
+
+# A world of one has no process group; DCP then says so on every save and load. It is expected here.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 TRAINER_STATE = "trainer_state.json"
 CRASH_ENV = "DTRAIN_TEST_CRASH_AT"  # "point:rank:save" — SIGKILL this rank there, for crash tests only
@@ -207,9 +212,8 @@ def load(path: Path, model: nn.Module, optimizers: Sequence[torch.optim.Optimize
         dcp.load(state_dict, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
     except CheckpointError:
         raise
-    except Exception as exc:  # DCP wraps every rank's error; the first line names the mismatch
-        detail = next((line.strip() for line in str(exc).splitlines() if "key" in line.lower() or "size" in line.lower()),
-                      str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    except (Exception, CheckpointException) as exc:  # DCP's wrapper of every rank's error is a BaseException
+        detail = next((line.strip() for line in reversed(str(exc).splitlines()) if line.strip()), type(exc).__name__)
         raise CheckpointError(f"checkpoint {path} does not fit this model and optimizer ({detail}); "
                               "start a new run (another --name) or pass --resume never.") from None
     set_state_dict(model, list(optimizers), model_state_dict=model_state, optim_state_dict=optim_state)

@@ -16,6 +16,7 @@ A custom loop reads like plain PyTorch with a few calls swapped in:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import sys
@@ -189,6 +190,7 @@ class Context:
 
     def save_checkpoint(self, state: TrainState, scheduler=None, metrics: Mapping[str, Any] | None = None) -> None:
         """Checkpoint the prepared model and optimizers, `scheduler`, the GradScaler and `state`."""
+        state = dataclasses.replace(state, world_size=self.world_size)
         self.checkpointer.save(state, self._model(), self.optimizers, self._extras(scheduler),
                                {k: _scalar(v) for k, v in (metrics or {}).items()})
 

@@ -102,8 +102,7 @@ class Trainer:
 
     def save_checkpoint(self, epoch: int, batch: int) -> None:
         """Checkpoint with the data position: the next batch to train is `batch` of `epoch`."""
-        state = TrainState(step=self.step, epoch=epoch, batch=batch, world_size=self.ctx.world_size,
-                           batch_size=self.batch_size)
+        state = TrainState(step=self.step, epoch=epoch, batch=batch, batch_size=self.batch_size)
         self.ctx.save_checkpoint(state, self.scheduler, self.metrics)
 
     def evaluate(self, eval_set: Dataset) -> dict[str, float]:
