@@ -80,9 +80,10 @@ def read_manifest(path: Path) -> dict:
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} has no {MANIFEST}: it was not written by dtrain or is incomplete.")
+        raise CheckpointError(
+            f"checkpoint {path} has no {MANIFEST}: it was not written by dtrain or is incomplete.") from None
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is unreadable ({exc}).")
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is unreadable ({exc}).") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise CheckpointError(f"checkpoint {path}: {MANIFEST} does not list the checkpoint's files.")
     return manifest
@@ -98,10 +99,11 @@ def check_committed(path: Path) -> None:
         raise CheckpointError(f"checkpoint {path} has no {MARKER} marker: its save did not finish.")
 
 
-def verify(path: Path, inspect: Callable[[Path], object] | None = None) -> dict:
+def verify(path: Path, inspect: Callable[[Path], object] | None = None, checksums: bool = True) -> dict:
     """Check a checkpoint against its manifest; return the manifest or raise CheckpointError.
 
-    `inspect` is a further check that needs torch (the workers pass the safe metadata reader).
+    `inspect` is a further check that needs torch (the workers pass the safe metadata reader);
+    without `checksums` only sizes are compared, which reads no data.
     """
     check_committed(path)
     manifest = read_manifest(path)
@@ -113,7 +115,7 @@ def verify(path: Path, inspect: Callable[[Path], object] | None = None) -> dict:
         if size != expected["size"]:
             raise CheckpointError(f"checkpoint file {file} has {size} bytes, the manifest says {expected['size']}: "
                                   "it is truncated or was changed.")
-        if file_digest(file)[1] != expected["sha256"]:
+        if checksums and file_digest(file)[1] != expected["sha256"]:
             raise CheckpointError(f"checkpoint file {file} does not match its checksum: it is corrupt.")
     if inspect is not None:
         inspect(path)
@@ -174,13 +176,9 @@ def describe(root: Path) -> list[dict]:
             manifest = read_manifest(path)
             row.update({k: manifest.get(k) for k in ("step", "epoch", "batch", "time", "metrics")})
             row["size"] = sum(f["size"] for f in manifest["files"].values())
-            if not (path / MARKER).is_file():
-                row["state"] = "uncommitted"
-            elif any(not (path / n).is_file() or (path / n).stat().st_size != f["size"]
-                     for n, f in manifest["files"].items()):
-                row["state"] = "damaged"
+            verify(path, checksums=False)
         except CheckpointError:
-            row["state"] = "damaged"
+            row["state"] = "damaged" if (path / MARKER).is_file() else "uncommitted"
         rows.append(row)
     return rows
 

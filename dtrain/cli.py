@@ -162,7 +162,7 @@ def _apply_profile(ctx: click.Context, path: str, options: dict[str, Any]) -> di
         try:
             merged[key] = param.type_cast_value(ctx, value)
         except click.BadParameter as exc:
-            raise UsageError(f"profile {path}: {exc.format_message()}")
+            raise UsageError(f"profile {path}: {exc.format_message()}") from None
     return merged
 
 

@@ -69,15 +69,15 @@ def load_profile(path: str) -> dict[str, Any]:
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
-        raise UsageError(f"profile {path} does not exist; pass a YAML file such as launch/cpu_ddp.yaml.")
+        raise UsageError(f"profile {path} does not exist; pass a YAML file such as launch/cpu_ddp.yaml.") from None
     except OSError as exc:
-        raise UsageError(f"cannot read profile {path} ({exc.strerror}); check its permissions.")
+        raise UsageError(f"cannot read profile {path} ({exc.strerror}); check its permissions.") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
-        raise UsageError(f"profile {path} is not valid YAML{line}; fix the syntax or remove the file.")
+        raise UsageError(f"profile {path} is not valid YAML{line}; fix the syntax or remove the file.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -56,26 +56,29 @@ def main() -> None:
     state = ctx.resume(scheduler) or TrainState()  # --resume auto: continue where the run stopped
     step = state.step
     for epoch in range(state.epoch, args.epochs):
-        first = state.batch if epoch == state.epoch else 0
-        loader.set_epoch(epoch, start_batch=first)
-        last = first + len(loader) if args.limit_train_batches is None else args.limit_train_batches
+        batch = state.batch if epoch == state.epoch else 0
+        loader.set_epoch(epoch, start_batch=batch)
+        last = batch + len(loader) if args.limit_train_batches is None else min(args.limit_train_batches,
+                                                                               batch + len(loader))
         model.train()
         batches = iter(loader)
         ctx.restore_rng()  # once the iterator exists: a resumed run draws the same random numbers
-        for batch in range(first, last):
-            if ctx.max_steps and step >= ctx.max_steps:
-                break
+        while batch < last and not (ctx.max_steps and step >= ctx.max_steps):
             x, y = next(batches)
             with ctx.autocast():
                 loss = loss_fn(model(x), y)
             ctx.backward(loss)
             grad_norm = ctx.clip_grad_norm(args.clip)
             ctx.step()
-            step += 1
+            step, batch = step + 1, batch + 1
             if step % args.log_every == 0:
                 ctx.log(step, {"train/loss": loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0]})
             if ctx.checkpoint_due(step):
-                ctx.save_checkpoint(TrainState(step, epoch, batch + 1, batch_size=args.batch_size), scheduler)
+                ctx.save_checkpoint(TrainState(step, epoch, batch, batch_size=args.batch_size), scheduler)
+        if batch < last:  # --max-steps ended training mid-epoch: keep the position for a resume
+            if ctx.checkpointing:
+                ctx.save_checkpoint(TrainState(step, epoch, batch, batch_size=args.batch_size), scheduler)
+            break
         scheduler.step()
         result = evaluate_classifier(ctx, model, test_set, loss_fn)
         ctx.log(step, {"epoch": epoch + 1, "eval/accuracy": result["accuracy"], "lr": scheduler.get_last_lr()[0]})

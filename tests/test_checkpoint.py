@@ -293,3 +293,21 @@ def test_ckpt_ls_and_export(tmp_path, two_checkpoints):
     model = MNISTCNN()
     model.load_state_dict(torch.load(out, weights_only=True))
     assert_bit_equal(model.state_dict(), weights(two_checkpoints / "model.pth"))
+
+
+def test_the_custom_loop_recipe_resumes_bit_exact_with_its_scheduler(tmp_path, data_dir):
+    """mnist_mlp.py's own loop (StepLR, clipping) with ctx.resume / checkpoint_due / save_checkpoint."""
+    args = ["--epochs", "2", "--limit-train-batches", "40", "--lr-step", "1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    out = launch(straight, data_dir, "--checkpoint-every", "never", nproc=1, recipe="recipes/mnist_mlp.py",
+                 recipe_args=args)
+    assert out.returncode == 0, out.stderr
+    first = launch(resumed, data_dir, "--checkpoint-every", "25", "--max-steps", "60", nproc=1,
+                   recipe="recipes/mnist_mlp.py", recipe_args=args)
+    assert first.returncode == 0, first.stderr
+    state = json.loads((resumed / "checkpoints" / "step_0000060" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["batch"]) == (1, 20)
+    second = launch(resumed, data_dir, nproc=1, recipe="recipes/mnist_mlp.py", recipe_args=args)
+    assert second.returncode == 0, second.stderr
+    assert "resuming from" in second.stdout and "LR: 2.50e-04" in second.stdout  # StepLR state came back
+    assert_bit_equal(weights(straight / "model.pth"), weights(resumed / "model.pth"))

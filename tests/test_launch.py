@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,7 +17,8 @@ from conftest import DTRAIN, ROOT, TEST_RECIPES, processes_with_env, run_dtrain
 from dtrain import hardware
 
 sys.path.insert(0, str(ROOT / "recipes"))
-from mnist_cnn import MNISTCNN, load_mnist  # noqa: E402
+from mnist_cnn import MNISTCNN, to_tensors  # noqa: E402
+from torchvision import datasets  # noqa: E402
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -60,9 +60,7 @@ def test_two_cpu_processes_train_mnist_to_98_percent(tmp_path, data_dir):
     model = MNISTCNN()
     model.load_state_dict(state)
     model.eval()
-    from torchvision import datasets
     test = datasets.MNIST(data_dir, train=False)
-    from mnist_cnn import to_tensors
     images, labels = to_tensors(test).tensors
     with torch.no_grad():
         correct = (model(images).argmax(1) == labels).sum().item()

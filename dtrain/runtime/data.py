@@ -68,6 +68,10 @@ class _ShardLoader:
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.set_epoch(epoch, start_batch * self.batch_size)
 
+    @property
+    def start_batch(self) -> int:
+        return self.sampler.start // self.batch_size
+
     def __len__(self) -> int:
         """Batches left in this epoch."""
         return math.ceil(len(self.sampler) / self.batch_size)

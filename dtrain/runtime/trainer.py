@@ -68,7 +68,7 @@ class Trainer:
         epoch is complete, and the mean loss over all ranks of the batches run here.
         """
         self.model.train()
-        start = loader.sampler.start // loader.batch_size
+        start = loader.start_batch
         end = start + len(loader) if limit_batches is None else min(limit_batches, start + len(loader))
         loss_sum = torch.zeros((), device=self.ctx.device)
         window_sum = torch.zeros((), device=self.ctx.device)
