@@ -6,39 +6,57 @@ import dataclasses
 import os
 import shlex
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import click
 from click.core import ParameterSource
 
-from dtrain import __version__, config, hardware
+from dtrain import __version__, config, hardware, slurm
 from dtrain.errors import UsageError
 
 
-def _common_options(func: Callable) -> Callable:
-    """Options shared by `launch` and `debug`: one name for one thing."""
-    decorators = [
-        click.option("--cpu", is_flag=True, default=None, help="Run on CPU processes (gloo), even if GPUs exist."),
-        click.option("--precision", type=click.Choice(config.PRECISIONS), default=None,
-                     help="Numeric precision: fp32 (default), bf16 autocast, or fp16 autocast with a GradScaler."),
-        click.option("--seed", type=int, default=None, help="Base random seed (default 0); rank r uses seed + r."),
-        click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps (smoke runs)."),
-        click.option("--name", default=None, help="Run name: the run directory is runs/NAME (default: recipe-timestamp)."),
-        click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="Run directory (overrides runs/NAME)."),
-        click.option("--checkpoint-every", default=None,
-                     help="When to checkpoint: N steps, epoch (default), N,epoch, or never."),
-        click.option("--keep-last", type=int, default=None, help="Keep only the newest K committed checkpoints."),
-        click.option("--resume", default=None,
-                     help="auto (default: continue from the run directory's newest checkpoint), never, "
-                          "or a checkpoints/step_N folder."),
-        click.option("--async-checkpoint", is_flag=True, default=None,
-                     help="Write checkpoints in the background while training goes on."),
-        click.argument("recipe_args", nargs=-1, type=click.UNPROCESSED),
-        click.argument("recipe", type=str),
-    ]
-    for decorate in decorators:
-        func = decorate(func)
-    return func
+def _options(*decorators: Callable) -> Callable[[Callable], Callable]:
+    """Apply click decorators in the order they are listed (as they read in --help)."""
+    def apply(func: Callable) -> Callable:
+        for decorate in reversed(decorators):
+            func = decorate(func)
+        return func
+    return apply
+
+
+# Options shared by every command that runs a recipe: one name for one thing.
+_run_options = _options(
+    click.argument("recipe", type=str),
+    click.argument("recipe_args", nargs=-1, type=click.UNPROCESSED),
+    click.option("--cpu", is_flag=True, default=None, help="Run on CPU processes (gloo), even if GPUs exist."),
+    click.option("--precision", type=click.Choice(config.PRECISIONS), default=None,
+                 help="Numeric precision: fp32 (default), bf16 autocast, or fp16 autocast with a GradScaler."),
+    click.option("--seed", type=int, default=None, help="Base random seed (default 0); rank r uses seed + r."),
+    click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps (smoke runs)."),
+    click.option("--name", default=None, help="Run name: the run directory is runs/NAME (default: recipe-timestamp)."),
+    click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="Run directory (overrides runs/NAME)."),
+    click.option("--checkpoint-every", default=None,
+                 help="When to checkpoint: N steps, epoch (default), N,epoch, or never."),
+    click.option("--keep-last", type=int, default=None, help="Keep only the newest K committed checkpoints."),
+    click.option("--resume", default=None,
+                 help="auto (default: continue from the run directory's newest checkpoint), never, "
+                      "or a checkpoints/step_N folder."),
+    click.option("--async-checkpoint", is_flag=True, default=None,
+                 help="Write checkpoints in the background while training goes on."),
+)
+
+# Options of the commands that start processes through a launcher (`launch`, `slurm submit`).
+_job_options = _options(
+    click.option("--nproc", type=int, default=None, help="CPU processes per node (with --cpu)."),
+    click.option("--nodes", type=int, default=None, help="Number of nodes (default 1)."),
+    click.option("--max-restarts", type=int, default=None, help="Restart the whole group up to K times when a worker dies."),
+    click.option("--max-requeues", type=int, default=None,
+                 help=f"Under SLURM, requeue the job at most K times on the pre-timeout signal "
+                      f"(default {config.DEFAULT_MAX_REQUEUES})."),
+    click.option("--profile", type=str, default=None, help="YAML file of these options (see launch/); the command line wins."),
+    click.option("--dry-run", is_flag=True, help="Print what would run, run nothing."),
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -48,17 +66,17 @@ def cli() -> None:
 
 
 @cli.command()
-@_common_options
+@_run_options
 @click.option("--gpus", type=int, default=None, help="GPUs (= processes) per node; default: every visible GPU.")
-@click.option("--nproc", type=int, default=None, help="CPU processes per node (with --cpu).")
-@click.option("--nodes", type=int, default=None, help="Number of nodes (default 1).")
-@click.option("--node-rank", type=int, default=None, help="This node's rank, 0 .. nodes-1.")
-@click.option("--master-addr", default=None, help="Rendezvous host: node rank 0's address (default 127.0.0.1).")
+@_job_options
+@click.option("--node-rank", type=int, default=None, help="This node's rank, 0 .. nodes-1 (under srun: SLURM_NODEID).")
+@click.option("--master-addr", default=None,
+              help="Rendezvous host: node rank 0's address (default 127.0.0.1; under SLURM the job's first node).")
 @click.option("--master-port", type=int, default=None,
-              help="Rendezvous port (default: a free port on one node, 29500 on many).")
-@click.option("--max-restarts", type=int, default=None, help="Restart the whole group up to K times when a worker dies.")
-@click.option("--profile", type=str, default=None, help="YAML file of these options (see launch/); the command line wins.")
-@click.option("--dry-run", is_flag=True, help="Print the command and environment, run nothing.")
+              help="Rendezvous port (default: a free port on one node, 29500 on many, from the job id under SLURM).")
+@click.option("--preempt-signal", default=None,
+              help=f"Signal that makes every rank checkpoint and stop (default {config.DEFAULT_PREEMPT_SIGNAL}); "
+                   "under SLURM rank 0 then requeues the job.")
 @click.pass_context
 def launch(ctx: click.Context, profile: str | None, dry_run: bool, **options: Any) -> int:
     """Run RECIPE on every process through torchrun. Recipe arguments go after `--`.
@@ -69,10 +87,27 @@ def launch(ctx: click.Context, profile: str | None, dry_run: bool, **options: An
     """
     if profile is not None:
         options = _apply_profile(ctx, profile, options)
+    explicit_port = options.get("master_port") is not None
+    allocation = slurm.allocation(os.environ)
+    if allocation is not None:
+        implied = slurm.launch_defaults(allocation, options["recipe"])
+        options = {**options, **{k: v for k, v in implied.items() if options.get(k) is None}}
     gpus_available = 0 if options.get("cpu") else hardware.visible_gpus()
     spec = config.resolve(options, gpus_available, hardware.free_port())
-    _check_port(spec, options.get("master_port") is not None)
 
+    if allocation is not None and not allocation.in_step:
+        # In an allocation (salloc, or an sbatch script) but not in a step: one task per node via srun.
+        argv = slurm.srun_command(allocation.nodes, [sys.executable, "-m", "dtrain.cli", *sys.argv[1:]])
+        if dry_run:
+            click.echo(shlex.join(argv))
+            return 0
+        try:
+            os.execvp(argv[0], argv)
+        except OSError as exc:
+            raise UsageError(f"cannot start srun inside SLURM job {allocation.job_id} ({exc.strerror}); "
+                             "put SLURM's commands on PATH.") from None
+
+    _check_port(spec, explicit_port or allocation is not None)
     from dtrain.launchers import torchrun
 
     argv, env = torchrun.build_command(spec, hardware.cpu_count(), os.environ)
@@ -83,11 +118,11 @@ def launch(ctx: click.Context, profile: str | None, dry_run: bool, **options: An
         click.echo("dtrain: no GPU is visible; running 1 CPU process (use --cpu --nproc N for more).", err=True)
     from dtrain.job import run_job
 
-    return run_job(argv, env, spec.log_dir)
+    return run_job(argv, env, spec.launcher_log, preempt_signal=spec.preempt_signal)
 
 
 @cli.command()
-@_common_options
+@_run_options
 def debug(**options: Any) -> int:
     """Run RECIPE in this process (world size 1, GPU 0 or CPU), so breakpoints and pdb work.
 
@@ -100,6 +135,124 @@ def debug(**options: Any) -> int:
     from dtrain.debug import run_in_process
 
     return run_in_process(spec)
+
+
+@cli.group("slurm")
+def slurm_group() -> None:
+    """Submit a recipe as a SLURM job, and follow, inspect or cancel it."""
+
+
+@slurm_group.command("submit")
+@_run_options
+@click.option("--gpus-per-node", type=int, default=None, help="GPUs (= processes) per node.")
+@_job_options
+@click.option("--cpus-per-task", type=int, default=None, help="CPUs for each node's launcher and its processes.")
+@click.option("--mem", default=None, help="Memory per node, as sbatch takes it (64G).")
+@click.option("--time", "time_limit", default=None, help="Time limit: minutes, HH:MM:SS or D-HH:MM:SS.")
+@click.option("--partition", default=None)
+@click.option("--account", default=None)
+@click.option("--qos", default=None)
+@click.option("--constraint", default=None)
+@click.option("--exclusive", is_flag=True, default=None, help="Do not share the nodes with other jobs.")
+@click.option("--signal", default=None,
+              help=f"Pre-timeout signal, [B:]NAME@SECONDS (default {slurm.DEFAULT_SIGNAL}): checkpoint and requeue.")
+@click.option("--cluster-profile", default=None, help="cluster/NAME.yaml: partition, account, GPUs per node, modules, setup.")
+@click.option("--template", default=None, help=f"sbatch template (default {slurm.TEMPLATE.parent.name}/{slurm.TEMPLATE.name}).")
+@click.pass_context
+def slurm_submit(ctx: click.Context, profile: str | None, dry_run: bool, cluster_profile: str | None,
+                 template: str | None, time_limit: str | None, **options: Any) -> int:
+    """Render an sbatch script for RECIPE into runs/NAME/slurm/job.sbatch and submit it.
+
+    \b
+    dtrain slurm submit recipes/mnist_cnn.py --nodes 4 --gpus-per-node 8 --time 02:00:00
+    dtrain slurm submit recipes/mnist_cnn.py --nodes 2 --cpu --nproc 1 --dry-run -- --epochs 1
+    """
+    if profile is not None:
+        options = _apply_profile(ctx, profile, options)
+    cluster = slurm.load_cluster_profile(cluster_profile) if cluster_profile else {}
+    job = slurm.resolve_job({**options, "time": time_limit}, cluster, cluster_profile, cpu=bool(options.get("cpu")))
+    template_text = slurm.read_template(template)
+
+    name = options.get("name") or config.default_name(options["recipe"])
+    run_dir = os.path.abspath(options.get("run_dir") or os.path.join("runs", name))
+    _, preempt_signal, _ = slurm.parse_signal(job.signal)
+    launch_options = {**options, "name": name, "run_dir": run_dir, "nodes": job.nodes, "node_rank": 0,
+                      "gpus": job.gpus_per_node or None, "preempt_signal": preempt_signal,
+                      "max_requeues": _value_or(options.get("max_requeues"), cluster.get("max_requeues"))}
+    spec = config.resolve(launch_options, gpus_available=job.gpus_per_node, free_port=config.DEFAULT_MASTER_PORT)
+    script = slurm.render_script(template_text, job, spec, python=sys.executable, workdir=os.getcwd())
+    if dry_run:
+        click.echo(script, nl=False)
+        return 0
+
+    slurm_dir = Path(run_dir) / "slurm"
+    created = [p for p in (slurm_dir, *slurm_dir.parents) if not p.exists()]  # removed again if sbatch fails
+    slurm_dir.mkdir(parents=True, exist_ok=True)
+    script_path = slurm_dir / "job.sbatch"
+    script_path.write_text(script)
+    try:
+        job_id = slurm.submit(script_path)
+    except UsageError:
+        script_path.unlink()
+        for path in created:
+            path.rmdir()
+        raise
+    click.echo(f"submitted job {job_id}: {job.nodes} node(s), run directory {_relative(run_dir)}")
+    click.echo(f"  script  {_relative(str(script_path))}")
+    click.echo(f"  output  {_relative(str(slurm.output_path(run_dir, job_id)))}")
+    click.echo(f"  follow  dtrain slurm logs {job_id} --follow   (status, cancel: dtrain slurm status|cancel {job_id})")
+    return 0
+
+
+@slurm_group.command("status")
+@click.argument("job_id")
+def slurm_status(job_id: str) -> int:
+    """State, nodes, requeues, time and output file of JOB_ID."""
+    click.echo(slurm.describe_job(slurm.show_job(job_id)))
+    return 0
+
+
+@slurm_group.command("cancel")
+@click.argument("job_id")
+def slurm_cancel(job_id: str) -> int:
+    """Cancel JOB_ID (every node's processes get SIGTERM, then SIGKILL)."""
+    slurm.cancel(job_id)
+    click.echo(f"cancelled job {job_id}")
+    return 0
+
+
+@slurm_group.command("logs")
+@click.argument("job_id")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new output until the job ends.")
+def slurm_logs(job_id: str, follow: bool) -> int:
+    """Print JOB_ID's output file (all nodes, every requeue), from the run directory."""
+    import time
+
+    fields = slurm.show_job(job_id)
+    path = Path(fields.get("StdOut", ""))
+    offset = 0
+    while True:
+        if path.is_file():
+            with open(path, errors="replace") as fh:
+                fh.seek(offset)
+                chunk = fh.read()
+                offset = fh.tell()
+            click.echo(chunk, nl=False)
+        if not follow or slurm.job_state(fields) in slurm.TERMINAL_STATES:
+            break
+        time.sleep(1.0)
+        fields = slurm.show_job(job_id)
+    if not path.is_file():
+        click.echo(f"dtrain: job {job_id} has not written {path} yet ({slurm.job_state(fields)}).", err=True)
+    return 0
+
+
+def _value_or(value: Any, fallback: Any) -> Any:
+    return fallback if value is None else value
+
+
+def _relative(path: str) -> str:
+    return os.path.relpath(path) if path.startswith(os.getcwd() + os.sep) else path
 
 
 @cli.group()
@@ -126,8 +279,6 @@ def ckpt_ls(run_dir: str) -> int:
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Where to write the state_dict file.")
 def ckpt_export(run_dir: str, step: int | None, out: str) -> int:
     """Write a checkpoint's model as a plain state_dict (`model.load_state_dict(torch.load(OUT))`)."""
-    from pathlib import Path
-
     from dtrain import checkpoints
 
     if step is None:

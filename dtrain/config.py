@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import signal
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -30,6 +31,11 @@ ENV_CHECKPOINT_EVERY = "DTRAIN_CHECKPOINT_EVERY"
 ENV_KEEP_LAST = "DTRAIN_KEEP_LAST"
 ENV_RESUME = "DTRAIN_RESUME"
 ENV_ASYNC_CHECKPOINT = "DTRAIN_ASYNC_CHECKPOINT"
+ENV_PREEMPT_SIGNAL = "DTRAIN_PREEMPT_SIGNAL"
+ENV_MAX_REQUEUES = "DTRAIN_MAX_REQUEUES"
+
+DEFAULT_PREEMPT_SIGNAL = "USR2"
+DEFAULT_MAX_REQUEUES = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +60,8 @@ class LaunchSpec:
     keep_last: int | None = None
     resume: str = "auto"
     async_checkpoint: bool = False
+    preempt_signal: str = DEFAULT_PREEMPT_SIGNAL  # checkpoint and stop (and requeue under SLURM)
+    max_requeues: int = DEFAULT_MAX_REQUEUES
 
     @property
     def world_size(self) -> int:
@@ -63,13 +71,19 @@ class LaunchSpec:
     def log_dir(self) -> str:
         return str(Path(self.run_dir) / "logs")
 
+    @property
+    def launcher_log(self) -> str:
+        """torchrun's own output; one file per node, since nodes may share the run directory."""
+        name = "launcher.log" if self.node_rank == 0 else f"launcher-node{self.node_rank}.log"
+        return str(Path(self.log_dir) / name)
 
-def load_profile(path: str) -> dict[str, Any]:
+
+def load_profile(path: str, example: str = "launch/cpu_ddp.yaml") -> dict[str, Any]:
     """Read a YAML launch profile: a mapping of option names (as on the command line) to values."""
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
-        raise UsageError(f"profile {path} does not exist; pass a YAML file such as launch/cpu_ddp.yaml.") from None
+        raise UsageError(f"profile {path} does not exist; pass a YAML file such as {example}.") from None
     except OSError as exc:
         raise UsageError(f"cannot read profile {path} ({exc.strerror}); check its permissions.") from None
     try:
@@ -138,6 +152,10 @@ def resolve(options: Mapping[str, Any], gpus_available: int, free_port: int) -> 
     resume = _value(options, "resume", "auto")
     if resume not in ("auto", "never"):
         check_committed(Path(resume))
+    preempt_signal = parse_signal_name(_value(options, "preempt_signal", DEFAULT_PREEMPT_SIGNAL))
+    max_requeues = _value(options, "max_requeues", DEFAULT_MAX_REQUEUES)
+    if max_requeues < 0:
+        raise UsageError(f"--max-requeues cannot be negative, got {max_requeues}.")
     return LaunchSpec(
         recipe=recipe,
         recipe_args=tuple(options.get("recipe_args") or ()),
@@ -157,7 +175,22 @@ def resolve(options: Mapping[str, Any], gpus_available: int, free_port: int) -> 
         keep_last=keep_last,
         resume=resume,
         async_checkpoint=bool(options.get("async_checkpoint")),
+        preempt_signal=preempt_signal,
+        max_requeues=max_requeues,
     )
+
+
+def parse_signal_name(text: str) -> str:
+    """`USR2`, `SIGUSR2` or `12` -> `USR2`: a signal a process can catch."""
+    name = str(text).strip().upper().removeprefix("SIG")
+    if name.isdigit():
+        try:
+            name = signal.Signals(int(name)).name.removeprefix("SIG")
+        except ValueError:
+            name = ""
+    if not name or not hasattr(signal, f"SIG{name}") or name in ("KILL", "STOP"):
+        raise UsageError(f"{text!r} is not a signal a process can catch; use a name such as USR2.")
+    return name
 
 
 def parse_checkpoint_every(value: str) -> tuple[int | None, bool]:
@@ -239,6 +272,8 @@ def worker_env(spec: LaunchSpec, cpus: int, base: Mapping[str, str]) -> dict[str
     env[ENV_RUN_DIR] = spec.run_dir
     env[ENV_CHECKPOINT_EVERY] = spec.checkpoint_every
     env[ENV_RESUME] = spec.resume
+    env[ENV_PREEMPT_SIGNAL] = spec.preempt_signal
+    env[ENV_MAX_REQUEUES] = str(spec.max_requeues)
     optional = {ENV_MAX_STEPS: spec.max_steps, ENV_KEEP_LAST: spec.keep_last,
                 ENV_ASYNC_CHECKPOINT: "1" if spec.async_checkpoint else None}
     for key, value in optional.items():

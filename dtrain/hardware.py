@@ -48,7 +48,10 @@ def cpu_count() -> int:
 
 
 def port_is_free(port: int, host: str = "") -> bool:
+    """Whether a server could listen on `port`: like the rendezvous store, reuse the address, so
+    connections of a finished job still in TIME_WAIT (a requeued SLURM job's port) do not count."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

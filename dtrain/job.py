@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import re
 import signal
 import subprocess
@@ -34,14 +35,20 @@ class RankFailure:
     usage: bool  # a UsageError: one sentence, no traceback
 
 
-def run_job(argv: Sequence[str], env: Mapping[str, str], log_dir: str) -> int:
-    """Start the launcher, stream rank 0 to the console, and return the job's exit code."""
-    logs = Path(log_dir)
+def run_job(argv: Sequence[str], env: Mapping[str, str], launcher_log_path: str, preempt_signal: str = "USR2") -> int:
+    """Start the launcher, stream rank 0 to the console, and return the job's exit code.
+
+    The preemption signal goes to the workers themselves (they checkpoint and stop together);
+    torchrun ignores it, since by default it would die of it and orphan them. Under SLURM the
+    workers get it straight from slurmstepd as well; a second delivery changes nothing.
+    """
+    preempt = getattr(signal, f"SIG{preempt_signal}")
+    logs = Path(launcher_log_path).parent
     logs.mkdir(parents=True, exist_ok=True)
-    with open(logs / "launcher.log", "a", buffering=1) as launcher_log:
+    with open(launcher_log_path, "a", buffering=1) as launcher_log:
         proc = subprocess.Popen(
             list(argv), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, bufsize=1, start_new_session=True, preexec_fn=_die_with_parent,
+            text=True, bufsize=1, start_new_session=True, preexec_fn=lambda: _prepare_launcher(preempt),
         )
         received: list[int] = []
 
@@ -52,7 +59,14 @@ def run_job(argv: Sequence[str], env: Mapping[str, str], log_dir: str) -> int:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
 
+        def forward_preemption(signum, _frame):
+            print(f"dtrain: got {signal.Signals(signum).name}: every rank checkpoints and stops ...", file=sys.stderr)
+            received.append(signum)
+            for pid in child_pids(proc.pid):
+                _signal_quietly(pid, signum)
+
         previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        previous[preempt] = signal.signal(preempt, forward_preemption)
         pumps = [
             threading.Thread(target=_pump, args=(proc.stdout, sys.stdout, launcher_log), daemon=True),
             threading.Thread(target=_pump, args=(proc.stderr, sys.stderr, launcher_log), daemon=True),
@@ -69,7 +83,7 @@ def run_job(argv: Sequence[str], env: Mapping[str, str], log_dir: str) -> int:
     if received:
         return 128 + received[0]
     if returncode != 0:
-        returncode = worker_exit_code((logs / "launcher.log").read_text(errors="replace"), returncode)
+        returncode = worker_exit_code(Path(launcher_log_path).read_text(errors="replace"), returncode)
         report_failure(logs, returncode)
     return returncode
 
@@ -89,10 +103,37 @@ def worker_exit_code(launcher_log: str, launcher_code: int) -> int:
     return 128 - code if code < 0 else code or launcher_code
 
 
-def _die_with_parent() -> None:
+def _prepare_launcher(preempt: signal.Signals) -> None:
+    """In the launcher's process, before exec: die with dtrain, and ignore the preemption signal.
+
+    The ignore is inherited by the workers until the runtime installs its handler.
+    """
+    signal.signal(preempt, signal.SIG_IGN)
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
+        pass
+
+
+def child_pids(parent: int, proc: Path = Path("/proc")) -> list[int]:
+    """Processes whose parent is `parent` (torchrun's workers, each in a session of its own)."""
+    children = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+            children.append(int(entry.name))
+    return children
+
+
+def _signal_quietly(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
         pass
 
 

@@ -73,8 +73,11 @@ def main() -> None:
             step, batch = step + 1, batch + 1
             if step % args.log_every == 0:
                 ctx.log(step, {"train/loss": loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0]})
-            if ctx.checkpoint_due(step):
+            preempted = ctx.preempted(step)  # e.g. SLURM's pre-timeout signal: checkpoint, requeue, exit
+            if preempted or ctx.checkpoint_due(step):
                 ctx.save_checkpoint(TrainState(step, epoch, batch, batch_size=args.batch_size), scheduler)
+            if preempted:
+                ctx.stop_for_preemption(step)
         if batch < last:  # --max-steps ended training mid-epoch: keep the position for a resume
             if ctx.checkpointing:
                 ctx.save_checkpoint(TrainState(step, epoch, batch, batch_size=args.batch_size), scheduler)

@@ -28,6 +28,8 @@ print(f"{{time.perf_counter() - start:.3f}}", "torch" in sys.modules)
     [["--help"]],
     [["launch", "--help"], ["debug", "--help"]],
     [["launch", "recipes/mnist_cnn.py", "--cpu", "--nproc", "2", "--dry-run", "--", "--epochs", "1"]],
+    [["slurm", "--help"], ["slurm", "submit", "--help"]],
+    [["slurm", "submit", "recipes/mnist_cnn.py", "--nodes", "4", "--gpus-per-node", "8", "--dry-run"]],
 ])
 def test_help_and_dry_run_never_import_torch(args):
     out = subprocess.run([sys.executable, "-c", NO_TORCH_PROBE.format(args=repr(args))],

@@ -80,13 +80,14 @@ def test_torchrun_argv_for_two_nodes():
 
 def test_worker_env_is_the_dtrain_contract_and_keeps_the_callers_variables():
     spec = resolve(cpu=True, nproc=2, precision="bf16", seed=7, max_steps=5, name="r", checkpoint_every="100,epoch",
-                   keep_last=2, async_checkpoint=True)
+                   keep_last=2, async_checkpoint=True, preempt_signal="SIGUSR1", max_requeues=5)
     env = config.worker_env(spec, cpus=2, base={"PATH": "/bin", "OMP_NUM_THREADS": "3", "DTRAIN_KEEP_LAST": "9"})
     assert env == {
         "PATH": "/bin", "OMP_NUM_THREADS": "3", "PYTHONUNBUFFERED": "1",
         "DTRAIN_DEVICE": "cpu", "DTRAIN_PRECISION": "bf16", "DTRAIN_SEED": "7",
         "DTRAIN_RUN_DIR": "runs/r", "DTRAIN_MAX_STEPS": "5", "DTRAIN_CHECKPOINT_EVERY": "100,epoch",
         "DTRAIN_RESUME": "auto", "DTRAIN_KEEP_LAST": "2", "DTRAIN_ASYNC_CHECKPOINT": "1",
+        "DTRAIN_PREEMPT_SIGNAL": "USR1", "DTRAIN_MAX_REQUEUES": "5",
     }
     plain = config.worker_env(resolve(cpu=True, name="r"), cpus=2, base={"DTRAIN_KEEP_LAST": "9"})
     assert "DTRAIN_KEEP_LAST" not in plain and "DTRAIN_ASYNC_CHECKPOINT" not in plain

@@ -97,3 +97,17 @@ def test_low_precision_tracks_fp32_on_a_few_dozen_steps(monkeypatch, tmp_path, p
     assert (used.scaler is not None) == (precision == "fp16")
     assert losses[-1] < 0.6 * losses[0], "training must make progress"
     assert abs(sum(losses[-5:]) / 5 - sum(reference[-5:]) / 5) < 0.05
+
+
+@pytest.mark.parametrize("environ, says", [
+    ({}, "not under SLURM, so run the same command again to resume"),
+    ({"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "3", "DTRAIN_MAX_REQUEUES": "3"},
+     "SLURM job 7 has been requeued 3 times, the limit (--max-requeues 3), so it is not requeued"),
+])
+def test_preemption_without_a_requeue_says_why(environ, says, capsys):
+    """The two cases in which rank 0 must not run `scontrol requeue` (so none is called here)."""
+    from dtrain.runtime.env import read_env
+    from dtrain.runtime.preemption import Preemption
+
+    Preemption(read_env({"DTRAIN_PREEMPT_SIGNAL": "USR1", **environ}), torch.device("cpu")).stop_and_requeue(40)
+    assert capsys.readouterr().out == f"dtrain: stopped at step 40 on SIGUSR1 with a checkpoint; {says}.\n"

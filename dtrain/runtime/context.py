@@ -21,7 +21,7 @@ import os
 import random
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -36,6 +36,7 @@ from dtrain.runtime.data import make_loader
 from dtrain.runtime.env import WorkerEnv, read_env
 from dtrain.runtime.logging import MetricsWriter, write_config
 from dtrain.runtime.precision import Precision
+from dtrain.runtime.preemption import Preemption
 
 
 def setup(config: Mapping[str, Any] | None = None) -> "Context":
@@ -67,11 +68,14 @@ class Context:
         self.models: list[nn.Module] = []
         self.optimizers: list[torch.optim.Optimizer] = []
         self._metrics = MetricsWriter(self.run_dir / "metrics.jsonl") if self.is_main else None
+        rank_nodes = self._gather(env.node_name)
         if self.is_main:
-            write_config(self.run_dir / "config.yaml", self.describe(config))
+            write_config(self.run_dir / "config.yaml", self.describe(config, rank_nodes))
         self.checkpointer = checkpoint.Checkpointer(self.run_dir, env.rank, env.world_size, keep_last=env.keep_last,
                                                     async_save=env.async_checkpoint)
         self._rng_to_restore: dict | None = None
+        self.preemption = Preemption(env, device)
+        self.preemption.install()
 
     @property
     def rank(self) -> int:
@@ -89,19 +93,30 @@ class Context:
     def max_steps(self) -> int | None:
         return self.env.max_steps
 
-    def describe(self, recipe_config: Mapping[str, Any]) -> dict[str, Any]:
+    def describe(self, recipe_config: Mapping[str, Any], rank_nodes: list[str]) -> dict[str, Any]:
         return {
             "dtrain_version": dtrain.__version__,
             "torch_version": str(torch.__version__),
             "recipe": sys.argv[0],
             "recipe_args": sys.argv[1:],
             "world_size": self.world_size,
+            "rank_nodes": rank_nodes,
+            "slurm_job_id": self.env.slurm_job_id,
+            "slurm_requeues": self.env.requeue_count,
             "device": self.device.type,
             "precision": self.env.precision,
             "seed": self.env.seed,
             "run_dir": str(self.run_dir),
             "config": dict(recipe_config),
         }
+
+    def _gather(self, value: Any) -> list[Any]:
+        """Every rank's `value`, in rank order (a collective)."""
+        if self.world_size == 1:
+            return [value]
+        values: list[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
 
     def print(self, *args: Any, **kwargs: Any) -> None:
         if self.is_main:
@@ -212,6 +227,23 @@ class Context:
             self.precision.scaler.load_state_dict(extras["scaler"])
         self.print(f"dtrain: resuming from {path} (step {state.step}, epoch {state.epoch + 1}, batch {state.batch})")
         return state
+
+    def preempted(self, step: int) -> bool:
+        """True on every rank at the same step once the preemption signal (--preempt-signal) reached any.
+
+        Call it after every optimizer step (it is a collective every few steps); when it says
+        True, save a checkpoint and call `stop_for_preemption`.
+        """
+        return self.preemption.due(step)
+
+    def stop_for_preemption(self, step: int) -> NoReturn:
+        """After the preemption checkpoint: let it commit, requeue the SLURM job (rank 0), and exit."""
+        self.checkpointer.wait()
+        self.barrier()
+        self.close()
+        if self.is_main:
+            self.preemption.stop_and_requeue(step)
+        raise SystemExit(0)
 
     def restore_rng(self) -> None:
         if self._rng_to_restore is not None:

@@ -101,8 +101,9 @@ def _write_error_file(rank: int, message: str, text: str, usage: bool) -> None:
         "message": {"message": message, "extraInfo": {"py_callstack": text, "timestamp": str(int(now))}},
         "dtrain": {"rank": rank, "time": now, "usage": usage},
     }
-    try:
-        with open(path, "w") as fh:
+    try:  # atomically: torchrun may read the file while a rank it is stopping still writes it
+        with open(f"{path}.tmp", "w") as fh:
             json.dump(record, fh)
+        os.replace(f"{path}.tmp", path)
     except OSError:
         pass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 from typing import Mapping
 
 from dtrain import config
@@ -28,6 +29,11 @@ class WorkerEnv:
     keep_last: int | None
     resume: str  # auto, never, or a checkpoint folder
     async_checkpoint: bool
+    preempt_signal: str  # checkpoint and stop on this signal
+    max_requeues: int
+    slurm_job_id: str | None
+    requeue_count: int  # SLURM_RESTART_COUNT: how often SLURM has requeued this job
+    node_name: str  # SLURM's name for this node (logical nodes may share a hostname), else the hostname
 
 
 def read_env(environ: Mapping[str, str] | None = None) -> WorkerEnv:
@@ -40,6 +46,9 @@ def read_env(environ: Mapping[str, str] | None = None) -> WorkerEnv:
     keep_last = environ.get(config.ENV_KEEP_LAST)
     checkpoint_steps, checkpoint_epochs = config.parse_checkpoint_every(
         environ.get(config.ENV_CHECKPOINT_EVERY) or "epoch")
+    requeue_count = int(environ.get("SLURM_RESTART_COUNT") or 0)
+    # A requeued job continues from its own newest checkpoint, whatever --resume chose for the first run.
+    resume = "auto" if requeue_count > 0 else environ.get(config.ENV_RESUME) or "auto"
     return WorkerEnv(
         rank=int(first("RANK", "SLURM_PROCID", default="0")),
         local_rank=int(first("LOCAL_RANK", "SLURM_LOCALID", default="0")),
@@ -52,6 +61,11 @@ def read_env(environ: Mapping[str, str] | None = None) -> WorkerEnv:
         checkpoint_steps=checkpoint_steps,
         checkpoint_epochs=checkpoint_epochs,
         keep_last=int(keep_last) if keep_last else None,
-        resume=environ.get(config.ENV_RESUME) or "auto",
+        resume=resume,
         async_checkpoint=environ.get(config.ENV_ASYNC_CHECKPOINT) == "1",
+        preempt_signal=environ.get(config.ENV_PREEMPT_SIGNAL) or config.DEFAULT_PREEMPT_SIGNAL,
+        max_requeues=int(environ.get(config.ENV_MAX_REQUEUES) or config.DEFAULT_MAX_REQUEUES),
+        slurm_job_id=environ.get("SLURM_JOB_ID") or None,
+        requeue_count=requeue_count,
+        node_name=environ.get("SLURMD_NODENAME") or socket.gethostname(),
     )

@@ -95,7 +95,10 @@ class Trainer:
                 })
                 window_sum.zero_()
                 window_start, window_steps = time.perf_counter(), 0
-            if self.ctx.checkpoint_due(self.step) and done < end:
+            if done < end and self.ctx.preempted(self.step):
+                self.save_checkpoint(epoch, done)
+                self.ctx.stop_for_preemption(self.step)
+            if done < end and self.ctx.checkpoint_due(self.step):
                 self.save_checkpoint(epoch, done)
         totals = self.ctx.all_reduce(torch.stack([loss_sum, torch.tensor(float(done - start), device=loss_sum.device)]))
         return done, done >= end, (totals[0] / totals[1].clamp(min=1)).item()

@@ -1,0 +1,410 @@
+"""SLURM: what a job asks for, the sbatch script it runs, and the few calls to SLURM's commands.
+
+The deciding functions are pure (parse `--time` and `--signal`, render the script, read a job
+step's variables); `submit`, `show_job`, `cancel` and `requeue` only run sbatch/scontrol/scancel
+and turn their failures into one sentence. Like the rest of the launch side, no torch here:
+the runtime imports `requeue` from this module too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shlex
+import subprocess
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from dtrain import config
+from dtrain.errors import UsageError
+
+DEFAULT_SIGNAL = f"{config.DEFAULT_PREEMPT_SIGNAL}@90"
+TEMPLATE = Path(__file__).resolve().parent.parent / "cluster" / "job.sbatch"
+OUTPUT_PATTERN = "slurm-%j.out"
+# Rendezvous ports come from the job id, below Linux's ephemeral range (32768+).
+_PORT_BASE, _PORT_SPAN = 10000, 20000
+
+
+@dataclasses.dataclass(frozen=True)
+class SlurmJob:
+    """The resources and behaviour asked of SLURM: the #SBATCH lines and what runs before the step."""
+
+    nodes: int
+    gpus_per_node: int = 0  # 0: a CPU job
+    cpus_per_task: int | None = None
+    mem: str | None = None
+    time: str | None = None
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    exclusive: bool = False
+    signal: str = DEFAULT_SIGNAL
+    modules: tuple[str, ...] = ()
+    setup: tuple[str, ...] = ()
+
+
+# --- cluster profiles ------------------------------------------------------------------------------
+
+PROFILE_KEYS = ("partition", "account", "qos", "constraint", "gpus_per_node", "cpus_per_task", "mem", "time",
+                "exclusive", "signal", "max_requeues", "modules", "setup")
+
+
+def load_cluster_profile(path: str) -> dict[str, Any]:
+    """Read cluster/NAME.yaml. Its `gpus_per_node` is what the nodes have: the default and the maximum."""
+    data = config.load_profile(path, example="cluster/local.yaml")
+    unknown = sorted(set(data) - set(PROFILE_KEYS))
+    if unknown:
+        raise UsageError(f"cluster profile {path} has an unknown key {unknown[0]!r}; "
+                         f"known keys: {', '.join(PROFILE_KEYS)}.")
+    for key, kind in (("gpus_per_node", int), ("cpus_per_task", int), ("max_requeues", int), ("exclusive", bool),
+                      ("time", str), ("signal", str), ("mem", str)):
+        if key in data and not isinstance(data[key], kind) or kind is int and isinstance(data.get(key), bool):
+            hint = " (quote it: time: \"04:00:00\")" if key == "time" else ""
+            raise UsageError(f"cluster profile {path}: {key} must be {'an' if kind is int else 'a'} "
+                             f"{kind.__name__}{hint}, got {data[key]!r}.")
+    for key in ("modules", "setup"):
+        value = data.get(key, [])
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UsageError(f"cluster profile {path}: {key} must be a list of strings.")
+        data[key] = tuple(value)
+    return data
+
+
+def resolve_job(options: Mapping[str, Any], profile: Mapping[str, Any], profile_path: str | None,
+                cpu: bool) -> SlurmJob:
+    """Merge command-line options over the cluster profile and check them; raise UsageError otherwise."""
+
+    def pick(key: str, default: Any = None) -> Any:
+        value = options.get(key)
+        return profile.get(key, default) if value is None else value
+
+    gpus = options.get("gpus_per_node")
+    node_gpus = profile.get("gpus_per_node")
+    if cpu:
+        if gpus:
+            raise UsageError("--cpu and --gpus-per-node contradict each other; pass one of them.")
+        gpus = 0
+    elif gpus is None:
+        if not node_gpus:
+            raise UsageError("say how many GPUs each node should use with --gpus-per-node G "
+                             "(or a cluster profile's gpus_per_node), or run CPU processes with --cpu.")
+        gpus = node_gpus
+    if not cpu and gpus < 1:
+        raise UsageError(f"--gpus-per-node must be at least 1, got {gpus}; use --cpu for a CPU job.")
+    if node_gpus and gpus > node_gpus:
+        raise UsageError(f"--gpus-per-node {gpus} is more than the {node_gpus} GPUs per node that cluster profile "
+                         f"{profile_path} allows; pass --gpus-per-node {node_gpus} or fewer.")
+    cpus = pick("cpus_per_task")
+    if cpus is not None and cpus < 1:
+        raise UsageError(f"--cpus-per-task must be at least 1, got {cpus}.")
+    time_limit = pick("time")
+    limit_s = parse_time(str(time_limit)) if time_limit is not None else None
+    signal_spec = pick("signal", DEFAULT_SIGNAL)
+    _, _, lead_s = parse_signal(signal_spec)
+    if limit_s is not None and lead_s >= limit_s:
+        raise UsageError(f"--signal {signal_spec} would fire {lead_s} s before the end of a job whose --time "
+                         f"{time_limit} is only {limit_s} s; give the job more time or the signal less.")
+    job = SlurmJob(
+        nodes=pick("nodes", 1), gpus_per_node=gpus, cpus_per_task=cpus, mem=pick("mem"),
+        time=str(time_limit) if time_limit is not None else None, partition=pick("partition"),
+        account=pick("account"), qos=pick("qos"), constraint=pick("constraint"),
+        exclusive=bool(pick("exclusive", False)), signal=signal_spec,
+        modules=tuple(profile.get("modules", ())), setup=tuple(profile.get("setup", ())),
+    )
+    for key in ("mem", "partition", "account", "qos", "constraint"):
+        _check_directive_value(f"--{key}", getattr(job, key))
+    return job
+
+
+# --- pure parsing ----------------------------------------------------------------------------------
+
+_TIME_FORMS = (
+    re.compile(r"^(?P<m>\d+)$"),
+    re.compile(r"^(?P<m>\d+):(?P<s>\d+)$"),
+    re.compile(r"^(?P<h>\d+):(?P<m>\d+):(?P<s>\d+)$"),
+    re.compile(r"^(?P<d>\d+)-(?P<h>\d+)$"),
+    re.compile(r"^(?P<d>\d+)-(?P<h>\d+):(?P<m>\d+)$"),
+    re.compile(r"^(?P<d>\d+)-(?P<h>\d+):(?P<m>\d+):(?P<s>\d+)$"),
+)
+
+
+def parse_time(text: str) -> int | None:
+    """A SLURM time limit in seconds (None for unlimited), in any of the forms sbatch accepts."""
+    text = text.strip()
+    if text.lower() in ("unlimited", "infinite"):
+        return None
+    for form in _TIME_FORMS:
+        match = form.match(text)
+        if match:
+            parts = {k: int(v) for k, v in match.groupdict().items() if v is not None}
+            seconds = ((parts.get("d", 0) * 24 + parts.get("h", 0)) * 60 + parts.get("m", 0)) * 60 + parts.get("s", 0)
+            if seconds > 0:
+                return seconds
+    raise UsageError(f"--time {text!r} is not a SLURM time; use minutes (90), HH:MM:SS (02:00:00) "
+                     "or D-HH:MM:SS (1-12:00:00).")
+
+
+def parse_signal(text: str) -> tuple[bool, str, int]:
+    """`[B:]SIG[@SECONDS]` (sbatch --signal) -> (to the batch shell only, signal name, seconds before the end)."""
+    text = str(text).strip()
+    batch = text.upper().startswith("B:")
+    name, _, lead = text[2 if batch else 0:].partition("@")
+    if lead and not lead.isdigit():
+        raise UsageError(f"--signal {text!r}: the time after '@' must be whole seconds, as in USR2@90.")
+    try:
+        return batch, config.parse_signal_name(name), int(lead or 60)
+    except UsageError:
+        raise UsageError(f"--signal {text!r} is not a signal SLURM can send; use NAME@SECONDS such as USR2@90.") from None
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM hostlist: "gpu[003-004,010],login1" -> "gpu003"."""
+    depth, end = 0, len(nodelist)
+    for i, char in enumerate(nodelist):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            end = i
+            break
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[,-]", m.group(1))[0], nodelist[:end])
+
+
+def rendezvous_port(job_id: str) -> int:
+    """A port from the job id: concurrent jobs sharing a first node do not collide, a requeue keeps it."""
+    return _PORT_BASE + int(job_id) % _PORT_SPAN
+
+
+def _max_tasks_per_node(value: str) -> int:
+    """Largest count in SLURM_STEP_TASKS_PER_NODE, e.g. "2(x3),1" -> 2."""
+    counts = [int(m) for m in re.findall(r"(?:^|,)(\d+)", value)]
+    return max(counts, default=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Allocation:
+    """Where `dtrain launch` runs inside a SLURM job."""
+
+    job_id: str
+    nodes: int
+    in_step: bool  # started by srun (one task per node), not by the batch shell or salloc
+    node_rank: int
+    first_host: str
+
+
+def allocation(environ: Mapping[str, str]) -> Allocation | None:
+    """Read SLURM's variables, or None outside a job. In a step, dtrain must be one task per node."""
+    job_id = environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return None
+    in_step = "SLURM_STEP_ID" in environ
+    nodes = environ.get("SLURM_STEP_NUM_NODES" if in_step else "SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES", "1")
+    nodelist = environ.get("SLURM_STEP_NODELIST" if in_step else "SLURM_JOB_NODELIST") or environ.get(
+        "SLURM_JOB_NODELIST", "localhost")
+    if in_step:
+        tasks = _max_tasks_per_node(environ.get("SLURM_STEP_TASKS_PER_NODE", "1"))
+        if tasks > 1:
+            raise UsageError(f"srun started {tasks} copies of dtrain launch on a node; start one per node "
+                             "(srun --ntasks-per-node=1 dtrain launch ...): dtrain starts the processes.")
+    return Allocation(job_id=job_id, nodes=int(nodes), in_step=in_step,
+                      node_rank=int(environ.get("SLURM_NODEID", "0")) if in_step else 0,
+                      first_host=first_host(nodelist))
+
+
+def launch_defaults(where: Allocation, recipe: str) -> dict[str, Any]:
+    """The `dtrain launch` options a job step implies; the command line still wins over them."""
+    return {
+        "nodes": where.nodes,
+        "node_rank": where.node_rank,
+        "master_addr": where.first_host,
+        "master_port": rendezvous_port(where.job_id),
+        "name": f"{Path(recipe).stem}-{where.job_id}",
+    }
+
+
+# --- the script ----------------------------------------------------------------------------------
+
+def srun_command(nodes: int, command: Sequence[str], cpus_per_task: int | None = None) -> list[str]:
+    """One task per node: each runs `dtrain launch`, which starts that node's processes."""
+    argv = ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    if cpus_per_task is not None:
+        argv.append(f"--cpus-per-task={cpus_per_task}")  # srun does not inherit it from sbatch
+    return argv + list(command)
+
+
+def launch_args(spec: config.LaunchSpec) -> list[str]:
+    """`dtrain launch` arguments that reproduce `spec` on every node; placement comes from SLURM there."""
+    args = [spec.recipe, "--run-dir", spec.run_dir]
+    args += ["--cpu", "--nproc", str(spec.nproc)] if spec.device == "cpu" else ["--gpus", str(spec.nproc)]
+    args += ["--precision", spec.precision, "--seed", str(spec.seed),
+             "--checkpoint-every", spec.checkpoint_every, "--resume", spec.resume,
+             "--max-restarts", str(spec.max_restarts),
+             "--preempt-signal", spec.preempt_signal, "--max-requeues", str(spec.max_requeues)]
+    if spec.max_steps is not None:
+        args += ["--max-steps", str(spec.max_steps)]
+    if spec.keep_last is not None:
+        args += ["--keep-last", str(spec.keep_last)]
+    if spec.async_checkpoint:
+        args.append("--async-checkpoint")
+    return args + ["--", *spec.recipe_args]
+
+
+def directives(job: SlurmJob, name: str, run_dir: str, workdir: str) -> list[str]:
+    """The #SBATCH lines. Their values cannot be quoted, so each must be one plain word."""
+    lines = [
+        f"--job-name={name}",
+        f"--nodes={job.nodes}",
+        "--ntasks-per-node=1",
+    ]
+    optional = {"gpus-per-node": job.gpus_per_node or None, "cpus-per-task": job.cpus_per_task, "mem": job.mem,
+                "time": job.time, "partition": job.partition, "account": job.account, "qos": job.qos,
+                "constraint": job.constraint}
+    lines += [f"--{key}={value}" for key, value in optional.items() if value is not None]
+    if job.exclusive:
+        lines.append("--exclusive")
+    lines += [
+        f"--signal={job.signal}",
+        "--requeue",
+        "--open-mode=append",
+        f"--output={Path(run_dir) / 'slurm' / OUTPUT_PATTERN}",
+        f"--chdir={workdir}",
+    ]
+    for line in lines:
+        _check_directive_value("the job", line, what="an #SBATCH line")
+    return [f"#SBATCH {line}" for line in lines]
+
+
+_PLAIN_WORD = re.compile(r"^[^\s\"'\\`$;]+$")
+
+
+def _check_directive_value(option: str, value: str | None, what: str = "its value") -> None:
+    if value is not None and not _PLAIN_WORD.match(str(value)):
+        raise UsageError(f"{option}: {value!r} holds a space, quote or shell character, which {what} cannot "
+                         "carry; choose a value (or a run directory path) without them.")
+
+
+def render_script(template: str, job: SlurmJob, spec: config.LaunchSpec, python: str, workdir: str) -> str:
+    """The sbatch script: the template with its {{ placeholders }} filled; every user value quoted."""
+    launch = launch_args(spec)
+    split = launch.index("--")
+    lines = [srun_command(job.nodes, [], job.cpus_per_task),
+             [python, "-m", "dtrain.cli", "launch", *launch[:split]], launch[split:]]
+    setup = [f"module load {shlex.quote(module)}" for module in job.modules] + list(job.setup)
+    values = {
+        "directives": "\n".join(directives(job, spec.name, spec.run_dir, workdir)),
+        "setup": "\n".join(setup) if setup else "# (no modules or setup lines: add them in a cluster profile)",
+        "max_requeues": str(spec.max_requeues),
+        "command": " \\\n    ".join(shlex.join(line) for line in lines),
+    }
+
+    def fill(match: re.Match) -> str:
+        key = match.group(1)
+        if key not in values:
+            raise UsageError(f"the sbatch template has an unknown placeholder {{{{ {key} }}}}; "
+                             f"known: {', '.join(values)}.")
+        return values[key]
+
+    return re.sub(r"\{\{\s*(\w+)\s*\}\}", fill, template)
+
+
+def output_path(run_dir: str, job_id: str) -> Path:
+    return Path(run_dir) / "slurm" / OUTPUT_PATTERN.replace("%j", job_id)
+
+
+# --- calls to SLURM's commands -------------------------------------------------------------------
+
+def _run(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise UsageError(f"{argv[0]} is not on PATH, so SLURM cannot be reached from here; run this on a "
+                         "login node of the cluster (or look at the script with --dry-run).") from None
+    except subprocess.TimeoutExpired:
+        raise UsageError(f"{argv[0]} did not answer within {timeout:.0f} s; check the controller with "
+                         "`scontrol ping`.") from None
+    if result.returncode != 0:
+        message = " ".join(result.stderr.split()) or f"exit code {result.returncode}"
+        if "Unable to contact slurm controller" in message:
+            raise UsageError(f"the SLURM controller is not answering ({argv[0]}: {message.split(': ', 1)[-1]}); "
+                             "check it with `scontrol ping`, or start the local one with cluster/local/start.sh.")
+        raise UsageError(f"{argv[0]} failed: {message}")
+    return result
+
+
+def submit(script: Path) -> str:
+    """Submit the script; return the job id."""
+    out = _run(["sbatch", "--parsable", str(script)]).stdout.strip()
+    return out.split(";")[0]
+
+
+def show_job(job_id: str) -> dict[str, str]:
+    """`scontrol show job -o` as a mapping (JobState, Restarts, StdOut, ...)."""
+    if not job_id.isdigit():
+        raise UsageError(f"{job_id!r} is not a SLURM job id; pass the number sbatch printed.")
+    try:
+        text = _run(["scontrol", "show", "job", "-o", job_id]).stdout
+    except UsageError as exc:
+        if "Invalid job id" in str(exc):
+            raise UsageError(f"SLURM does not know job {job_id} (finished jobs are forgotten after a few minutes); "
+                             "its output stays in the run directory's slurm/ folder.") from None
+        raise
+    return parse_job_record(text)
+
+
+def parse_job_record(text: str) -> dict[str, str]:
+    """Parse one line of `key=value` pairs; values may hold spaces only where no `key=` follows."""
+    fields: dict[str, str] = {}
+    key = None
+    for token in text.strip().split(" "):
+        name, sep, value = token.partition("=")
+        if sep and re.match(r"^[A-Za-z][A-Za-z0-9_:/]*$", name):
+            key = name
+            fields[key] = value
+        elif key is not None:
+            fields[key] += " " + token
+    return fields
+
+
+def cancel(job_id: str) -> None:
+    show_job(job_id)
+    _run(["scancel", job_id])
+
+
+def requeue(job_id: str) -> None:
+    """Put a running batch job back in the queue; SLURM stops its processes and later starts it again."""
+    _run(["scontrol", "requeue", job_id])
+
+
+TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                   "DEADLINE", "PREEMPTED")
+
+
+def job_state(fields: Mapping[str, str]) -> str:
+    return fields.get("JobState", "UNKNOWN")
+
+
+def describe_job(fields: Mapping[str, str]) -> str:
+    """A few lines a user reads first: state, placement, requeues, time, where the output goes."""
+    state = job_state(fields)
+    reason = fields.get("Reason", "None")
+    lines = [
+        f"job {fields.get('JobId')} ({fields.get('JobName')}): {state}" + (f" ({reason})" if reason != "None" else ""),
+        f"  nodes     {fields.get('NumNodes')} on {fields.get('NodeList', '(none yet)')}",
+        f"  requeues  {fields.get('Restarts', '0')}",
+        f"  time      {fields.get('RunTime')} of {fields.get('TimeLimit')}",
+        f"  output    {fields.get('StdOut')}",
+    ]
+    stdout = fields.get("StdOut")
+    if stdout:
+        lines.append(f"  run dir   {Path(stdout).parent.parent}")
+    return "\n".join(lines)
+
+
+def read_template(path: str | None) -> str:
+    """The template text (default: cluster/job.sbatch beside the package)."""
+    chosen = Path(path) if path else TEMPLATE
+    try:
+        return chosen.read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read the sbatch template {chosen} ({exc.strerror}); pass --template PATH.") from None

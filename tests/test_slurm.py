@@ -1,0 +1,170 @@
+"""SLURM decisions that need no cluster: time and signal parsing, hostlists, what `dtrain launch`
+reads from a job step, the rendered script (against a checked-in file), and bad input.
+
+Hostnames such as gpu003 and GPU counts such as 8 per node cannot exist on this machine: they
+are inputs to pure functions here. The real cluster is exercised in test_slurm_cluster.py.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import DTRAIN, ROOT, run_dtrain
+from dtrain import config, slurm
+from dtrain.errors import UsageError
+
+EXPECTED = ROOT / "tests" / "data" / "mnist_4x8_gpu.sbatch"
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("90", 5400), ("30:15", 1815), ("02:00:00", 7200), ("1-12", 129600), ("1-00:30", 88200),
+    ("2-01:02:03", 176523), ("UNLIMITED", None), ("infinite", None),
+])
+def test_parse_time_takes_every_sbatch_form(text, seconds):
+    assert slurm.parse_time(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["2h", "1:2:3:4", "-5", "0", "", "01:00:00 ; rm", "1.5"])
+def test_parse_time_refuses_what_sbatch_would(text):
+    with pytest.raises(UsageError, match="is not a SLURM time"):
+        slurm.parse_time(text)
+
+
+@pytest.mark.parametrize("text, parsed", [
+    ("USR2@90", (False, "USR2", 90)), ("B:USR1@30", (True, "USR1", 30)), ("SIGTERM", (False, "TERM", 60)),
+    ("12@120", (False, "USR2", 120)), ("usr2@5", (False, "USR2", 5)),
+])
+def test_parse_signal(text, parsed):
+    assert slurm.parse_signal(text) == parsed
+
+
+@pytest.mark.parametrize("text", ["KILL@60", "USR3@60", "USR2@soon", "", "B:"])
+def test_parse_signal_refuses_signals_a_job_cannot_catch(text):
+    with pytest.raises(UsageError, match="--signal"):
+        slurm.parse_signal(text)
+
+
+@pytest.mark.parametrize("nodelist, first", [
+    ("n[1-2]", "n1"), ("gpu[003-004,010],login1", "gpu003"), ("node7", "node7"), ("a1,b[2-3]", "a1"),
+    ("rack[2-3]-gpu[08-15]", "rack2-gpu08"), ("c[5,7-9]", "c5"),
+])
+def test_first_host_of_a_hostlist(nodelist, first):
+    assert slurm.first_host(nodelist) == first
+
+
+STEP_ENV = {  # what srun gives task 1 of a 2-node step (as seen on the local cluster)
+    "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_NODEID": "1", "SLURM_STEP_NUM_NODES": "2",
+    "SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2", "SLURM_STEP_NODELIST": "gpu[003-004]",
+    "SLURM_JOB_NODELIST": "gpu[003-004]", "SLURM_STEP_TASKS_PER_NODE": "1(x2)", "SLURM_PROCID": "1",
+}
+
+
+def test_a_job_step_gives_nodes_node_rank_and_the_rendezvous_host():
+    where = slurm.allocation(STEP_ENV)
+    assert where == slurm.Allocation(job_id="4242", nodes=2, in_step=True, node_rank=1, first_host="gpu003")
+    assert slurm.launch_defaults(where, "recipes/mnist_cnn.py") == {
+        "nodes": 2, "node_rank": 1, "master_addr": "gpu003", "master_port": 10000 + 4242, "name": "mnist_cnn-4242"}
+    assert slurm.allocation({}) is None
+
+
+def test_several_launchers_per_node_are_refused():
+    with pytest.raises(UsageError, match="one per node"):
+        slurm.allocation({**STEP_ENV, "SLURM_STEP_TASKS_PER_NODE": "8(x2)"})
+
+
+def test_launch_in_a_job_step_reads_slurm_variables():
+    result = run_dtrain("launch", "recipes/mnist_cnn.py", "--cpu", "--nproc", "2", "--dry-run", env=STEP_ENV)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    for expected in ("--nnodes 2", "--node-rank 1", "--rdzv-endpoint gpu003:14242", "--rdzv-id mnist_cnn-4242",
+                     "is_host=0", "DTRAIN_RUN_DIR=runs/mnist_cnn-4242"):
+        assert expected in text
+
+
+def test_launch_in_an_allocation_outside_a_step_runs_itself_under_srun():
+    env = {k: v for k, v in STEP_ENV.items() if k not in ("SLURM_STEP_ID", "SLURM_STEP_NUM_NODES",
+                                                           "SLURM_STEP_NODELIST", "SLURM_STEP_TASKS_PER_NODE")}
+    result = run_dtrain("launch", "recipes/mnist_cnn.py", "--cpu", "--dry-run", "--", "--epochs", "1", env=env)
+    assert result.returncode == 0, result.stderr
+    srun, python, rest = result.stdout.strip().partition(" /")[0], *result.stdout.strip().split(" /", 1)[1].split(" ", 1)
+    assert srun == "srun --nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1"
+    assert Path("/" + python).resolve() == Path(sys.executable).resolve()
+    assert rest == "-m dtrain.cli launch recipes/mnist_cnn.py --cpu --dry-run -- --epochs 1"
+
+
+def test_requeued_job_resumes_from_its_own_latest_checkpoint():
+    from dtrain.runtime.env import read_env
+    assert read_env({"DTRAIN_RESUME": "never"}).resume == "never"
+    assert read_env({"DTRAIN_RESUME": "never", "SLURM_RESTART_COUNT": "1"}).resume == "auto"
+
+
+def render_4x8(monkeypatch) -> str:
+    monkeypatch.chdir(ROOT)
+    profile = slurm.load_cluster_profile("cluster/example_gpu.yaml")
+    job = slurm.resolve_job({"nodes": 4, "gpus_per_node": 8, "time": "02:00:00"}, profile,
+                            "cluster/example_gpu.yaml", cpu=False)
+    spec = config.resolve({"recipe": "recipes/mnist_cnn.py", "recipe_args": ["--epochs", "3", "--data-dir", "/data/mnist"],
+                           "gpus": 8, "nodes": 4, "name": "mnist-4x8", "run_dir": "/scratch/alice/dtrain/runs/mnist-4x8",
+                           "precision": "bf16", "preempt_signal": "USR2", "max_requeues": profile["max_requeues"]},
+                          gpus_available=8, free_port=0)
+    template = slurm.read_template(None)
+    return slurm.render_script(template, job, spec, python="/opt/venv/bin/python", workdir="/scratch/alice/dtrain")
+
+
+def test_gpu_job_script_is_exactly_the_reviewed_file(monkeypatch):
+    """4 nodes x 8 GPUs with cluster/example_gpu.yaml: what users will run, byte for byte.
+
+    After an intended change, rewrite the file with DTRAIN_WRITE_EXPECTED=1 and review the diff.
+    """
+    rendered = render_4x8(monkeypatch)
+    if os.environ.get("DTRAIN_WRITE_EXPECTED"):
+        EXPECTED.write_text(rendered)
+    assert rendered == EXPECTED.read_text()
+
+
+def test_profile_and_command_line_meet_in_the_script(monkeypatch):
+    script = render_4x8(monkeypatch)
+    assert "#SBATCH --time=02:00:00" in script  # the command line wins over the profile's 04:00:00
+    assert "#SBATCH --signal=USR2@120" in script and "--max-requeues 5" in script  # from the profile
+    assert "module load cuda/12.4\nmodule load nccl/2.21\n" in script
+    assert script.index("export NCCL_SOCKET_IFNAME=ib0") < script.index("exec srun")
+
+
+def bad(*args, env=None):
+    result = run_dtrain("slurm", "submit", *args, env=env)
+    return result.returncode, result.stderr.strip()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--nodes", "0", "--cpu"], "--nodes must be at least 1"),
+    (["--cpu", "--time", "2h"], "--time '2h' is not a SLURM time"),
+    (["--cpu", "--time", "00:01:00", "--signal", "USR2@90"], "would fire 90 s before the end"),
+    (["--nodes", "2", "--gpus-per-node", "16", "--cluster-profile", str(ROOT / "cluster" / "example_gpu.yaml")],
+     "more than the 8 GPUs per node that cluster profile"),
+    (["--nodes", "2"], "--gpus-per-node G"),
+    (["--cpu", "--gpus-per-node", "2"], "contradict"),
+    (["--cpu", "--signal", "KILL@60"], "is not a signal SLURM can send"),
+    (["--cpu", "--partition", "gpu; rm -rf ~"], "holds a space, quote or shell character"),
+    (["--cpu", "--cluster-profile", "cluster/nope.yaml"], "does not exist"),
+])
+def test_bad_submit_options_get_one_sentence_and_write_nothing(tmp_path, args, words):
+    (tmp_path / "r.py").write_text("")
+    result = run_dtrain("slurm", "submit", "r.py", "--name", "x", *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == [tmp_path / "r.py"]
+
+
+def test_submit_without_sbatch_on_path_says_so_and_leaves_nothing(tmp_path):
+    (tmp_path / "r.py").write_text("")
+    result = run_dtrain("slurm", "submit", "r.py", "--cpu", "--name", "x", cwd=tmp_path,
+                        env={"PATH": str(Path(DTRAIN).parent)})
+    assert result.returncode == 2
+    assert result.stderr.startswith("dtrain: error: sbatch is not on PATH") and "--dry-run" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()

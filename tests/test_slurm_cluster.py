@@ -1,0 +1,179 @@
+"""`dtrain slurm` against a real SLURM: slurmctld and two slurmd (logical nodes n1 and n2) on
+this machine, started by `.ci/run` or by the `slurm_env` fixture (cluster/local/start.sh).
+
+Two accelerations, both of SLURM's clock and not of dtrain: the pre-timeout signal is sent
+with `scancel -s USR2` (SLURM delivers --signal up to a minute late or early), and a requeued
+job, which SLURM holds back for two minutes, is made eligible with `scontrol update StartTime=now`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import DTRAIN, ROOT, TEST_RECIPES, run_dtrain
+
+
+def slurm_cmd(slurm_env, *argv: str, check: bool = True) -> str:
+    import os
+    result = subprocess.run(list(argv), capture_output=True, text=True, timeout=60, env={**os.environ, **slurm_env})
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def submit(slurm_env, cwd: Path, *args: str) -> str:
+    result = run_dtrain("slurm", "submit", *args, cwd=cwd, env=slurm_env)
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("submitted job "), result.stdout
+    return first.split()[2].rstrip(":")
+
+
+def job_fields(slurm_env, job_id: str) -> dict[str, str]:
+    from dtrain.slurm import parse_job_record
+    return parse_job_record(slurm_cmd(slurm_env, "scontrol", "show", "job", "-o", job_id))
+
+
+def wait_for(slurm_env, job_id: str, states: tuple[str, ...], timeout: float = 300, release: bool = False) -> dict:
+    """Poll the job every 0.2 s until it is in one of `states`; `release`: start a requeued job now."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fields = job_fields(slurm_env, job_id)
+        if fields["JobState"] in states:
+            return fields
+        if release and fields["JobState"] == "PENDING" and fields.get("Reason") == "BeginTime":
+            slurm_cmd(slurm_env, "scontrol", "update", f"JobId={job_id}", "StartTime=now")
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} still {fields['JobState']} after {timeout} s")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line) for line in lines if line.endswith("}")]
+
+
+@pytest.mark.slow
+def test_two_node_mnist_job_trains_to_98_percent_across_n1_and_n2(slurm_env, data_dir, tmp_path):
+    job_id = submit(slurm_env, tmp_path, str(ROOT / "recipes" / "mnist_cnn.py"), "--nodes", "2", "--cpu",
+                    "--nproc", "1", "--name", "mnist2", "--", "--epochs", "1", "--data-dir", data_dir)
+    fields = wait_for(slurm_env, job_id, ("COMPLETED", "FAILED", "CANCELLED"), timeout=600)
+    run_dir = tmp_path / "runs" / "mnist2"
+    output = (run_dir / "slurm" / f"slurm-{job_id}.out").read_text()
+    assert fields["JobState"] == "COMPLETED", output
+    assert fields["NodeList"] == "n[1-2]"
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["world_size"] == 2 and sorted(config["rank_nodes"]) == ["n1", "n2"]
+    assert config["slurm_job_id"] == job_id
+    final = read_metrics(run_dir)[-1]
+    print(output, final)
+    assert final["eval/accuracy"] >= 0.98, output
+    assert "Epoch 1/1" in output and (run_dir / "model.pth").is_file()
+    assert (run_dir / "slurm" / "job.sbatch").read_text().startswith("#!/bin/bash")
+
+
+def test_preempted_job_checkpoints_requeues_itself_and_resumes(slurm_env, data_dir, tmp_path):
+    job_id = submit(slurm_env, tmp_path, str(ROOT / "recipes" / "mnist_cnn.py"), "--nodes", "2", "--cpu",
+                    "--nproc", "1", "--name", "preempt", "--max-requeues", "2", "--",
+                    "--epochs", "1", "--limit-train-batches", "150", "--log-every", "10", "--data-dir", data_dir)
+    run_dir = tmp_path / "runs" / "preempt"
+    deadline = time.monotonic() + 300
+    while max((m["step"] for m in read_metrics(run_dir)), default=0) < 30:
+        assert time.monotonic() < deadline, "training did not reach step 30"
+        time.sleep(0.2)
+    slurm_cmd(slurm_env, "scancel", "-s", "USR2", job_id)
+    wait_for(slurm_env, job_id, ("PENDING",), timeout=120)
+    fields = wait_for(slurm_env, job_id, ("COMPLETED", "FAILED", "CANCELLED"), timeout=300, release=True)
+    output = (run_dir / "slurm" / f"slurm-{job_id}.out").read_text()
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", output
+
+    stopped = [line for line in output.splitlines() if "stopped at step" in line]
+    assert len(stopped) == 1 and f"requeueing SLURM job {job_id} (requeue 1 of 2)" in stopped[0], output
+    saved_step = int(stopped[0].split("stopped at step ")[1].split()[0])
+    assert saved_step >= 30
+    assert f"resuming from {run_dir}/checkpoints/step_{saved_step:07d} (step {saved_step}," in output
+    assert f"dtrain: job {job_id} on n[1-2], requeue 1 of 2" in output
+
+    steps = [m["step"] for m in read_metrics(run_dir) if "samples_per_s" in m]
+    assert steps == sorted(set(steps)), "a step was trained (and logged) twice"
+    assert steps[0] == 10 and steps[-1] == 150 and saved_step + 10 in steps  # continued, not from zero
+    assert len(steps) == 15
+    assert read_metrics(run_dir)[-1]["epoch"] == 1 and (run_dir / "model.pth").is_file()
+    status = run_dtrain("slurm", "status", job_id, env=slurm_env)
+    assert "requeues  1" in status.stdout and "COMPLETED" in status.stdout
+
+
+NASTY = ["two words", "it's", 'say "hi"', "$(touch {m}/dollar)", "; touch {m}/semicolon", "`touch {m}/tick`",
+         "$HOME", "back\\slash", "--flag=a b", "*", "line1\nline2", "&& touch {m}/and", ""]
+
+
+def test_recipe_arguments_reach_the_recipe_byte_for_byte_and_run_nothing(slurm_env, tmp_path):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    args = [a.replace("{m}", str(markers)) for a in NASTY]
+    recipe = str(TEST_RECIPES / "record_args.py")
+    dry = run_dtrain("slurm", "submit", recipe, "--cpu", "--name", "quoted", "--dry-run", "--", *args,
+                     cwd=tmp_path, env=slurm_env)
+    assert dry.returncode == 0 and not (tmp_path / "runs").exists()
+
+    job_id = submit(slurm_env, tmp_path, recipe, "--cpu", "--name", "quoted", "--", *args)
+    fields = wait_for(slurm_env, job_id, ("COMPLETED", "FAILED", "CANCELLED"))
+    run_dir = tmp_path / "runs" / "quoted"
+    assert fields["JobState"] == "COMPLETED", (run_dir / "slurm" / f"slurm-{job_id}.out").read_text()
+    assert json.loads((run_dir / "args.json").read_text()) == args
+    assert list(markers.iterdir()) == []
+    assert (run_dir / "slurm" / "job.sbatch").read_text() == dry.stdout  # the dry run showed what ran
+
+
+def test_status_logs_and_cancel_a_running_job(slurm_env, tmp_path):
+    from conftest import processes_with_env
+    job_id = submit(slurm_env, tmp_path, str(TEST_RECIPES / "wait_forever.py"), "--cpu", "--nodes", "2",
+                    "--name", "waiting")
+    wait_for(slurm_env, job_id, ("RUNNING",))
+    status = run_dtrain("slurm", "status", job_id, env=slurm_env)
+    assert status.returncode == 0 and f"job {job_id} (waiting): RUNNING" in status.stdout
+    assert "on n[1-2]" in status.stdout and str(tmp_path / "runs" / "waiting") in status.stdout
+    logs = run_dtrain("slurm", "logs", job_id, env=slurm_env)
+    assert logs.returncode == 0 and f"dtrain: job {job_id} on n[1-2]" in logs.stdout
+
+    cancel = run_dtrain("slurm", "cancel", job_id, env=slurm_env)
+    assert cancel.returncode == 0 and cancel.stdout.strip() == f"cancelled job {job_id}"
+    wait_for(slurm_env, job_id, ("CANCELLED",), timeout=60)
+    deadline = time.monotonic() + 30
+    while processes_with_env("SLURM_JOB_ID", job_id) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_with_env("SLURM_JOB_ID", job_id) == []
+
+    unknown = run_dtrain("slurm", "status", "999999", env=slurm_env)
+    assert unknown.returncode == 2 and "SLURM does not know job 999999" in unknown.stderr
+
+
+def test_dtrain_launch_in_a_hand_written_batch_script_spreads_over_the_nodes(slurm_env, tmp_path):
+    """A user's own sbatch file that calls `dtrain launch` without srun still gets one launcher per node."""
+    out = tmp_path / "out.txt"
+    job_id = slurm_cmd(slurm_env, "sbatch", "--parsable", "--nodes=2", f"--output={out}", f"--chdir={tmp_path}",
+                       "--wrap", f"{DTRAIN} launch {TEST_RECIPES / 'report_process.py'} --cpu --name wrapped").strip()
+    fields = wait_for(slurm_env, job_id, ("COMPLETED", "FAILED", "CANCELLED"))
+    text = out.read_text()
+    assert fields["JobState"] == "COMPLETED", text
+    assert "rank=0 world=2" in text and "rank=1 world=2" in text
+
+
+def test_submit_to_a_controller_that_does_not_answer(slurm_env, tmp_path):
+    conf = Path(slurm_env["SLURM_CONF"]).read_text()
+    dead = tmp_path / "dead.conf"
+    dead.write_text("\n".join("SlurmctldPort=9" if line.startswith("SlurmctldPort=") else line
+                              for line in conf.splitlines()))
+    (tmp_path / "r.py").write_text("")
+    result = run_dtrain("slurm", "submit", "r.py", "--cpu", "--name", "x", cwd=tmp_path,
+                        env={**slurm_env, "SLURM_CONF": str(dead)})
+    assert result.returncode == 2
+    assert result.stderr.startswith("dtrain: error: the SLURM controller is not answering")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dead.conf", "r.py"]
