@@ -44,6 +44,13 @@ _run_options = _options(
                       "or a checkpoints/step_N folder."),
     click.option("--async-checkpoint", is_flag=True, default=None,
                  help="Write checkpoints in the background while training goes on."),
+    click.option("--wandb", type=click.Choice(config.WANDB_MODES), default=None,
+                 help="Weights & Biases from rank 0: auto (default: online with credentials, else offline), "
+                      "online, offline, disabled."),
+    click.option("--wandb-project", default=None, help=f"W&B project (default {config.DEFAULT_WANDB_PROJECT})."),
+    click.option("--wandb-entity", default=None, help="W&B entity (team or user)."),
+    click.option("--wandb-group", default=None, help="W&B group (default: the run name for multi-node jobs)."),
+    click.option("--tags", default=None, help="W&B tags, comma-separated."),
 )
 
 # Options of the commands that start processes through a launcher (`launch`, `slurm submit`).
@@ -110,7 +117,10 @@ def launch(ctx: click.Context, profile: str | None, dry_run: bool, **options: An
     _check_port(spec, explicit_port or allocation is not None)
     from dtrain.launchers import torchrun
 
+    spec = _resolve_wandb(spec, quiet=dry_run)
     argv, env = torchrun.build_command(spec, hardware.cpu_count(), os.environ)
+    if sys.stdout.isatty():
+        env[config.ENV_TTY] = os.ttyname(sys.stdout.fileno())
     if dry_run:
         click.echo(_render_command(argv, env, os.environ))
         return 0
@@ -131,10 +141,24 @@ def debug(**options: Any) -> int:
     """
     gpus_available = 0 if options.get("cpu") else min(hardware.visible_gpus(), 1)
     spec = config.resolve(options, gpus_available, free_port=config.DEFAULT_MASTER_PORT)
-    spec = dataclasses.replace(spec, nproc=1)
+    spec = _resolve_wandb(dataclasses.replace(spec, nproc=1), quiet=False)
     from dtrain.debug import run_in_process
 
     return run_in_process(spec)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+def report(run_dir: str) -> int:
+    """Plot RUN_DIR's loss, learning rate, accuracy and confusion matrix (PNG, in RUN_DIR/report/) and summarise it."""
+    from dtrain import report as run_report
+
+    path = Path(run_dir)
+    records, evaluations = run_report.read_run(path)
+    for png in run_report.plot(path, records, evaluations):
+        click.echo(f"wrote {png}")
+    click.echo(run_report.summary(path, records, evaluations))
+    return 0
 
 
 @cli.group("slurm")
@@ -315,6 +339,14 @@ def _apply_profile(ctx: click.Context, path: str, options: dict[str, Any]) -> di
         except click.BadParameter as exc:
             raise UsageError(f"profile {path}: {exc.format_message()}") from None
     return merged
+
+
+def _resolve_wandb(spec: config.LaunchSpec, quiet: bool) -> config.LaunchSpec:
+    """Decide `--wandb auto` here, once, and say so when it means offline or disabled."""
+    mode, notice = config.wandb_mode(spec.wandb, os.environ)
+    if notice and not quiet and spec.node_rank == 0:
+        click.echo(f"dtrain: {notice}", err=True)
+    return dataclasses.replace(spec, wandb=mode)
 
 
 def _check_port(spec: config.LaunchSpec, explicit: bool) -> None:

@@ -7,6 +7,7 @@ same variables back in `dtrain.runtime.env`, so a name changes in both places or
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 import signal
 import time
@@ -33,6 +34,15 @@ ENV_RESUME = "DTRAIN_RESUME"
 ENV_ASYNC_CHECKPOINT = "DTRAIN_ASYNC_CHECKPOINT"
 ENV_PREEMPT_SIGNAL = "DTRAIN_PREEMPT_SIGNAL"
 ENV_MAX_REQUEUES = "DTRAIN_MAX_REQUEUES"
+ENV_WANDB = "DTRAIN_WANDB"
+ENV_WANDB_PROJECT = "DTRAIN_WANDB_PROJECT"
+ENV_WANDB_ENTITY = "DTRAIN_WANDB_ENTITY"
+ENV_WANDB_GROUP = "DTRAIN_WANDB_GROUP"
+ENV_TAGS = "DTRAIN_TAGS"
+ENV_TTY = "DTRAIN_TTY"  # the terminal of `dtrain launch`, where rank 0 draws its progress bar
+
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+DEFAULT_WANDB_PROJECT = "dtrain"
 
 DEFAULT_PREEMPT_SIGNAL = "USR2"
 DEFAULT_MAX_REQUEUES = 3
@@ -62,6 +72,11 @@ class LaunchSpec:
     async_checkpoint: bool = False
     preempt_signal: str = DEFAULT_PREEMPT_SIGNAL  # checkpoint and stop (and requeue under SLURM)
     max_requeues: int = DEFAULT_MAX_REQUEUES
+    wandb: str = "auto"
+    wandb_project: str = DEFAULT_WANDB_PROJECT
+    wandb_entity: str | None = None
+    wandb_group: str | None = None  # default: the run name for multi-node jobs
+    tags: tuple[str, ...] = ()
 
     @property
     def world_size(self) -> int:
@@ -156,6 +171,10 @@ def resolve(options: Mapping[str, Any], gpus_available: int, free_port: int) -> 
     max_requeues = _value(options, "max_requeues", DEFAULT_MAX_REQUEUES)
     if max_requeues < 0:
         raise UsageError(f"--max-requeues cannot be negative, got {max_requeues}.")
+    wandb = _value(options, "wandb", "auto")
+    if wandb not in WANDB_MODES:
+        raise UsageError(f"unknown --wandb mode {wandb!r}; use one of {', '.join(WANDB_MODES)}.")
+    tags = tuple(t.strip() for t in str(options.get("tags") or "").split(",") if t.strip())
     return LaunchSpec(
         recipe=recipe,
         recipe_args=tuple(options.get("recipe_args") or ()),
@@ -177,7 +196,44 @@ def resolve(options: Mapping[str, Any], gpus_available: int, free_port: int) -> 
         async_checkpoint=bool(options.get("async_checkpoint")),
         preempt_signal=preempt_signal,
         max_requeues=max_requeues,
+        wandb=wandb,
+        wandb_project=_value(options, "wandb_project", DEFAULT_WANDB_PROJECT),
+        wandb_entity=options.get("wandb_entity"),
+        wandb_group=_value(options, "wandb_group", name if nodes > 1 else None),
+        tags=tags,
     )
+
+
+def wandb_mode(requested: str, environ: Mapping[str, str]) -> tuple[str, str | None]:
+    """`resolve_wandb_mode` with this machine's facts: is wandb installed, what ~/.netrc holds."""
+    netrc = Path(environ.get("NETRC") or Path.home() / ".netrc")
+    try:
+        netrc_text = netrc.read_text()
+    except OSError:
+        netrc_text = ""
+    return resolve_wandb_mode(requested, environ, importlib.util.find_spec("wandb") is not None, netrc_text)
+
+
+def resolve_wandb_mode(requested: str, environ: Mapping[str, str], installed: bool,
+                       netrc_text: str) -> tuple[str, str | None]:
+    """`auto` -> online with credentials (WANDB_API_KEY or ~/.netrc), else offline; plus a notice to print.
+
+    WANDB_MODE, when set, decides `auto`, as it would for wandb itself.
+    """
+    if requested == "disabled":
+        return "disabled", None
+    if not installed:
+        if requested == "auto":
+            return "disabled", "wandb is not installed, so metrics go to metrics.jsonl only (pip install wandb)."
+        raise UsageError(f"--wandb {requested} needs the wandb package; pip install wandb, or pass --wandb disabled.")
+    if requested != "auto":
+        return requested, None
+    preset = environ.get("WANDB_MODE", "").lower()
+    if preset in ("online", "offline", "disabled"):
+        return preset, None
+    if environ.get("WANDB_API_KEY") or "api.wandb.ai" in netrc_text:
+        return "online", None
+    return "offline", "no W&B credentials found, so W&B logs offline into the run directory (wandb sync it later)."
 
 
 def parse_signal_name(text: str) -> str:
@@ -274,8 +330,12 @@ def worker_env(spec: LaunchSpec, cpus: int, base: Mapping[str, str]) -> dict[str
     env[ENV_RESUME] = spec.resume
     env[ENV_PREEMPT_SIGNAL] = spec.preempt_signal
     env[ENV_MAX_REQUEUES] = str(spec.max_requeues)
+    env[ENV_WANDB] = spec.wandb
+    env[ENV_WANDB_PROJECT] = spec.wandb_project
     optional = {ENV_MAX_STEPS: spec.max_steps, ENV_KEEP_LAST: spec.keep_last,
-                ENV_ASYNC_CHECKPOINT: "1" if spec.async_checkpoint else None}
+                ENV_ASYNC_CHECKPOINT: "1" if spec.async_checkpoint else None,
+                ENV_WANDB_ENTITY: spec.wandb_entity, ENV_WANDB_GROUP: spec.wandb_group,
+                ENV_TAGS: ",".join(spec.tags) or None}
     for key, value in optional.items():
         if value is None:
             env.pop(key, None)

@@ -68,8 +68,8 @@ def run_job(argv: Sequence[str], env: Mapping[str, str], launcher_log_path: str,
         previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         previous[preempt] = signal.signal(preempt, forward_preemption)
         pumps = [
-            threading.Thread(target=_pump, args=(proc.stdout, sys.stdout, launcher_log), daemon=True),
-            threading.Thread(target=_pump, args=(proc.stderr, sys.stderr, launcher_log), daemon=True),
+            threading.Thread(target=_pump, args=(proc.stdout, sys.stdout, launcher_log, False), daemon=True),
+            threading.Thread(target=_pump, args=(proc.stderr, sys.stderr, launcher_log, True), daemon=True),
         ]
         try:
             for pump in pumps:
@@ -83,23 +83,37 @@ def run_job(argv: Sequence[str], env: Mapping[str, str], launcher_log_path: str,
     if received:
         return 128 + received[0]
     if returncode != 0:
-        returncode = worker_exit_code(Path(launcher_log_path).read_text(errors="replace"), returncode)
-        report_failure(logs, returncode)
+        launcher_text = Path(launcher_log_path).read_text(errors="replace")
+        returncode = worker_exit_code(launcher_text, returncode)
+        report_failure(logs, launcher_text, returncode)
     return returncode
 
 
 _WORKER_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: \d+")
+_SUMMARY_FAILURE = re.compile(r"rank\s*: (\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*: (-?\d+)")
+
+
+def killed_worker(launcher_log: str) -> tuple[int, int] | None:
+    """(rank, signal) of a worker killed by a signal, from torchrun's failure summary.
+
+    Such a worker left no error file, and its peers' errors ("connection reset") are only the
+    consequence. SIGTERM does not count: torchrun sends it to the survivors when it tears down.
+    """
+    for rank, code in _SUMMARY_FAILURE.findall(launcher_log):
+        if int(code) < 0 and -int(code) != signal.SIGTERM:
+            return int(rank), -int(code)
+    return None
 
 
 def worker_exit_code(launcher_log: str, launcher_code: int) -> int:
-    """The first failed worker's own exit code (torchrun itself always exits 1).
-
-    A worker killed by signal N is reported as -N by torchrun and becomes 128 + N, as in a shell.
-    """
-    found = _WORKER_FAILED.findall(launcher_log)
-    if not found:
-        return launcher_code
-    code = int(found[-1])
+    """The failed worker's own exit code (torchrun itself always exits 1), as a shell reports it:
+    a worker killed by signal N gives 128 + N."""
+    killed = killed_worker(launcher_log)
+    if killed is not None:
+        return 128 + killed[1]
+    codes = [int(code) for _, code in _SUMMARY_FAILURE.findall(launcher_log)] or [
+        int(code) for code in _WORKER_FAILED.findall(launcher_log)[-1:]]
+    code = next((c for c in codes if c > 0), codes[0] if codes else 0)
     return 128 - code if code < 0 else code or launcher_code
 
 
@@ -140,30 +154,38 @@ def _signal_quietly(pid: int, signum: int) -> None:
 _RANK_PREFIX = re.compile(r"^(\[rank(\d+)\]: )+")
 
 
-def _pump(source: IO[str], console: IO[str], launcher_log: IO[str]) -> None:
+def _pump(source: IO[str], console: IO[str], launcher_log: IO[str], stderr: bool) -> None:
     for line in source:
-        console_line = console_text(line)
-        if console_line is None:
+        shown = console_text(line, stderr)
+        if shown is None:
             launcher_log.write(line)
-        else:
-            console.write(console_line)
+        elif shown:
+            console.write(shown)
             console.flush()
 
 
-def console_text(line: str) -> str | None:
-    """What the console shows of a line from torchrun: rank 0 bare, other ranks with one prefix,
-    torchrun's own lines not at all (None). Recent torch prefixes both the log file and the tee,
-    so a line may carry the prefix twice."""
+def console_text(line: str, stderr: bool) -> str | None:
+    """What the console shows of a line from torchrun: all of rank 0's, bare; only the warnings
+    and errors (stderr) of other ranks, with one prefix; "" for their stdout (it stays in their
+    log files); None for torchrun's own lines (they go to the launcher log). Recent torch
+    prefixes both the log file and the tee, so a line may carry the prefix twice."""
     match = _RANK_PREFIX.match(line)
     if match is None:
         return None
     rank = match.group(2)
     body = line[match.end():]
-    return body if rank == "0" else f"[rank{rank}]: {body}"
+    if rank == "0":
+        return body
+    return f"[rank{rank}]: {body}" if stderr else ""
 
 
-def report_failure(logs: Path, returncode: int) -> None:
-    """Tell the user which rank failed first and show its traceback unless the console had it."""
+def report_failure(logs: Path, launcher_log: str, returncode: int) -> None:
+    """Tell the user which rank failed first; its traceback is on the console already (stderr)."""
+    killed = killed_worker(launcher_log)
+    if killed is not None:
+        print(f"dtrain: rank {killed[0]} was killed by {signal.Signals(killed[1]).name}; the job stopped with "
+              f"exit code {returncode}. Per-rank logs: {logs}.", file=sys.stderr)
+        return
     failure = first_failure(logs)
     if failure is None:
         print(
@@ -172,12 +194,8 @@ def report_failure(logs: Path, returncode: int) -> None:
             file=sys.stderr,
         )
         return
-    if failure.usage:
-        if failure.local_rank != 0:  # rank 0's message is already on the console
-            print(f"dtrain: error: {failure.message}", file=sys.stderr)
+    if failure.usage:  # its one sentence is on the console already
         return
-    if failure.local_rank != 0:
-        sys.stderr.write(f"[rank{failure.rank}]: " + failure.traceback.rstrip("\n").replace("\n", f"\n[rank{failure.rank}]: ") + "\n")
     print(
         f"dtrain: rank {failure.rank} failed first ({failure.message}); the job stopped with exit code "
         f"{returncode}. Per-rank logs: {logs}.",

@@ -220,6 +220,7 @@ def launch_defaults(where: Allocation, recipe: str) -> dict[str, Any]:
         "master_addr": where.first_host,
         "master_port": rendezvous_port(where.job_id),
         "name": f"{Path(recipe).stem}-{where.job_id}",
+        "wandb_group": f"slurm-{where.job_id}",
     }
 
 
@@ -247,6 +248,10 @@ def launch_args(spec: config.LaunchSpec) -> list[str]:
         args += ["--keep-last", str(spec.keep_last)]
     if spec.async_checkpoint:
         args.append("--async-checkpoint")
+    args += ["--wandb", spec.wandb, "--wandb-project", spec.wandb_project]
+    optional = {"--wandb-entity": spec.wandb_entity, "--wandb-group": spec.wandb_group,
+                "--tags": ",".join(spec.tags) or None}
+    args += [item for flag, value in optional.items() if value is not None for item in (flag, value)]
     return args + ["--", *spec.recipe_args]
 
 

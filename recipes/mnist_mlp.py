@@ -84,6 +84,7 @@ def main() -> None:
             break
         scheduler.step()
         result = evaluate_classifier(ctx, model, test_set, loss_fn)
+        ctx.log_evaluation(step, epoch + 1, result)  # eval/epoch_NNN.json: report and confusion matrix
         ctx.log(step, {"epoch": epoch + 1, "eval/accuracy": result["accuracy"], "lr": scheduler.get_last_lr()[0]})
         ctx.print(f"Epoch {epoch + 1}/{args.epochs} | LR: {scheduler.get_last_lr()[0]:.2e} "
                   f"| Test Acc: {100 * result['accuracy']:.2f}%")

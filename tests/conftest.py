@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+# `--wandb auto` would write an offline W&B run for every launch (seconds each); the tests about
+# W&B pass `--wandb offline` explicitly, which wins over this.
+os.environ.setdefault("WANDB_MODE", "disabled")
+
 ROOT = Path(__file__).resolve().parent.parent
 DTRAIN = str(Path(sys.executable).parent / "dtrain")
 TEST_RECIPES = ROOT / "tests" / "recipes"

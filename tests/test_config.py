@@ -8,7 +8,7 @@ import pytest
 
 from dtrain import config, hardware
 from dtrain.errors import UsageError
-from dtrain.job import console_text, worker_exit_code
+from dtrain.job import console_text, killed_worker, worker_exit_code
 from dtrain.launchers import torchrun
 
 RECIPE = str(Path(__file__).resolve().parent.parent / "recipes" / "mnist_cnn.py")
@@ -71,7 +71,7 @@ def test_torchrun_argv_for_two_nodes():
     assert argv == [
         "python", "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "8", "--node-rank", "1",
         "--rdzv-backend", "c10d", "--rdzv-endpoint", "node-a:29500", "--rdzv-id", "big", "--rdzv-conf", "is_host=0",
-        "--max-restarts", "3", "--log-dir", "runs/big/logs", "--tee", "3", "--local-ranks-filter", "0",
+        "--max-restarts", "3", "--log-dir", "runs/big/logs", "--tee", "3",
         "--log-line-prefix-template", "[rank${rank}]: ", RECIPE, "--epochs", "2",
     ]
     assert env["DTRAIN_DEVICE"] == "cuda" and env["DTRAIN_RUN_DIR"] == "runs/big"
@@ -88,6 +88,7 @@ def test_worker_env_is_the_dtrain_contract_and_keeps_the_callers_variables():
         "DTRAIN_RUN_DIR": "runs/r", "DTRAIN_MAX_STEPS": "5", "DTRAIN_CHECKPOINT_EVERY": "100,epoch",
         "DTRAIN_RESUME": "auto", "DTRAIN_KEEP_LAST": "2", "DTRAIN_ASYNC_CHECKPOINT": "1",
         "DTRAIN_PREEMPT_SIGNAL": "USR1", "DTRAIN_MAX_REQUEUES": "5",
+        "DTRAIN_WANDB": "auto", "DTRAIN_WANDB_PROJECT": "dtrain",
     }
     plain = config.worker_env(resolve(cpu=True, name="r"), cpus=2, base={"DTRAIN_KEEP_LAST": "9"})
     assert "DTRAIN_KEEP_LAST" not in plain and "DTRAIN_ASYNC_CHECKPOINT" not in plain
@@ -124,11 +125,64 @@ def test_worker_exit_code_comes_from_the_first_failed_worker():
     assert worker_exit_code("nothing about workers", 1) == 1
 
 
-@pytest.mark.parametrize("line, shown", [
-    ("[rank0]: Epoch 1/1\n", "Epoch 1/1\n"),
-    ("[rank0]: [rank0]: Epoch 1/1\n", "Epoch 1/1\n"),
-    ("[rank3]: [rank3]: warning\n", "[rank3]: warning\n"),
-    ("W1127 06:20:40.549000 api.py:1028] Sending process 2396 closing signal SIGTERM\n", None),
+SUMMARY = """E1127 09:17:55 api.py:1002] failed (exitcode: -15) local_rank: 1 (pid: 29711) of binary: python3
+Failures:
+[0]:
+  time      : 2026-11-27_09:17:55
+  rank      : 0 (local_rank: 0)
+  exitcode  : -9 (pid: 29710)  (SIGKILL)
+------------------------------------------------------------
+Root Cause (first observed failure):
+[1]:
+  time      : 2026-11-27_09:17:54
+  rank      : 1 (local_rank: 1)
+  exitcode  : -15 (pid: 29711)  (SIGTERM)
+"""
+
+
+def test_a_killed_worker_is_the_cause_even_when_torchrun_blames_its_peer():
+    """Seen in CI: rank 0 SIGKILLed; rank 1 got "connection reset", wrote its error file, was
+    SIGTERMed by torchrun, and torchrun named rank 1 the root cause (its error file's time is
+    rounded down to the second)."""
+    assert killed_worker(SUMMARY) == (0, 9)
+    assert worker_exit_code(SUMMARY, 1) == 137
+    assert killed_worker(SUMMARY.replace("-9 (pid", "1 (pid")) is None
+    assert worker_exit_code(SUMMARY.replace("-9 (pid", "1 (pid"), 1) == 1
+
+
+@pytest.mark.parametrize("line, stderr, shown", [
+    ("[rank0]: Epoch 1/1\n", False, "Epoch 1/1\n"),
+    ("[rank0]: [rank0]: Epoch 1/1\n", False, "Epoch 1/1\n"),
+    ("[rank0]: a warning\n", True, "a warning\n"),
+    ("[rank3]: [rank3]: a warning\n", True, "[rank3]: a warning\n"),
+    ("[rank3]: [rank3]: Epoch 1/1\n", False, ""),  # other ranks' stdout stays in their log files
+    ("W1127 06:20:40.549000 api.py:1028] Sending process 2396 closing signal SIGTERM\n", True, None),
 ])
-def test_console_shows_rank_lines_once_and_hides_torchruns_own(line, shown):
-    assert console_text(line) == shown
+def test_console_shows_rank_0_and_other_ranks_errors_once_and_hides_torchruns_own(line, stderr, shown):
+    assert console_text(line, stderr) == shown
+
+
+@pytest.mark.parametrize("requested, environ, installed, netrc, expected", [
+    ("auto", {"WANDB_API_KEY": "k"}, True, "", ("online", None)),
+    ("auto", {}, True, "machine api.wandb.ai\n  login user\n  password k\n", ("online", None)),
+    ("auto", {"WANDB_MODE": "disabled", "WANDB_API_KEY": "k"}, True, "", ("disabled", None)),
+    ("offline", {"WANDB_API_KEY": "k"}, True, "", ("offline", None)),
+    ("disabled", {}, False, "", ("disabled", None)),
+])
+def test_wandb_mode_resolution(requested, environ, installed, netrc, expected):
+    assert config.resolve_wandb_mode(requested, environ, installed, netrc) == expected
+
+
+def test_wandb_auto_without_credentials_or_package_says_what_it_does_instead():
+    assert config.resolve_wandb_mode("auto", {}, True, "")[0] == "offline"
+    assert "offline" in config.resolve_wandb_mode("auto", {}, True, "")[1]
+    assert config.resolve_wandb_mode("auto", {}, False, "") == (
+        "disabled", "wandb is not installed, so metrics go to metrics.jsonl only (pip install wandb).")
+    with pytest.raises(UsageError, match="--wandb online needs the wandb package"):
+        config.resolve_wandb_mode("online", {}, False, "")
+
+
+def test_multi_node_runs_are_one_wandb_group_named_after_the_run():
+    assert resolve(gpus_available=8, gpus=8, nodes=2, name="big").wandb_group == "big"
+    assert resolve(cpu=True, name="small").wandb_group is None
+    assert resolve(cpu=True, name="small", wandb_group="g", tags="a, b,").tags == ("a", "b")

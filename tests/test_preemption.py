@@ -1,5 +1,5 @@
 """The preemption signal outside SLURM, with real torchrun processes: every rank checkpoints at
-the same step, the job stops, and the same command resumes from that checkpoint."""
+the same step, the job stops, and the same command resumes from that checkpoint (and W&B run)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import wandb_file
 from conftest import DTRAIN, ROOT, processes_with_env, run_dtrain
 
 
@@ -20,9 +21,11 @@ def logged_steps(run_dir: Path) -> list[int]:
     return [r["step"] for r in records if "epoch" not in r]
 
 
-def start(run_dir: Path, recipe: str, *recipe_args: str) -> subprocess.Popen:
+def start(run_dir: Path, recipe: str, *args: str) -> subprocess.Popen:
+    """`args`: launch options, then the recipe's (from the first that the recipe takes, --epochs)."""
+    split = args.index("--epochs")
     return subprocess.Popen([DTRAIN, "launch", recipe, "--cpu", "--nproc", "2", "--run-dir", str(run_dir),
-                             "--checkpoint-every", "never", "--", *recipe_args],
+                             "--checkpoint-every", "never", *args[:split], "--", *args[split:]],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -33,10 +36,11 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen) -> None:
         time.sleep(0.1)
 
 
-def test_signal_to_dtrain_launch_checkpoints_every_rank_and_the_rerun_resumes(tmp_path, data_dir):
+def test_signal_to_dtrain_launch_checkpoints_every_rank_and_the_rerun_continues_the_run(tmp_path, data_dir):
+    """Also the W&B side (offline): the rerun continues the same W&B run, with no step logged twice."""
     run_dir = tmp_path / "run"
     args = ("--epochs", "1", "--limit-train-batches", "120", "--log-every", "10", "--data-dir", data_dir)
-    proc = start(run_dir, "recipes/mnist_cnn.py", *args)
+    proc = start(run_dir, "recipes/mnist_cnn.py", "--wandb", "offline", *args)
     wait_for_step(run_dir, 20, proc)
     proc.send_signal(signal.SIGUSR2)
     out, err = proc.communicate(timeout=120)
@@ -50,12 +54,18 @@ def test_signal_to_dtrain_launch_checkpoints_every_rank_and_the_rerun_resumes(tm
     assert processes_with_env("DTRAIN_RUN_DIR", str(run_dir)) == []
 
     rerun = run_dtrain("launch", "recipes/mnist_cnn.py", "--cpu", "--nproc", "2", "--run-dir", str(run_dir),
-                       "--checkpoint-every", "never", "--", *args)
+                       "--checkpoint-every", "never", "--wandb", "offline", "--", *args)
     assert rerun.returncode == 0, rerun.stderr
     assert f"resuming from {run_dir}/checkpoints/step_{step:07d} (step {step}," in rerun.stdout
-    steps = logged_steps(run_dir)
-    assert steps == list(range(10, 121, 10))  # continued from the checkpoint: no step trained twice or skipped
+    assert logged_steps(run_dir) == list(range(10, 121, 10))  # continued: no step trained twice or skipped
     assert (run_dir / "model.pth").is_file()
+
+    files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and {wandb_file.run_id(f) for f in files} == {(run_dir / "wandb" / "run-id").read_text().strip()}
+    first, second = ([row["_step"] for row in wandb_file.history(f) if "samples_per_s" in row] for f in files)
+    saved = json.loads((run_dir / "checkpoints" / f"step_{step:07d}" / "trainer_state.json").read_text())
+    assert saved["wandb_run_id"] == wandb_file.run_id(files[0])
+    assert first[-1] == step and first + second == list(range(10, 121, 10))
 
 
 def test_signal_reaching_one_rank_stops_all_ranks_at_the_same_step(tmp_path, data_dir):

@@ -67,7 +67,8 @@ def test_a_job_step_gives_nodes_node_rank_and_the_rendezvous_host():
     where = slurm.allocation(STEP_ENV)
     assert where == slurm.Allocation(job_id="4242", nodes=2, in_step=True, node_rank=1, first_host="gpu003")
     assert slurm.launch_defaults(where, "recipes/mnist_cnn.py") == {
-        "nodes": 2, "node_rank": 1, "master_addr": "gpu003", "master_port": 10000 + 4242, "name": "mnist_cnn-4242"}
+        "nodes": 2, "node_rank": 1, "master_addr": "gpu003", "master_port": 10000 + 4242, "name": "mnist_cnn-4242",
+        "wandb_group": "slurm-4242"}
     assert slurm.allocation({}) is None
 
 

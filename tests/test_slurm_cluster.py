@@ -160,9 +160,10 @@ def test_dtrain_launch_in_a_hand_written_batch_script_spreads_over_the_nodes(slu
     job_id = slurm_cmd(slurm_env, "sbatch", "--parsable", "--nodes=2", f"--output={out}", f"--chdir={tmp_path}",
                        "--wrap", f"{DTRAIN} launch {TEST_RECIPES / 'report_process.py'} --cpu --name wrapped").strip()
     fields = wait_for(slurm_env, job_id, ("COMPLETED", "FAILED", "CANCELLED"))
-    text = out.read_text()
-    assert fields["JobState"] == "COMPLETED", text
-    assert "rank=0 world=2" in text and "rank=1 world=2" in text
+    assert fields["JobState"] == "COMPLETED", out.read_text()
+    # One launcher per node, each with one process: the two local-rank-0 logs hold global ranks 0 and 1.
+    logs = sorted(p.read_text() for p in (tmp_path / "runs" / "wrapped" / "logs").glob("*/attempt_0/0/stdout.log"))
+    assert len(logs) == 2 and "rank=0 world=2" in "".join(logs) and "rank=1 world=2" in "".join(logs)
 
 
 def test_submit_to_a_controller_that_does_not_answer(slurm_env, tmp_path):

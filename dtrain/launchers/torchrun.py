@@ -16,8 +16,8 @@ def build_command(
 ) -> tuple[list[str], dict[str, str]]:
     """Return the torchrun argv and the environment for it.
 
-    Every rank's stdout/stderr is written under `<run_dir>/logs/` (`--tee 3`); only the node's
-    local rank 0 reaches the console. Rendezvous is c10d in every case: on one node at a free
+    Every rank's stdout/stderr is written under `<run_dir>/logs/` and teed (`--tee 3`); `job.py`
+    shows rank 0's output and only the other ranks' stderr. Rendezvous is c10d in every case: on one node at a free
     local port, on many at MASTER_ADDR:MASTER_PORT with node rank 0 hosting the store.
     """
     argv = [
@@ -32,7 +32,6 @@ def build_command(
         "--max-restarts", str(spec.max_restarts),
         "--log-dir", spec.log_dir,
         "--tee", "3",
-        "--local-ranks-filter", "0",
         "--log-line-prefix-template", LINE_PREFIX_TEMPLATE,
         spec.recipe,
         *spec.recipe_args,

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import platform
 import random
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Mapping, NoReturn
@@ -34,7 +36,7 @@ from dtrain.runtime import dist as dist_utils
 from dtrain.runtime.checkpoint import TrainState
 from dtrain.runtime.data import make_loader
 from dtrain.runtime.env import WorkerEnv, read_env
-from dtrain.runtime.logging import MetricsWriter, write_config
+from dtrain.runtime.logging import Progress, RunLogger, write_config
 from dtrain.runtime.precision import Precision
 from dtrain.runtime.preemption import Preemption
 
@@ -67,10 +69,14 @@ class Context:
         self.run_dir = Path(env.run_dir)
         self.models: list[nn.Module] = []
         self.optimizers: list[torch.optim.Optimizer] = []
-        self._metrics = MetricsWriter(self.run_dir / "metrics.jsonl") if self.is_main else None
         rank_nodes = self._gather(env.node_name)
+        self.logger: RunLogger | None = None
+        self.progress: Progress | None = None
         if self.is_main:
-            write_config(self.run_dir / "config.yaml", self.describe(config, rank_nodes))
+            run_config = self.describe(config, rank_nodes)
+            write_config(self.run_dir / "config.yaml", run_config)
+            self.logger = RunLogger(self.run_dir, env, run_config)
+            self.progress = Progress(env.tty)
         self.checkpointer = checkpoint.Checkpointer(self.run_dir, env.rank, env.world_size, keep_last=env.keep_last,
                                                     async_save=env.async_checkpoint)
         self._rng_to_restore: dict | None = None
@@ -104,6 +110,10 @@ class Context:
             "slurm_job_id": self.env.slurm_job_id,
             "slurm_requeues": self.env.requeue_count,
             "device": self.device.type,
+            "hardware": _hardware(self.device),
+            "git": _git_commit(Path(sys.argv[0]).resolve().parent),
+            "launch": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.env).items()
+                       if k not in ("rank", "local_rank", "node_name", "tty")},
             "precision": self.env.precision,
             "seed": self.env.seed,
             "run_dir": str(self.run_dir),
@@ -146,6 +156,13 @@ class Context:
     def backward(self, loss: torch.Tensor) -> None:
         self.precision.backward(loss)
 
+    def grad_norm(self) -> torch.Tensor:
+        """Total gradient norm of the prepared models (after undoing fp16 loss scaling), without clipping."""
+        for optimizer in self.optimizers:
+            self.precision.unscale(optimizer)
+        grads = [p.grad for model in self.models for p in model.parameters() if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip the prepared models' gradients by total norm, after undoing fp16 loss scaling."""
         for optimizer in self.optimizers:
@@ -166,9 +183,13 @@ class Context:
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Record scalars (rank 0). Tensors are read here, so call it at an interval, not every step."""
-        if self._metrics is None:
-            return
-        self._metrics.write(step, {k: _scalar(v) for k, v in metrics.items()})
+        if self.logger is not None:
+            self.logger.log(step, {k: _scalar(v) for k, v in metrics.items()})
+
+    def log_evaluation(self, step: int, epoch: int, result: Mapping[str, Any]) -> None:
+        """Rank 0: the evaluation's report and confusion matrix to `eval/epoch_NNN.json` and W&B."""
+        if self.logger is not None:
+            self.logger.log_evaluation(step, epoch, result)
 
     @staticmethod
     def unwrap(model: nn.Module) -> nn.Module:
@@ -205,7 +226,8 @@ class Context:
 
     def save_checkpoint(self, state: TrainState, scheduler=None, metrics: Mapping[str, Any] | None = None) -> None:
         """Checkpoint the prepared model and optimizers, `scheduler`, the GradScaler and `state`."""
-        state = dataclasses.replace(state, world_size=self.world_size)
+        state = dataclasses.replace(state, world_size=self.world_size,
+                                    wandb_run_id=self.logger.run_id if self.logger is not None else None)
         self.checkpointer.save(state, self._model(), self.optimizers, self._extras(scheduler),
                                {k: _scalar(v) for k, v in (metrics or {}).items()})
 
@@ -265,10 +287,36 @@ class Context:
 
     def close(self) -> None:
         self.checkpointer.wait()
-        if self._metrics is not None:
-            self._metrics.close()
+        if self.logger is not None:
+            self.logger.close()
         dist_utils.destroy_process_group()
 
 
 def _scalar(value: Any) -> Any:
     return value.item() if isinstance(value, torch.Tensor) else value
+
+
+def _hardware(device: torch.device) -> list[str]:
+    """The accelerators of this node (rank 0's), or its CPU model."""
+    if device.type == "cuda":
+        return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    try:
+        models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")]
+    except OSError:
+        models = []
+    return [f"{models[0] if models else platform.processor() or 'CPU'} ({os.cpu_count()} CPUs)"]
+
+
+def _git_commit(folder: Path) -> str | None:
+    """HEAD of the git repository holding the recipe, with "-dirty" for uncommitted changes; None outside git."""
+    try:
+        head = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty else "")

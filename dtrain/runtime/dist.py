@@ -78,13 +78,20 @@ def install_error_hook(rank: int) -> None:
         _write_error_file(rank, str(exc) if usage else f"{exc_type.__name__}: {exc}", text, usage)
         if usage:
             print(f"dtrain: error: {exc}", file=sys.stderr)
-            return
-        if issubclass(exc_type, dist.DistBackendError) or _peer_vanished(exc):
+        elif issubclass(exc_type, dist.DistBackendError) or _peer_vanished(exc):
             print(f"rank {rank}: stopped because another rank failed ({exc_type.__name__}).", file=sys.stderr)
-            return
-        previous(exc_type, exc, tb)
+        else:
+            previous(exc_type, exc, tb)
+        _mark_wandb_run_failed()
 
     sys.excepthook = hook
+
+
+def _mark_wandb_run_failed() -> None:
+    """Rank 0 with W&B (never imported here otherwise): end the run as failed, not finished."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.run.finish(exit_code=1)
 
 
 def _peer_vanished(exc: BaseException) -> bool:

@@ -34,6 +34,12 @@ class WorkerEnv:
     slurm_job_id: str | None
     requeue_count: int  # SLURM_RESTART_COUNT: how often SLURM has requeued this job
     node_name: str  # SLURM's name for this node (logical nodes may share a hostname), else the hostname
+    wandb: str  # auto, online, offline, disabled
+    wandb_project: str
+    wandb_entity: str | None
+    wandb_group: str | None
+    tags: tuple[str, ...]
+    tty: str | None  # where rank 0 may draw a progress bar
 
 
 def read_env(environ: Mapping[str, str] | None = None) -> WorkerEnv:
@@ -68,4 +74,10 @@ def read_env(environ: Mapping[str, str] | None = None) -> WorkerEnv:
         slurm_job_id=environ.get("SLURM_JOB_ID") or None,
         requeue_count=requeue_count,
         node_name=environ.get("SLURMD_NODENAME") or socket.gethostname(),
+        wandb=environ.get(config.ENV_WANDB) or "auto",
+        wandb_project=environ.get(config.ENV_WANDB_PROJECT) or config.DEFAULT_WANDB_PROJECT,
+        wandb_entity=environ.get(config.ENV_WANDB_ENTITY) or None,
+        wandb_group=environ.get(config.ENV_WANDB_GROUP) or None,
+        tags=tuple(t for t in (environ.get(config.ENV_TAGS) or "").split(",") if t),
+        tty=environ.get(config.ENV_TTY) or None,
     )

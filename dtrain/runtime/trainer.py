@@ -31,6 +31,7 @@ class Trainer:
     def fit(self, train_set: Dataset, eval_set: Dataset | None = None, *, epochs: int,
             limit_train_batches: int | None = None) -> dict[str, float]:
         """Train for `epochs` (resuming per --resume), evaluating after each; one line per epoch on rank 0."""
+        self.epochs = epochs
         loader = self.ctx.loader(train_set, self.batch_size, shuffle=True, train=True)
         state = self.ctx.resume(self.scheduler)
         start_epoch, start_batch = 0, 0
@@ -46,9 +47,13 @@ class Trainer:
             line = f"Epoch {epoch + 1}/{epochs} | Train Loss: {train_loss:.4f}"
             if eval_set is not None:
                 result = self.evaluate(eval_set)
-                self.metrics.update({"eval/loss": result["loss"], "eval/accuracy": result["accuracy"]})
+                self.metrics.update({"eval/loss": result["loss"], "eval/accuracy": result["accuracy"],
+                                     "eval/macro_f1": result["report"]["macro_avg"]["f1"]})
                 line += f" | Test Acc: {100 * result['accuracy']:.2f}%"
+                self.ctx.log_evaluation(self.step, epoch + 1, result)
             self.ctx.log(self.step, self.metrics)
+            if self.ctx.progress is not None:
+                self.ctx.progress.clear()
             self.ctx.print(line)
             if complete and self.scheduler is not None:
                 self.scheduler.step()
@@ -80,19 +85,27 @@ class Trainer:
             with self.ctx.autocast():
                 loss = self.loss_fn(self.model(x), y)
             self.ctx.backward(loss)
+            logging_step = (self.step + 1) % self.log_every == 0
+            grad_norm = self.ctx.grad_norm() if logging_step else None
             self.ctx.step()
             loss_sum += loss.detach()
             window_sum += loss.detach()
             done += 1
             self.step += 1
             window_steps += 1
-            if self.step % self.log_every == 0:
+            if logging_step and self.ctx.is_main:  # the loop's only host synchronisation, every log_every steps
                 elapsed = time.perf_counter() - window_start
+                window_loss = (window_sum / window_steps).item()
+                samples_per_s = window_steps * len(x) * self.ctx.world_size / elapsed
                 self.ctx.log(self.step, {
-                    "train/loss": window_sum / window_steps,
+                    "train/loss": window_loss,
                     "lr": self.optimizer.param_groups[0]["lr"],
-                    "samples_per_s": window_steps * len(x) * self.ctx.world_size / elapsed,
+                    "grad_norm": grad_norm,
+                    "samples_per_s": samples_per_s,
+                    "step_time_s": elapsed / window_steps,
                 })
+                self.ctx.progress.update(epoch + 1, self.epochs, done, end, self.step, window_loss, samples_per_s)
+            if logging_step:
                 window_sum.zero_()
                 window_start, window_steps = time.perf_counter(), 0
             if done < end and self.ctx.preempted(self.step):

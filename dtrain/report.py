@@ -1,0 +1,152 @@
+"""`dtrain report RUN_DIR`: plots and a text summary of a run, from its files alone.
+
+Reads `metrics.jsonl` and the evaluation reports `eval/epoch_NNN.json`; writes PNG files into
+`RUN_DIR/report/`. No torch here: the classification report is computed from a confusion
+matrix, which is also what the runtime uses after gathering one across ranks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from dtrain.errors import UsageError
+
+
+def classification_report(confusion: list[list[int]]) -> dict[str, Any]:
+    """Per-class precision, recall, F1 and support from a confusion matrix (rows: true, columns: predicted).
+
+    A ratio with a zero denominator is 0, as in scikit-learn's default. Also the macro and
+    support-weighted averages, and the accuracy.
+    """
+    classes = len(confusion)
+    support = [sum(row) for row in confusion]
+    predicted = [sum(confusion[t][p] for t in range(classes)) for p in range(classes)]
+    per_class = {}
+    for c in range(classes):
+        tp = confusion[c][c]
+        precision = tp / predicted[c] if predicted[c] else 0.0
+        recall = tp / support[c] if support[c] else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[str(c)] = {"precision": precision, "recall": recall, "f1": f1, "support": support[c]}
+    total = sum(support)
+
+    def average(weights: list[float]) -> dict[str, float]:
+        norm = sum(weights) or 1
+        return {k: sum(w * per_class[str(c)][k] for c, w in enumerate(weights)) / norm
+                for k in ("precision", "recall", "f1")}
+
+    return {
+        "classes": per_class,
+        "macro_avg": average([1.0] * classes),
+        "weighted_avg": average([float(s) for s in support]),
+        "accuracy": sum(confusion[c][c] for c in range(classes)) / total if total else 0.0,
+        "support": total,
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The table scikit-learn's classification_report prints."""
+    lines = [f"{'':>12} {'precision':>9} {'recall':>9} {'f1-score':>9} {'support':>9}", ""]
+    for name, row in report["classes"].items():
+        lines.append(f"{name:>12} {row['precision']:>9.4f} {row['recall']:>9.4f} {row['f1']:>9.4f} {row['support']:>9}")
+    lines.append("")
+    lines.append(f"{'accuracy':>12} {'':>9} {'':>9} {report['accuracy']:>9.4f} {report['support']:>9}")
+    for name in ("macro_avg", "weighted_avg"):
+        row = report[name]
+        label = name.replace("_", " ")
+        lines.append(f"{label:>12} {row['precision']:>9.4f} {row['recall']:>9.4f} {row['f1']:>9.4f} {report['support']:>9}")
+    return "\n".join(lines)
+
+
+def read_run(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(metrics.jsonl records, evaluation reports by epoch) of a run directory."""
+    metrics_path = run_dir / "metrics.jsonl"
+    if not metrics_path.is_file():
+        raise UsageError(f"{run_dir} has no metrics.jsonl; pass the run directory of a dtrain run (runs/NAME).")
+    lines = metrics_path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):  # only a last line cut short by a crash is expected
+                raise UsageError(f"{metrics_path} line {number} is not JSON; the file is damaged.") from None
+    evaluations = [json.loads(p.read_text()) for p in sorted((run_dir / "eval").glob("epoch_*.json"))]
+    return records, evaluations
+
+
+def summary(run_dir: Path, records: list[dict], evaluations: list[dict]) -> str:
+    train = [r for r in records if "train/loss" in r and "epoch" not in r]
+    lines = [f"run {run_dir.name}: {max((r['step'] for r in records), default=0)} steps, {len(evaluations)} evaluation(s)"]
+    if train:
+        speed = [r["samples_per_s"] for r in train if "samples_per_s" in r]
+        lines.append(f"  train loss {train[0]['train/loss']:.4f} (step {train[0]['step']}) -> "
+                     f"{train[-1]['train/loss']:.4f} (step {train[-1]['step']})"
+                     + (f", median {sorted(speed)[len(speed) // 2]:,.0f} samples/s" if speed else ""))
+    if evaluations:
+        best = max(evaluations, key=lambda e: e["accuracy"])
+        last = evaluations[-1]
+        lines.append(f"  accuracy {100 * last['accuracy']:.2f}% after epoch {last['epoch']} "
+                     f"(best {100 * best['accuracy']:.2f}%, epoch {best['epoch']})")
+        lines += ["", format_report(last["report"])]
+    return "\n".join(lines)
+
+
+def plot(run_dir: Path, records: list[dict], evaluations: list[dict]) -> list[Path]:
+    """Loss and learning rate per step, accuracy per epoch, the last confusion matrix: PNG files."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError("dtrain report draws with matplotlib; pip install matplotlib (or 'dtrain[report]').") from None
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    written = []
+    train = [r for r in records if "train/loss" in r and "epoch" not in r]
+    if train:
+        fig, (loss_ax, lr_ax) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+        loss_ax.plot([r["step"] for r in train], [r["train/loss"] for r in train])
+        loss_ax.set_ylabel("train loss")
+        loss_ax.set_yscale("log")
+        with_lr = [r for r in train if "lr" in r]
+        lr_ax.plot([r["step"] for r in with_lr], [r["lr"] for r in with_lr], color="tab:orange")
+        lr_ax.set_ylabel("learning rate")
+        lr_ax.set_xlabel("step")
+        fig.suptitle(f"{run_dir.name}: training")
+        written.append(_save(fig, out / "loss_lr.png"))
+    if evaluations:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([e["epoch"] for e in evaluations], [100 * e["accuracy"] for e in evaluations], marker="o")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{run_dir.name}: evaluation")
+        written.append(_save(fig, out / "accuracy.png"))
+
+        last = evaluations[-1]
+        matrix = last["confusion_matrix"]
+        names = list(last["report"]["classes"])
+        fig, ax = plt.subplots(figsize=(1 + 0.6 * len(names), 0.6 * len(names) + 0.8))
+        ax.imshow(matrix, cmap="Blues")
+        for t, row in enumerate(matrix):
+            for p, count in enumerate(row):
+                ax.text(p, t, str(count), ha="center", va="center", fontsize=7,
+                        color="white" if count > max(map(max, matrix)) / 2 else "black")
+        ax.set_xticks(range(len(names)), names)
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"confusion matrix, epoch {last['epoch']}")
+        written.append(_save(fig, out / "confusion_matrix.png"))
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return path
