@@ -202,7 +202,8 @@ def slurm_submit(ctx: click.Context, profile: str | None, dry_run: bool, cluster
     _, preempt_signal, _ = slurm.parse_signal(job.signal)
     launch_options = {**options, "name": name, "run_dir": run_dir, "nodes": job.nodes, "node_rank": 0,
                       "gpus": job.gpus_per_node or None, "preempt_signal": preempt_signal,
-                      "max_requeues": _value_or(options.get("max_requeues"), cluster.get("max_requeues"))}
+                      "max_requeues": cluster.get("max_requeues") if options.get("max_requeues") is None
+                      else options["max_requeues"]}
     spec = config.resolve(launch_options, gpus_available=job.gpus_per_node, free_port=config.DEFAULT_MASTER_PORT)
     script = slurm.render_script(template_text, job, spec, python=sys.executable, workdir=os.getcwd())
     if dry_run:
@@ -269,10 +270,6 @@ def slurm_logs(job_id: str, follow: bool) -> int:
     if not path.is_file():
         click.echo(f"dtrain: job {job_id} has not written {path} yet ({slurm.job_state(fields)}).", err=True)
     return 0
-
-
-def _value_or(value: Any, fallback: Any) -> Any:
-    return fallback if value is None else value
 
 
 def _relative(path: str) -> str:

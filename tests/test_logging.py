@@ -141,3 +141,13 @@ def test_rank_0_draws_a_progress_bar_on_a_terminal(tmp_path, data_dir):
     frames = [f for f in text.split("\r") if f.startswith("[")]
     assert len(frames) >= 6 and "batch 30/30 | step 30" in frames[-1], text
     assert "Epoch 1/1 | Train Loss" in text
+
+
+def test_a_failed_job_ends_its_wandb_run_as_failed_and_shows_one_traceback(tmp_path):
+    run_dir = tmp_path / "fail"
+    out = run_dtrain("launch", str(TEST_RECIPES / "fail_on_rank1.py"), "--cpu", "--nproc", "2",
+                     "--run-dir", str(run_dir), "--wandb", "offline", timeout=120)
+    assert out.returncode == 1
+    assert (out.stdout + out.stderr).count("Traceback (most recent call last)") == 1  # not wandb's second copy
+    exits = [r.exit for r in wandb_file.records(offline_runs(run_dir)[0]) if r.WhichOneof("record_type") == "exit"]
+    assert [e.exit_code for e in exits] == [1]

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 import traceback
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -82,16 +83,18 @@ def install_error_hook(rank: int) -> None:
             print(f"rank {rank}: stopped because another rank failed ({exc_type.__name__}).", file=sys.stderr)
         else:
             previous(exc_type, exc, tb)
-        _mark_wandb_run_failed()
+        for callback in _failure_callbacks:
+            callback()
 
     sys.excepthook = hook
 
 
-def _mark_wandb_run_failed() -> None:
-    """Rank 0 with W&B (never imported here otherwise): end the run as failed, not finished."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.run.finish(exit_code=1)
+_failure_callbacks: list[Callable[[], None]] = []
+
+
+def on_uncaught_error(callback: Callable[[], None]) -> None:
+    """Run `callback` after the error hook has reported an uncaught exception (e.g. mark a W&B run failed)."""
+    _failure_callbacks.append(callback)
 
 
 def _peer_vanished(exc: BaseException) -> bool:

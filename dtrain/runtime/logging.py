@@ -22,6 +22,7 @@ from typing import IO, Any, Mapping
 import yaml
 
 from dtrain import config
+from dtrain.runtime import dist as dist_utils
 from dtrain.runtime.env import WorkerEnv
 
 PROGRESS_LINE_EVERY_S = 10.0  # plain progress lines (no terminal): at most one per this many seconds
@@ -50,8 +51,9 @@ def write_config(path: Path, config: Mapping[str, Any]) -> None:
 def wandb_run_id(run_dir: Path) -> str:
     """The run directory's W&B run id, created on first use (8 characters, like wandb's own)."""
     path = run_dir / "wandb" / "run-id"
-    if path.is_file() and path.read_text().strip():
-        return path.read_text().strip()
+    existing = path.read_text().strip() if path.is_file() else ""
+    if existing:
+        return existing
     run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name("run-id.tmp")
@@ -78,14 +80,21 @@ class RunLogger:
                 entity=env.wandb_entity, group=env.wandb_group, tags=list(env.tags) or None,
                 name=run_dir.name, config=dict(run_config), settings=wandb.Settings(console="off"),
             )
-            sys.excepthook = dtrain_hook  # which marks the W&B run failed (dtrain.runtime.dist)
+            sys.excepthook = dtrain_hook
+            dist_utils.on_uncaught_error(self._mark_failed)
             # wandb.log costs the training loop about a millisecond; a thread of its own takes it off the loop.
             self._queue: queue.SimpleQueue = queue.SimpleQueue()
             self._sender = threading.Thread(target=self._send, name="dtrain-wandb", daemon=True)
             self._sender.start()
 
+    def _mark_failed(self) -> None:
+        """After an uncaught exception: end the W&B run as failed, not finished."""
+        if self.wandb_run is not None:
+            self.wandb_run.finish(exit_code=1)
+            self.wandb_run = None
+
     def _send(self) -> None:
-        while (item := self._queue.get()) is not None:
+        while (item := self._queue.get()) is not None and self.wandb_run is not None:
             self.wandb_run.log(item[1], step=item[0])
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:

@@ -86,7 +86,7 @@ class Trainer:
                 loss = self.loss_fn(self.model(x), y)
             self.ctx.backward(loss)
             logging_step = (self.step + 1) % self.log_every == 0
-            grad_norm = self.ctx.grad_norm() if logging_step else None
+            grad_norm = self.ctx.grad_norm() if logging_step and self.ctx.is_main else None
             self.ctx.step()
             loss_sum += loss.detach()
             window_sum += loss.detach()
