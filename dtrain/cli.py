@@ -51,10 +51,22 @@ _run_options = _options(
     click.option("--wandb-entity", default=None, help="W&B entity (team or user)."),
     click.option("--wandb-group", default=None, help="W&B group (default: the run name for multi-node jobs)."),
     click.option("--tags", default=None, help="W&B tags, comma-separated."),
+    click.option("--strategy", type=click.Choice(config.STRATEGIES), default=None,
+                 help="ddp (default), fsdp (FSDP2: fully_shard per block), or DeepSpeed ZeRO stage 1, 2 or 3."),
+    click.option("--grad-accum", type=int, default=None,
+                 help="Accumulate gradients over N micro-batches per optimizer step (default 1)."),
+    click.option("--activation-checkpointing", is_flag=False, flag_value="auto", default=None,
+                 metavar="[CLASS,...]",
+                 help="Recompute these blocks' activations in backward; no value: the recipe's blocks."),
+    click.option("--deepspeed-config", default=None, metavar="JSON",
+                 help="DeepSpeed config for the ZeRO strategies (default launch/deepspeed/zeroN.json); "
+                      "must agree with --strategy, --precision and --grad-accum."),
 )
 
 # Options of the commands that start processes through a launcher (`launch`, `slurm submit`).
 _job_options = _options(
+    click.option("--launcher", type=click.Choice(config.LAUNCHERS), default=None,
+                 help="What starts the processes: torchrun (default), accelerate launch, or the deepspeed launcher."),
     click.option("--nproc", type=int, default=None, help="CPU processes per node (with --cpu)."),
     click.option("--nodes", type=int, default=None, help="Number of nodes (default 1)."),
     click.option("--max-restarts", type=int, default=None, help="Restart the whole group up to K times when a worker dies."),
@@ -86,7 +98,7 @@ def cli() -> None:
                    "under SLURM rank 0 then requeues the job.")
 @click.pass_context
 def launch(ctx: click.Context, profile: str | None, dry_run: bool, **options: Any) -> int:
-    """Run RECIPE on every process through torchrun. Recipe arguments go after `--`.
+    """Run RECIPE on every process (torchrun, accelerate or deepspeed). Recipe arguments go after `--`.
 
     \b
     dtrain launch recipes/mnist_cnn.py --gpus 8
@@ -100,7 +112,8 @@ def launch(ctx: click.Context, profile: str | None, dry_run: bool, **options: An
         implied = slurm.launch_defaults(allocation, options["recipe"])
         options = {**options, **{k: v for k, v in implied.items() if options.get(k) is None}}
     gpus_available = 0 if options.get("cpu") else hardware.visible_gpus()
-    spec = config.resolve(options, gpus_available, hardware.free_port())
+    capability = hardware.min_compute_capability() if gpus_available and options.get("precision") == "bf16" else None
+    spec = config.resolve(options, gpus_available, hardware.free_port(), compute_capability=capability)
 
     if allocation is not None and not allocation.in_step:
         # In an allocation (salloc, or an sbatch script) but not in a step: one task per node via srun.
@@ -115,20 +128,24 @@ def launch(ctx: click.Context, profile: str | None, dry_run: bool, **options: An
                              "put SLURM's commands on PATH.") from None
 
     _check_port(spec, explicit_port or allocation is not None)
-    from dtrain.launchers import torchrun
+    from dtrain import launchers
 
     spec = _resolve_wandb(spec, quiet=dry_run)
-    argv, env = torchrun.build_command(spec, hardware.cpu_count(), os.environ)
+    argv, env, files = launchers.build(spec, hardware.cpu_count(), os.environ)
     if sys.stdout.isatty():
         env[config.ENV_TTY] = os.ttyname(sys.stdout.fileno())
     if dry_run:
+        for path, text in files.items():
+            click.echo(f"# {path}\n{text.rstrip()}\n")
         click.echo(_render_command(argv, env, os.environ))
         return 0
     if spec.device == "cpu" and not options.get("cpu"):
         click.echo("dtrain: no GPU is visible; running 1 CPU process (use --cpu --nproc N for more).", err=True)
-    from dtrain.job import run_job
+    from dtrain.job import run_job, write_files
 
-    return run_job(argv, env, spec.launcher_log, preempt_signal=spec.preempt_signal)
+    write_files(files)
+    return run_job(argv, env, spec.launcher_log, preempt_signal=spec.preempt_signal,
+                   rank_prefixes=spec.launcher == "torchrun")
 
 
 @cli.command()
@@ -215,10 +232,15 @@ def slurm_submit(ctx: click.Context, profile: str | None, dry_run: bool, cluster
     slurm_dir.mkdir(parents=True, exist_ok=True)
     script_path = slurm_dir / "job.sbatch"
     script_path.write_text(script)
+    files = config.launch_files(spec)  # read by every node's `dtrain launch`
+    from dtrain.job import write_files
+
+    write_files(files)
     try:
         job_id = slurm.submit(script_path)
     except UsageError:
-        script_path.unlink()
+        for path in [script_path, *map(Path, files)]:
+            path.unlink()
         for path in created:
             path.rmdir()
         raise

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import re
 import signal
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -20,7 +21,10 @@ from dtrain.checkpoints import check_committed
 from dtrain.errors import UsageError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+LAUNCHERS = ("torchrun", "accelerate", "deepspeed")
+STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
 DEFAULT_MASTER_PORT = 29500
+DEEPSPEED_CONFIGS = Path(__file__).resolve().parent.parent / "launch" / "deepspeed"  # zero1.json ... zero3.json
 
 # The DTRAIN_* contract between launcher and workers (documented in docs/architecture.md).
 ENV_DEVICE = "DTRAIN_DEVICE"
@@ -40,6 +44,11 @@ ENV_WANDB_ENTITY = "DTRAIN_WANDB_ENTITY"
 ENV_WANDB_GROUP = "DTRAIN_WANDB_GROUP"
 ENV_TAGS = "DTRAIN_TAGS"
 ENV_TTY = "DTRAIN_TTY"  # the terminal of `dtrain launch`, where rank 0 draws its progress bar
+ENV_STRATEGY = "DTRAIN_STRATEGY"
+ENV_GRAD_ACCUM = "DTRAIN_GRAD_ACCUM"
+ENV_ACTIVATION_CHECKPOINTING = "DTRAIN_ACTIVATION_CHECKPOINTING"  # "auto" (the recipe's blocks) or class names
+ENV_DEEPSPEED_CONFIG = "DTRAIN_DEEPSPEED_CONFIG"  # the merged DeepSpeed JSON, for ZeRO strategies
+ENV_WORLD_SIZE = "DTRAIN_WORLD_SIZE"  # the world launched; a worker that sees another one stops
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 DEFAULT_WANDB_PROJECT = "dtrain"
@@ -77,10 +86,20 @@ class LaunchSpec:
     wandb_entity: str | None = None
     wandb_group: str | None = None  # default: the run name for multi-node jobs
     tags: tuple[str, ...] = ()
+    launcher: str = "torchrun"
+    strategy: str = "ddp"
+    grad_accum: int = 1
+    activation_checkpointing: str | None = None  # "auto": the recipe's blocks; else comma-separated class names
+    deepspeed_config: Mapping[str, Any] | None = None  # merged, for zero1-3; written to <run_dir>/deepspeed.json
 
     @property
     def world_size(self) -> int:
         return self.nodes * self.nproc
+
+    @property
+    def deepspeed_config_path(self) -> str | None:
+        """Where the launch writes the merged DeepSpeed JSON that the workers read."""
+        return str(Path(self.run_dir) / "deepspeed.json") if self.deepspeed_config is not None else None
 
     @property
     def log_dir(self) -> str:
@@ -122,20 +141,27 @@ def default_name(recipe: str, now: float | None = None) -> str:
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-def resolve(options: Mapping[str, Any], gpus_available: int, free_port: int) -> LaunchSpec:
+def installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def resolve(options: Mapping[str, Any], gpus_available: int, free_port: int,
+            is_installed: Callable[[str], bool] = installed, compute_capability: float | None = None) -> LaunchSpec:
     """Turn merged CLI/profile options into a LaunchSpec, or raise UsageError saying what to fix.
 
-    `gpus_available` and `free_port` come from the machine; passing them in keeps this pure.
+    `gpus_available`, `free_port`, `is_installed` and the GPUs' `compute_capability` come from
+    the machine; passing them in keeps this pure.
     """
     recipe = options["recipe"]
     if not Path(recipe).is_file():
         raise UsageError(f"recipe {recipe} does not exist; pass the path of a Python training script.")
 
-    precision = _value(options, "precision", "fp32")
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}.")
-
     device, nproc = _resolve_processes(options, gpus_available)
+    parallel = resolve_parallelism(options, device, is_installed)
+    precision = parallel.precision
+    if precision == "bf16" and device == "cuda" and compute_capability is not None and compute_capability < 8.0:
+        raise UsageError(f"bf16 needs GPUs of compute capability 8.0 (Ampere) or newer, and this machine has "
+                         f"{compute_capability}; use --precision fp16 or fp32.")
 
     nodes = _value(options, "nodes", 1)
     node_rank = _value(options, "node_rank", 0)
@@ -201,7 +227,133 @@ def resolve(options: Mapping[str, Any], gpus_available: int, free_port: int) -> 
         wandb_entity=options.get("wandb_entity"),
         wandb_group=_value(options, "wandb_group", name if nodes > 1 else None),
         tags=tags,
+        launcher=parallel.launcher,
+        strategy=parallel.strategy,
+        grad_accum=parallel.grad_accum,
+        activation_checkpointing=parallel.activation_checkpointing,
+        deepspeed_config=parallel.deepspeed_config,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Parallelism:
+    launcher: str
+    strategy: str
+    precision: str
+    grad_accum: int
+    activation_checkpointing: str | None
+    deepspeed_config: Mapping[str, Any] | None
+
+
+_CLASS_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def resolve_parallelism(options: Mapping[str, Any], device: str,
+                        is_installed: Callable[[str], bool] = installed) -> Parallelism:
+    """Launcher, strategy, precision, accumulation and activation checkpointing, checked together.
+
+    A DeepSpeed JSON (--deepspeed-config) fills what the command line leaves out (ZeRO stage,
+    precision, accumulation) and must agree with what it sets.
+    """
+    launcher = _value(options, "launcher", "torchrun")
+    if launcher not in LAUNCHERS:
+        raise UsageError(f"unknown launcher {launcher!r}; use one of {', '.join(LAUNCHERS)}.")
+    user_config, source = None, None
+    if options.get("deepspeed_config"):
+        source = str(options["deepspeed_config"])
+        user_config = load_deepspeed_json(source)
+    stage = (user_config or {}).get("zero_optimization", {}).get("stage")
+    strategy = options.get("strategy") or (f"zero{stage}" if isinstance(stage, int) and user_config else "ddp")
+    if strategy not in STRATEGIES:
+        raise UsageError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}.")
+    if user_config is not None and not strategy.startswith("zero"):
+        raise UsageError(f"--deepspeed-config is for the ZeRO strategies, not --strategy {strategy}; "
+                         "pass --strategy zero1, zero2 or zero3, or leave the DeepSpeed file out.")
+    precision = options.get("precision") or _deepspeed_precision(user_config) or "fp32"
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}.")
+    accumulation = (user_config or {}).get("gradient_accumulation_steps")
+    grad_accum = _value(options, "grad_accum", accumulation if isinstance(accumulation, int) else 1)
+    if grad_accum < 1:
+        raise UsageError(f"--grad-accum must be at least 1, got {grad_accum}.")
+    for package, needed_by in (("deepspeed", f"--strategy {strategy}" if strategy.startswith("zero") else None),
+                               ("deepspeed", "--launcher deepspeed" if launcher == "deepspeed" else None),
+                               ("accelerate", "--launcher accelerate" if launcher == "accelerate" else None)):
+        if needed_by and not is_installed(package):
+            raise UsageError(f"{needed_by} needs {package}, which is not installed here; pip install {package}"
+                             + (", or use --strategy ddp or fsdp." if package == "deepspeed" and "strategy" in needed_by
+                                else ", or leave --launcher out (torchrun)."))
+    deepspeed_config = None
+    if strategy.startswith("zero"):
+        if options.get("async_checkpoint"):
+            raise UsageError(f"--async-checkpoint is not available with --strategy {strategy}: DeepSpeed writes its "
+                             "checkpoint files itself, synchronously; leave --async-checkpoint out.")
+        if precision == "fp16" and device == "cpu":
+            raise UsageError(f"DeepSpeed cannot train in fp16 on CPU; with --strategy {strategy} use --precision "
+                             "bf16 or fp32, or use --strategy ddp or fsdp for fp16.")
+        base = user_config if user_config is not None else load_deepspeed_json(
+            str(DEEPSPEED_CONFIGS / f"{strategy}.json"))
+        deepspeed_config = merge_deepspeed_config(base, int(strategy[-1]), precision, grad_accum,
+                                                  source or f"launch/deepspeed/{strategy}.json")
+    checkpointing = options.get("activation_checkpointing")
+    if checkpointing is not None and checkpointing != "auto":
+        names = [n.strip() for n in str(checkpointing).split(",") if n.strip()]
+        bad = [n for n in names if not _CLASS_NAME_RE.match(n)]
+        if not names or bad:
+            raise UsageError(f"--activation-checkpointing takes class names such as TransformerEncoderLayer "
+                             f"(comma-separated), not {checkpointing!r}; or give no value for the recipe's blocks.")
+        checkpointing = ",".join(names)
+    return Parallelism(launcher, strategy, precision, grad_accum, checkpointing, deepspeed_config)
+
+
+def load_deepspeed_json(path: str) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"DeepSpeed config {path} does not exist; pass a JSON file such as "
+                         "launch/deepspeed/zero2.json.") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read DeepSpeed config {path} ({exc.strerror}).") from None
+    except ValueError as exc:
+        raise UsageError(f"DeepSpeed config {path} is not valid JSON ({exc}); fix the syntax.") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"DeepSpeed config {path} must be a JSON object, not a {type(data).__name__}.")
+    return data
+
+
+def _deepspeed_precision(config: Mapping[str, Any] | None) -> str | None:
+    for name in ("bf16", "fp16"):
+        if (config or {}).get(name, {}).get("enabled") is True:
+            return name
+    return None
+
+
+def merge_deepspeed_config(config: Mapping[str, Any], stage: int, precision: str, grad_accum: int,
+                           source: str) -> dict[str, Any]:
+    """`config` with dtrain's ZeRO stage, precision and accumulation; a value the file fixed otherwise
+    is a contradiction ("auto" is not). The micro-batch size is the recipe's, set by the runtime."""
+    merged = json.loads(json.dumps(config))
+    for section in ("optimizer", "scheduler"):
+        if section in merged:
+            raise UsageError(f"{source} has a {section!r} section, but dtrain uses the recipe's own {section}; "
+                             f"remove that section.")
+    zero = merged.setdefault("zero_optimization", {})
+    if zero.get("stage", "auto") not in ("auto", stage):
+        raise UsageError(f"{source} sets zero_optimization.stage {zero['stage']}, but --strategy zero{stage} asks "
+                         f"for stage {stage}; make them agree (or leave --strategy out to use the file's).")
+    zero["stage"] = stage
+    for name in ("bf16", "fp16"):
+        section = merged.setdefault(name, {})
+        if section.get("enabled", "auto") not in ("auto", name == precision):
+            raise UsageError(f"{source} sets {name}.enabled {str(section['enabled']).lower()}, but --precision is "
+                             f"{precision}; make them agree (or leave --precision out to use the file's).")
+        section["enabled"] = name == precision
+    if merged.get("gradient_accumulation_steps", "auto") not in ("auto", grad_accum):
+        raise UsageError(f"{source} sets gradient_accumulation_steps {merged['gradient_accumulation_steps']}, but "
+                         f"--grad-accum is {grad_accum}; make them agree (or leave --grad-accum out).")
+    merged["gradient_accumulation_steps"] = grad_accum
+    merged.setdefault("zero_allow_untested_optimizer", True)  # any torch optimizer: the recipe chooses it
+    return merged
 
 
 def wandb_mode(requested: str, environ: Mapping[str, str]) -> tuple[str, str | None]:
@@ -319,6 +471,14 @@ def _resolve_run_dir(options: Mapping[str, Any], recipe: str, nodes: int) -> tup
     return name, str(Path("runs") / name)
 
 
+def launch_files(spec: LaunchSpec) -> dict[str, str]:
+    """Files a launch writes into the run directory before starting anything: path -> text."""
+    files = {}
+    if spec.deepspeed_config is not None:
+        files[spec.deepspeed_config_path] = json.dumps(spec.deepspeed_config, indent=2) + "\n"
+    return files
+
+
 def worker_env(spec: LaunchSpec, cpus: int, base: Mapping[str, str]) -> dict[str, str]:
     """The environment every worker process gets: the caller's, plus the DTRAIN_* contract."""
     env = dict(base)
@@ -332,7 +492,12 @@ def worker_env(spec: LaunchSpec, cpus: int, base: Mapping[str, str]) -> dict[str
     env[ENV_MAX_REQUEUES] = str(spec.max_requeues)
     env[ENV_WANDB] = spec.wandb
     env[ENV_WANDB_PROJECT] = spec.wandb_project
+    env[ENV_STRATEGY] = spec.strategy
+    env[ENV_GRAD_ACCUM] = str(spec.grad_accum)
+    env[ENV_WORLD_SIZE] = str(spec.world_size)
     optional = {ENV_MAX_STEPS: spec.max_steps, ENV_KEEP_LAST: spec.keep_last,
+                ENV_ACTIVATION_CHECKPOINTING: spec.activation_checkpointing,
+                ENV_DEEPSPEED_CONFIG: spec.deepspeed_config_path,
                 ENV_ASYNC_CHECKPOINT: "1" if spec.async_checkpoint else None,
                 ENV_WANDB_ENTITY: spec.wandb_entity, ENV_WANDB_GROUP: spec.wandb_group,
                 ENV_TAGS: ",".join(spec.tags) or None}

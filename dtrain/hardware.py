@@ -28,6 +28,20 @@ def visible_gpus(environ: dict[str, str] | None = None) -> int:
     return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
 
 
+def min_compute_capability() -> float | None:
+    """The lowest CUDA compute capability among this machine's GPUs (8.0 = Ampere, the first with
+    bf16), from nvidia-smi; None when it cannot tell."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        values = [float(line) for line in out.stdout.split() if out.returncode == 0]
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
+    return min(values, default=None)
+
+
 def count_visible_devices(value: str) -> int:
     """Count entries of a CUDA_VISIBLE_DEVICES value; CUDA stops at the first invalid one (-1)."""
     count = 0

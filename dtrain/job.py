@@ -35,8 +35,21 @@ class RankFailure:
     usage: bool  # a UsageError: one sentence, no traceback
 
 
-def run_job(argv: Sequence[str], env: Mapping[str, str], launcher_log_path: str, preempt_signal: str = "USR2") -> int:
+def write_files(files: Mapping[str, str]) -> None:
+    """The launcher's input files, each replaced atomically (every node of a job may write the same one)."""
+    for path, text in files.items():
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(f"{path}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+
+def run_job(argv: Sequence[str], env: Mapping[str, str], launcher_log_path: str, preempt_signal: str = "USR2",
+            rank_prefixes: bool = True) -> int:
     """Start the launcher, stream rank 0 to the console, and return the job's exit code.
+
+    Without `rank_prefixes` (launchers other than torchrun do not tag lines with their rank),
+    every line goes to the console and the launcher log.
 
     The preemption signal goes to the workers themselves (they checkpoint and stop together);
     torchrun ignores it, since by default it would die of it and orphan them. Under SLURM the
@@ -68,8 +81,10 @@ def run_job(argv: Sequence[str], env: Mapping[str, str], launcher_log_path: str,
         previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         previous[preempt] = signal.signal(preempt, forward_preemption)
         pumps = [
-            threading.Thread(target=_pump, args=(proc.stdout, sys.stdout, launcher_log, False), daemon=True),
-            threading.Thread(target=_pump, args=(proc.stderr, sys.stderr, launcher_log, True), daemon=True),
+            threading.Thread(target=_pump, args=(proc.stdout, sys.stdout, launcher_log, False, rank_prefixes),
+                             daemon=True),
+            threading.Thread(target=_pump, args=(proc.stderr, sys.stderr, launcher_log, True, rank_prefixes),
+                             daemon=True),
         ]
         try:
             for pump in pumps:
@@ -154,12 +169,12 @@ def _signal_quietly(pid: int, signum: int) -> None:
 _RANK_PREFIX = re.compile(r"^(\[rank(\d+)\]: )+")
 
 
-def _pump(source: IO[str], console: IO[str], launcher_log: IO[str], stderr: bool) -> None:
+def _pump(source: IO[str], console: IO[str], launcher_log: IO[str], stderr: bool, rank_prefixes: bool) -> None:
     for line in source:
-        shown = console_text(line, stderr)
-        if shown is None:
+        shown = console_text(line, stderr) if rank_prefixes else line
+        if shown is None or not rank_prefixes:
             launcher_log.write(line)
-        elif shown:
+        if shown:
             console.write(shown)
             console.flush()
 

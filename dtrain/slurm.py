@@ -249,8 +249,10 @@ def launch_args(spec: config.LaunchSpec) -> list[str]:
     if spec.async_checkpoint:
         args.append("--async-checkpoint")
     args += ["--wandb", spec.wandb, "--wandb-project", spec.wandb_project]
+    args += ["--launcher", spec.launcher, "--strategy", spec.strategy, "--grad-accum", str(spec.grad_accum)]
     optional = {"--wandb-entity": spec.wandb_entity, "--wandb-group": spec.wandb_group,
-                "--tags": ",".join(spec.tags) or None}
+                "--tags": ",".join(spec.tags) or None, "--activation-checkpointing": spec.activation_checkpointing,
+                "--deepspeed-config": spec.deepspeed_config_path}
     args += [item for flag, value in optional.items() if value is not None for item in (flag, value)]
     return args + ["--", *spec.recipe_args]
 

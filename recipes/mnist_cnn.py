@@ -19,14 +19,14 @@ from dtrain.runtime import Context, Trainer, setup
 
 
 class MNISTCNN(nn.Module):
-    def __init__(self):
+    def __init__(self, dropout: float = 0.5):
         super().__init__()
         self.conv_layers = nn.Sequential(
             nn.Conv2d(1, 32, kernel_size=3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, kernel_size=3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         )
         self.fc_layers = nn.Sequential(
-            nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 10),
+            nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Dropout(dropout), nn.Linear(128, 10),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64, help="per process")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--dropout", type=float, default=0.5)
     parser.add_argument("--data-dir", default=os.environ.get("DTRAIN_DATA_DIR", "./data"))
     parser.add_argument("--limit-train-batches", type=int, default=None, help="batches per epoch, per process")
     parser.add_argument("--log-every", type=int, default=50, help="log the training loss every N steps")
@@ -73,7 +74,7 @@ def main() -> None:
     args = parse_args()
     ctx = setup(config=vars(args))
     train_set, test_set = load_mnist(ctx, args.data_dir, args.loader)
-    model = MNISTCNN()
+    model = MNISTCNN(args.dropout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     trainer = Trainer(ctx, model, optimizer, nn.CrossEntropyLoss(), batch_size=args.batch_size,
                       log_every=args.log_every)

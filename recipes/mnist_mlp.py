@@ -65,12 +65,16 @@ def main() -> None:
         ctx.restore_rng()  # once the iterator exists: a resumed run draws the same random numbers
         while batch < last and not (ctx.max_steps and step >= ctx.max_steps):
             x, y = next(batches)
-            with ctx.autocast():
-                loss = loss_fn(model(x), y)
-            ctx.backward(loss)
+            with ctx.accumulate(last=batch + 1 == last):  # --grad-accum N: N micro-batches per step
+                with ctx.autocast():
+                    loss = loss_fn(model(x), y)
+                ctx.backward(loss)
+            batch += 1
+            if not ctx.sync_gradients:
+                continue
             grad_norm = ctx.clip_grad_norm(args.clip)
             ctx.step()
-            step, batch = step + 1, batch + 1
+            step += 1
             if step % args.log_every == 0:
                 ctx.log(step, {"train/loss": loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0]})
             preempted = ctx.preempted(step)  # e.g. SLURM's pre-timeout signal: checkpoint, requeue, exit

@@ -16,6 +16,8 @@ import pytest
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 ROOT = Path(__file__).resolve().parent.parent
+# DeepSpeed compiles a communication extension on first use (~40 s): once per checkout, not per test.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 DTRAIN = str(Path(sys.executable).parent / "dtrain")
 TEST_RECIPES = ROOT / "tests" / "recipes"
 

@@ -11,6 +11,11 @@ from dtrain.config import LaunchSpec, worker_env
 LINE_PREFIX_TEMPLATE = "[rank${rank}]: "
 
 
+def files(spec: LaunchSpec) -> dict[str, str]:
+    """torchrun reads no file of dtrain's."""
+    return {}
+
+
 def build_command(
     spec: LaunchSpec, cpus: int, base_env: Mapping[str, str], python: str = sys.executable
 ) -> tuple[list[str], dict[str, str]]:

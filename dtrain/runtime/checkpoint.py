@@ -20,8 +20,10 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -47,6 +49,7 @@ from dtrain.checkpoints import (
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 TRAINER_STATE = "trainer_state.json"
+DEEPSPEED_TAG = "deepspeed"  # the folder of a checkpoint that a DeepSpeed engine writes its own files into
 CRASH_ENV = "DTRAIN_TEST_CRASH_AT"  # "point:rank:save" — SIGKILL this rank there, for crash tests only
 
 
@@ -103,8 +106,13 @@ class Checkpointer:
         self._crash_point("started")
         if self.rank == 0:
             _write_json(partial / TRAINER_STATE, dataclasses.asdict(state))
-        model_state, optim_state = get_state_dict(model, list(optimizers))
-        state_dict = {"model": model_state, "optim": optim_state, "extras": extras}
+        if _is_deepspeed(model):  # the engine writes its own shards, with its own layout
+            model.save_checkpoint(str(partial), tag=DEEPSPEED_TAG, save_latest=False)
+            _fsync_tree(partial / DEEPSPEED_TAG, self.rank)
+            state_dict = {"extras": extras}
+        else:
+            model_state, optim_state = get_state_dict(model, list(optimizers))
+            state_dict = {"model": model_state, "optim": optim_state, "extras": extras}
         writer = FileSystemWriter(partial, sync_files=True)
         if self.async_save:
             future = dcp.async_save(state_dict, storage_writer=writer, process_group=self._group)
@@ -124,8 +132,8 @@ class Checkpointer:
 
     def _commit(self, partial: Path, state: TrainState, metrics: dict) -> None:
         self._crash_point("shards")
-        own = [p for p in partial.iterdir() if _written_by(p.name, self.rank)]
-        digests = {p.name: dict(zip(("size", "sha256"), file_digest(p))) for p in own}
+        own = [p for p in _files(partial) if _writer(p.name) == self.rank]
+        digests = {str(p.relative_to(partial)): dict(zip(("size", "sha256"), file_digest(p))) for p in own}
         gathered: list[dict] = [{} for _ in range(self.world_size)]
         if self.world_size > 1:
             dist.all_gather_object(gathered, digests)
@@ -134,7 +142,7 @@ class Checkpointer:
         if self.rank == 0:
             self._crash_point("gathered")
             files = {name: info for part in gathered for name, info in part.items()}
-            unlisted = sorted({p.name for p in partial.iterdir()} - set(files))
+            unlisted = sorted({str(p.relative_to(partial)) for p in _files(partial)} - set(files))
             if unlisted:
                 raise CheckpointError(f"checkpoint {partial} holds files no rank accounted for: {unlisted}")
             manifest = {"format": "dtrain-checkpoint-1", **dataclasses.asdict(state),
@@ -206,9 +214,15 @@ def load(path: Path, model: nn.Module, optimizers: Sequence[torch.optim.Optimize
 
     The RNG state is None when the world size changed: there is no rank to take it from.
     """
-    model_state, optim_state = get_state_dict(model, list(optimizers))
-    state_dict = {"model": model_state, "optim": optim_state, "extras": extras}
+    deepspeed = _is_deepspeed(model)
+    if deepspeed:
+        state_dict = {"extras": extras}
+    else:
+        model_state, optim_state = get_state_dict(model, list(optimizers))
+        state_dict = {"model": model_state, "optim": optim_state, "extras": extras}
     try:
+        if deepspeed:
+            _load_deepspeed(model, path)
         dcp.load(state_dict, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
     except CheckpointError:
         raise
@@ -216,7 +230,8 @@ def load(path: Path, model: nn.Module, optimizers: Sequence[torch.optim.Optimize
         detail = next((line.strip() for line in reversed(str(exc).splitlines()) if line.strip()), type(exc).__name__)
         raise CheckpointError(f"checkpoint {path} does not fit this model and optimizer ({detail}); "
                               "start a new run (another --name) or pass --resume never.") from None
-    set_state_dict(model, list(optimizers), model_state_dict=model_state, optim_state_dict=optim_state)
+    if not deepspeed:
+        set_state_dict(model, list(optimizers), model_state_dict=model_state, optim_state_dict=optim_state)
     state = TrainState(**json.loads((path / TRAINER_STATE).read_text()))
     rng_file = path / f"rng_rank{rank}.json"
     rng = json.loads(rng_file.read_text()) if state.world_size == world_size and rng_file.exists() else None
@@ -226,6 +241,9 @@ def load(path: Path, model: nn.Module, optimizers: Sequence[torch.optim.Optimize
 def export_model(path: Path, out: Path) -> int:
     """Write the checkpoint's model as a plain `state_dict` file; returns the number of tensors."""
     verify(path)
+    if (path / DEEPSPEED_TAG).is_dir():
+        raise CheckpointError(f"checkpoint {path} was written by DeepSpeed ZeRO, whose files dtrain does not export; "
+                              f"use the run's model.pth, or DeepSpeed's {path / 'zero_to_fp32.py'}.")
     read_metadata_safely(path)
     state: dict[str, Any] = {}
     _load_state_dict(state, storage_reader=SafeReader(path), planner=SafeEmptyPlanner(), no_dist=True)
@@ -338,12 +356,63 @@ class SafeEmptyPlanner(_WeightsOnlyBytes, _EmptyStateDictLoadPlanner):
     pass
 
 
+# --- DeepSpeed engines ------------------------------------------------------------------------------
+
+def _is_deepspeed(model: nn.Module) -> bool:
+    engine = getattr(sys.modules.get("deepspeed"), "DeepSpeedEngine", None)
+    return engine is not None and isinstance(model, engine)
+
+
+def _load_deepspeed(engine: nn.Module, path: Path) -> None:
+    """Load the engine's own files, unpickling only plain data (DeepSpeed itself would run any pickle)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnly(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(_deepspeed_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    engine.checkpoint_engine = WeightsOnly()
+    loaded, _ = engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                       load_lr_scheduler_states=False)
+    if loaded is None:
+        raise CheckpointError(f"checkpoint {path} holds no DeepSpeed state in {DEEPSPEED_TAG}/.")
+
+
+def _deepspeed_globals() -> list:
+    """The plain data types DeepSpeed puts in its checkpoint files (found with
+    `torch.serialization.get_unsafe_globals_in_checkpoint` on ZeRO 1-3, fp32 and bf16)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _fsync_tree(folder: Path, rank: int) -> None:
+    """DeepSpeed does not fsync: make this rank's files in `folder` durable before the commit."""
+    for file in _files(folder):
+        if _writer(file.name) == rank:
+            with open(file, "rb") as fh:
+                os.fsync(fh.fileno())
+    if rank == 0:
+        _fsync_dir(folder)
+
+
 # --- small durable writes --------------------------------------------------------------------------
 
-def _written_by(name: str, rank: int) -> bool:
-    if name.startswith(f"__{rank}_") or name == f"rng_rank{rank}.json":
-        return True
-    return rank == 0 and name in (".metadata", TRAINER_STATE)
+_WRITER = re.compile(r"^__(\d+)_|zero_pp_rank_(\d+)_|^rng_rank(\d+)\.json$")
+
+
+def _writer(name: str) -> int:
+    """The rank that writes a checkpoint file, from its name: DCP's `__R_*.distcp`, DeepSpeed's
+    `*zero_pp_rank_R_*`, dtrain's `rng_rankR.json`; rank 0 writes every other file."""
+    match = _WRITER.search(name)
+    return int(next(g for g in match.groups() if g is not None)) if match else 0
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
 def _write_json(path: Path, value: Any, text: str | None = None) -> None:

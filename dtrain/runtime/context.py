@@ -5,17 +5,20 @@ A custom loop reads like plain PyTorch with a few calls swapped in:
     ctx = setup(config=vars(args))
     model, optimizer = ctx.prepare(model, optimizer)
     for x, y in ctx.loader(train_set, batch_size=64):
-        with ctx.autocast():
-            loss = loss_fn(model(x), y)
-        ctx.backward(loss)
-        ctx.clip_grad_norm(1.0)
-        ctx.step()
+        with ctx.accumulate():                  # only needed for --grad-accum
+            with ctx.autocast():
+                loss = loss_fn(model(x), y)
+            ctx.backward(loss)
+        if ctx.sync_gradients:
+            ctx.clip_grad_norm(1.0)
+            ctx.step()
     ctx.save_model(model)
     ctx.close()
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import platform
@@ -23,15 +26,15 @@ import random
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Mapping, NoReturn
+from typing import Any, Iterator, Mapping, NoReturn, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 import dtrain
-from dtrain.runtime import checkpoint
+from dtrain.errors import UsageError
+from dtrain.runtime import activation_checkpointing, checkpoint
 from dtrain.runtime import dist as dist_utils
 from dtrain.runtime.checkpoint import TrainState
 from dtrain.runtime.data import make_loader
@@ -39,6 +42,7 @@ from dtrain.runtime.env import WorkerEnv, read_env
 from dtrain.runtime.logging import Progress, RunLogger, write_config
 from dtrain.runtime.precision import Precision
 from dtrain.runtime.preemption import Preemption
+from dtrain.runtime.strategy import make_strategy
 
 
 def setup(config: Mapping[str, Any] | None = None) -> "Context":
@@ -47,6 +51,7 @@ def setup(config: Mapping[str, Any] | None = None) -> "Context":
     seed_everything(env.seed + env.rank)
     device = dist_utils.pick_device(env)
     dist_utils.install_error_hook(env.rank)
+    dist_utils.check_world(env)
     dist_utils.init_process_group(env, device)
     return Context(env, device, config or {})
 
@@ -65,7 +70,11 @@ class Context:
     def __init__(self, env: WorkerEnv, device: torch.device, config: Mapping[str, Any]):
         self.env = env
         self.device = device
-        self.precision = Precision(env.precision, device)
+        self.strategy = make_strategy(env, device)
+        self.precision = Precision(env.precision, device, scaler=self.strategy.loss_scaler)
+        self._accumulated = 0  # micro-batches since the last optimizer step
+        self._sync = True  # whether the current micro-batch ends an accumulation window
+        self._accumulating = False  # whether the loop uses `accumulate` (needed with --grad-accum > 1)
         self.run_dir = Path(env.run_dir)
         self.models: list[nn.Module] = []
         self.optimizers: list[torch.optim.Optimizer] = []
@@ -132,15 +141,20 @@ class Context:
         if self.is_main:
             print(*args, **kwargs, flush=True)
 
-    def prepare(self, model: nn.Module, *optimizers: torch.optim.Optimizer):
-        """Move the model to this rank's device and wrap it for data parallelism.
+    def prepare(self, model: nn.Module, *optimizers: torch.optim.Optimizer, blocks: Sequence[type | str] = (),
+                batch_size: int | None = None):
+        """Move the model to this rank's device and wrap it for the --strategy (DDP, FSDP2 or a ZeRO engine).
 
-        Call it before creating optimizers, or pass them in: the optimizer keeps the same
-        parameter objects either way, since DDP wraps rather than copies.
+        `blocks` are the model's repeated blocks (classes or class names): FSDP shards each, and
+        `--activation-checkpointing` without names checkpoints them. `batch_size` (per process)
+        fills DeepSpeed's micro-batch size. Pass the optimizers here (ZeRO needs its one).
         """
-        model = model.to(self.device)
-        if self.world_size > 1:
-            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        recipe_blocks = tuple(b if isinstance(b, str) else b.__name__ for b in blocks)
+        if self.env.activation_checkpointing:
+            checkpointed = activation_checkpointing.checkpointed_classes(self.env.activation_checkpointing,
+                                                                         recipe_blocks, model)
+            activation_checkpointing.apply(model, checkpointed)
+        model = self.strategy.wrap(model, recipe_blocks, optimizers, batch_size)
         self.models.append(model)
         self.optimizers.extend(optimizers)
         return (model, *optimizers) if optimizers else model
@@ -153,28 +167,54 @@ class Context:
     def autocast(self):
         return self.precision.autocast()
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.precision.backward(loss)
+    @contextlib.contextmanager
+    def accumulate(self, last: bool = False) -> Iterator[None]:
+        """Around the forward and backward of one micro-batch.
 
-    def grad_norm(self) -> torch.Tensor:
-        """Total gradient norm of the prepared models (after undoing fp16 loss scaling), without clipping."""
-        for optimizer in self.optimizers:
-            self.precision.unscale(optimizer)
-        grads = [p.grad for model in self.models for p in model.parameters() if p.grad is not None]
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        With --grad-accum N, gradients are synchronised across ranks and applied only on every
+        N-th micro-batch, or on `last` (the end of the epoch); `sync_gradients` says whether this
+        one does, and `step()` is a no-op otherwise.
+        """
+        self._accumulating = True
+        self._accumulated += 1
+        self._sync = last or self._accumulated >= self.env.grad_accum
+        for model in self.models:
+            self.strategy.set_gradient_sync(model, self._sync)
+        yield
+
+    @property
+    def sync_gradients(self) -> bool:
+        return self._sync
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of the loss, averaged over the accumulation window (scaled for fp16)."""
+        self.strategy.backward(self._model(), loss, self.precision, self.env.grad_accum)
+
+    def grad_norm(self) -> torch.Tensor | None:
+        """Total gradient norm of the prepared model (after undoing fp16 loss scaling), without clipping.
+
+        Call it on every rank, between backward and step; it is None except on rank 0. Under
+        ZeRO, ask `step(measure_grad_norm=True)` instead.
+        """
+        return self.strategy.grad_norm(self._model(), self.optimizers, self.precision, self.is_main)
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """Clip the prepared models' gradients by total norm, after undoing fp16 loss scaling."""
-        for optimizer in self.optimizers:
-            self.precision.unscale(optimizer)
-        parameters = [p for model in self.models for p in model.parameters()]
-        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        """Clip the prepared model's gradients by total norm, after undoing fp16 loss scaling."""
+        return self.strategy.clip_grad_norm(self._model(), self.optimizers, self.precision, max_norm)
 
-    def step(self) -> None:
-        """Apply the gradients of every prepared optimizer, then clear them."""
-        for optimizer in self.optimizers:
-            self.precision.step(optimizer)
-            optimizer.zero_grad(set_to_none=True)
+    def step(self, measure_grad_norm: bool = False) -> torch.Tensor | None:
+        """Apply the gradients and clear them, at the end of an accumulation window (else a no-op).
+
+        With `measure_grad_norm` (on every rank), returns the total gradient norm on rank 0.
+        """
+        if self.env.grad_accum > 1 and not self._accumulating:
+            raise UsageError("--grad-accum needs a loop that wraps each micro-batch in `with ctx.accumulate(...)`; "
+                             "use Trainer, or add it to the recipe's loop.")
+        if not self._sync:
+            return None
+        norm = self.strategy.step(self._model(), self.optimizers, self.precision, measure_grad_norm, self.is_main)
+        self._accumulated = 0
+        return norm
 
     def all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
         if self.world_size > 1:
@@ -191,15 +231,14 @@ class Context:
         if self.logger is not None:
             self.logger.log_evaluation(step, epoch, result)
 
-    @staticmethod
-    def unwrap(model: nn.Module) -> nn.Module:
-        return model.module if isinstance(model, DistributedDataParallel) else model
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return self.strategy.unwrap(model)
 
     def save_model(self, model: nn.Module, path: str | os.PathLike | None = None) -> Path:
         """Write the plain `state_dict` (no `module.` prefix) that `model.load_state_dict` takes."""
         path = Path(path) if path is not None else self.run_dir / "model.pth"
+        state = self.strategy.full_state_dict(model)  # a collective for sharded strategies
         if self.is_main:
-            state = {k: v.detach().cpu() for k, v in self.unwrap(model).state_dict().items()}
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
             torch.save(state, tmp)
@@ -274,7 +313,7 @@ class Context:
 
     def _model(self) -> nn.Module:
         if len(self.models) != 1:
-            raise RuntimeError(f"checkpoints need exactly one prepared model, found {len(self.models)}.")
+            raise RuntimeError(f"dtrain needs exactly one prepared model (ctx.prepare), found {len(self.models)}.")
         return self.models[0]
 
     def _extras(self, scheduler) -> dict[str, Any]:
@@ -289,6 +328,8 @@ class Context:
         self.checkpointer.wait()
         if self.logger is not None:
             self.logger.close()
+        for model in self.models:
+            self.strategy.close(model)
         dist_utils.destroy_process_group()
 
 

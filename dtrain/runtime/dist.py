@@ -29,9 +29,24 @@ def pick_device(env: WorkerEnv) -> torch.device:
     return torch.device("cpu")
 
 
+def check_world(env: WorkerEnv) -> None:
+    """Stop unless the launcher made this process one rank of the world `dtrain launch` asked for:
+    a launcher misconfigured into starting N independent trainings is caught here, not after them."""
+    if env.launched_world_size is not None and env.launched_world_size != env.world_size:
+        raise UsageError(f"this process was started as one of a world of {env.world_size}, but dtrain launched "
+                         f"{env.launched_world_size} processes: the launcher did not join them into one job; "
+                         "check its configuration, or use the default launcher (torchrun).")
+
+
 def init_process_group(env: WorkerEnv, device: torch.device) -> None:
-    """Join the job's process group when there is more than one rank; a world of one needs none."""
-    if env.world_size == 1 or dist.is_initialized():
+    """Join the job's process group when there is more than one rank. A world of one needs none,
+    except for DeepSpeed, which always wants one: it gets a group of one on an in-memory store."""
+    if dist.is_initialized():
+        return
+    if env.world_size == 1:
+        if env.strategy.startswith("zero"):
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                    rank=0, world_size=1)
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")

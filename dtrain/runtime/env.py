@@ -40,6 +40,11 @@ class WorkerEnv:
     wandb_group: str | None
     tags: tuple[str, ...]
     tty: str | None  # where rank 0 may draw a progress bar
+    strategy: str = "ddp"
+    grad_accum: int = 1
+    activation_checkpointing: str | None = None  # "auto" (the recipe's blocks) or comma-separated class names
+    deepspeed_config: str | None = None
+    launched_world_size: int | None = None  # what `dtrain launch` asked the launcher for
 
 
 def read_env(environ: Mapping[str, str] | None = None) -> WorkerEnv:
@@ -80,4 +85,9 @@ def read_env(environ: Mapping[str, str] | None = None) -> WorkerEnv:
         wandb_group=environ.get(config.ENV_WANDB_GROUP) or None,
         tags=tuple(t for t in (environ.get(config.ENV_TAGS) or "").split(",") if t),
         tty=environ.get(config.ENV_TTY) or None,
+        strategy=environ.get(config.ENV_STRATEGY) or "ddp",
+        grad_accum=int(environ.get(config.ENV_GRAD_ACCUM) or 1),
+        activation_checkpointing=environ.get(config.ENV_ACTIVATION_CHECKPOINTING) or None,
+        deepspeed_config=environ.get(config.ENV_DEEPSPEED_CONFIG) or None,
+        launched_world_size=int(environ[config.ENV_WORLD_SIZE]) if environ.get(config.ENV_WORLD_SIZE) else None,
     )

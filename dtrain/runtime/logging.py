@@ -1,7 +1,8 @@
 """Rank 0's record of a run: `metrics.jsonl` (always), Weights & Biases (unless disabled),
 `config.yaml`, evaluation reports, and progress on the console.
 
-Only rank 0 builds a `RunLogger`, so only rank 0 ever imports wandb. The W&B run id lives in
+Only rank 0 builds a `RunLogger`, and it hands W&B to a process of its own (`wandb_writer`): no
+training process imports wandb. The W&B run id lives in
 `<run_dir>/wandb/run-id` (and in every checkpoint): a resumed or requeued job continues the
 same run (`resume="allow"`).
 """
@@ -10,11 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import queue
+import atexit
+import fcntl
 import secrets
 import string
+import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import IO, Any, Mapping
@@ -22,6 +24,7 @@ from typing import IO, Any, Mapping
 import yaml
 
 from dtrain import config
+from dtrain.errors import UsageError
 from dtrain.runtime import dist as dist_utils
 from dtrain.runtime.env import WorkerEnv
 
@@ -70,37 +73,24 @@ class RunLogger:
         mode, notice = config.wandb_mode(env.wandb, os.environ)
         if notice:  # only when `auto` was left to this process (plain torchrun): dtrain launch decides it itself
             print(f"dtrain: {notice}", file=sys.stderr, flush=True)
-        self.wandb_run = None
+        self.wandb: WandbWriter | None = None
         if mode != "disabled":
-            import wandb
-
-            dtrain_hook = sys.excepthook  # wandb.init puts its own in front, which prints tracebacks a second time
-            self.wandb_run = wandb.init(
+            self.wandb = WandbWriter(dict(
                 dir=str(run_dir), id=self.run_id, resume="allow", mode=mode, project=env.wandb_project,
                 entity=env.wandb_entity, group=env.wandb_group, tags=list(env.tags) or None,
-                name=run_dir.name, config=dict(run_config), settings=wandb.Settings(console="off"),
-            )
-            sys.excepthook = dtrain_hook
+                name=run_dir.name, config=dict(run_config)))
             dist_utils.on_uncaught_error(self._mark_failed)
-            # wandb.log costs the training loop about a millisecond; a thread of its own takes it off the loop.
-            self._queue: queue.SimpleQueue = queue.SimpleQueue()
-            self._sender = threading.Thread(target=self._send, name="dtrain-wandb", daemon=True)
-            self._sender.start()
 
     def _mark_failed(self) -> None:
         """After an uncaught exception: end the W&B run as failed, not finished."""
-        if self.wandb_run is not None:
-            self.wandb_run.finish(exit_code=1)
-            self.wandb_run = None
-
-    def _send(self) -> None:
-        while (item := self._queue.get()) is not None and self.wandb_run is not None:
-            self.wandb_run.log(item[1], step=item[0])
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=1)
+            self.wandb = None
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         self.metrics.write(step, metrics)
-        if self.wandb_run is not None:
-            self._queue.put((step, dict(metrics)))
+        if self.wandb is not None:
+            self.wandb.send({"step": step, "metrics": dict(metrics)})
 
     def log_evaluation(self, step: int, epoch: int, result: Mapping[str, Any]) -> Path:
         """Write the report and confusion matrix to `eval/epoch_NNN.json`; log them to W&B as tables."""
@@ -108,25 +98,58 @@ class RunLogger:
         path.parent.mkdir(parents=True, exist_ok=True)
         record = {"step": step, "epoch": epoch, **result}
         path.write_text(json.dumps(record, indent=1))
-        if self.wandb_run is not None:
-            import wandb
-
-            classes = list(result["report"]["classes"])
-            matrix = wandb.Table(columns=["true", *classes],
-                                 data=[[c, *row] for c, row in zip(classes, result["confusion_matrix"])])
-            report = wandb.Table(columns=["class", "precision", "recall", "f1", "support"],
-                                 data=[[c, r["precision"], r["recall"], r["f1"], r["support"]]
-                                       for c, r in result["report"]["classes"].items()])
-            self._queue.put((step, {"eval/confusion_matrix": matrix, "eval/report": report}))
+        if self.wandb is not None:
+            self.wandb.send({"step": step, "evaluation": dict(result)})
         return path
 
     def close(self) -> None:
         self.metrics.close()
-        if self.wandb_run is not None:
-            self._queue.put(None)
-            self._sender.join()
-            self.wandb_run.finish()
-            self.wandb_run = None
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=0)
+            self.wandb = None
+
+
+class WandbWriter:
+    """The W&B run, held by a `dtrain.runtime.wandb_writer` process (see there why)."""
+
+    PIPE_BYTES = 1 << 20  # room for thousands of rows while the writer, at low priority, lags behind
+
+    def __init__(self, init: Mapping[str, Any]):
+        reply_read, reply_write = os.pipe()
+        self._process = subprocess.Popen([sys.executable, "-m", "dtrain.runtime.wandb_writer", str(reply_write)],
+                                         stdin=subprocess.PIPE, pass_fds=(reply_write,), text=True)
+        os.close(reply_write)
+        try:
+            fcntl.fcntl(self._process.stdin.fileno(), fcntl.F_SETPIPE_SZ, self.PIPE_BYTES)
+        except OSError:
+            pass
+        self.send(init)
+        with open(reply_read) as replies:
+            reply = json.loads(replies.readline() or '{"error": "the W&B writer exited"}')
+        if "error" in reply:
+            self._process.wait()
+            raise UsageError(f"W&B did not start ({reply['error']}); fix the W&B settings or pass --wandb disabled.")
+        atexit.register(self.finish, 0)  # a recipe that never calls ctx.close() still ends its run as finished
+
+    def send(self, message: Mapping[str, Any]) -> None:
+        if self._process.stdin.closed:
+            return
+        try:
+            self._process.stdin.write(json.dumps(message) + "\n")
+            self._process.stdin.flush()
+        except BrokenPipeError:
+            self._process.stdin.close()
+            print(f"dtrain: the W&B writer exited (code {self._process.wait()}); metrics go on to metrics.jsonl only.",
+                  file=sys.stderr, flush=True)
+
+    def finish(self, exit_code: int) -> None:
+        """End the run (once); waits until W&B has written everything."""
+        if self._process.returncode is not None:
+            return
+        self.send({"exit_code": exit_code})
+        if not self._process.stdin.closed:
+            self._process.stdin.close()
+        self._process.wait()
 
 
 class Progress:

@@ -6,18 +6,28 @@ import contextlib
 
 import torch
 
+from dtrain.errors import UsageError
+
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Precision:
-    def __init__(self, name: str, device: torch.device):
+    def __init__(self, name: str, device: torch.device, scaler: str = "amp"):
+        """`scaler`: which loss scaler fp16 uses: "amp" (GradScaler), "sharded" (ShardedGradScaler, for FSDP,
+        whose ranks must agree on skipping a step), or "engine" (DeepSpeed scales the loss itself)."""
         if name not in ("fp32", *_DTYPES):
             raise ValueError(f"unknown precision {name!r}; use fp32, bf16 or fp16.")
         if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise RuntimeError("bf16 needs a GPU with bfloat16 support (Ampere or newer); use fp16 or fp32.")
+            raise UsageError("bf16 needs a GPU with bfloat16 support (Ampere or newer); use fp16 or fp32.")
         self.name = name
         self.device = device
-        self.scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
+        self.scaler = None
+        if name == "fp16" and scaler == "amp":
+            self.scaler = torch.amp.GradScaler(device.type)
+        elif name == "fp16" and scaler == "sharded":
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            self.scaler = ShardedGradScaler(device.type)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.name == "fp32":

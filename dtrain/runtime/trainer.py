@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -17,9 +17,10 @@ from dtrain.runtime.evaluation import evaluate_classifier
 class Trainer:
     def __init__(self, ctx: Context, model: nn.Module, optimizer: torch.optim.Optimizer,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, scheduler=None,
-                 batch_size: int = 64, eval_batch_size: int = 1000, log_every: int = 50):
+                 batch_size: int = 64, eval_batch_size: int = 1000, log_every: int = 50,
+                 blocks: Sequence[type | str] = ()):
         self.ctx = ctx
-        self.model, self.optimizer = ctx.prepare(model, optimizer)
+        self.model, self.optimizer = ctx.prepare(model, optimizer, blocks=blocks, batch_size=batch_size)
         self.scheduler = scheduler  # stepped once per epoch
         self.loss_fn = loss_fn
         self.batch_size = batch_size
@@ -47,10 +48,10 @@ class Trainer:
             line = f"Epoch {epoch + 1}/{epochs} | Train Loss: {train_loss:.4f}"
             if eval_set is not None:
                 result = self.evaluate(eval_set)
-                self.metrics.update({"eval/loss": result["loss"], "eval/accuracy": result["accuracy"],
-                                     "eval/macro_f1": result["report"]["macro_avg"]["f1"]})
-                line += f" | Test Acc: {100 * result['accuracy']:.2f}%"
-                self.ctx.log_evaluation(self.step, epoch + 1, result)
+                self.metrics.update({f"eval/{k}": v for k, v in self.evaluation_metrics(result).items()})
+                line += self.evaluation_text(result)
+                if "report" in result:
+                    self.ctx.log_evaluation(self.step, epoch + 1, result)
             self.ctx.log(self.step, self.metrics)
             if self.ctx.progress is not None:
                 self.ctx.progress.clear()
@@ -77,37 +78,39 @@ class Trainer:
         end = start + len(loader) if limit_batches is None else min(limit_batches, start + len(loader))
         loss_sum = torch.zeros((), device=self.ctx.device)
         window_sum = torch.zeros((), device=self.ctx.device)
-        window_start, window_steps, done = time.perf_counter(), 0, start
+        window_start, window_batches, done = time.perf_counter(), 0, start
         batch_iter = iter(loader)
         self.ctx.restore_rng()
         while done < end and not self.stopped:  # checked before fetching: a fetch may draw random numbers
             x, y = next(batch_iter)
-            with self.ctx.autocast():
-                loss = self.loss_fn(self.model(x), y)
-            self.ctx.backward(loss)
-            logging_step = (self.step + 1) % self.log_every == 0
-            grad_norm = self.ctx.grad_norm() if logging_step and self.ctx.is_main else None
-            self.ctx.step()
+            with self.ctx.accumulate(last=done + 1 == end):
+                with self.ctx.autocast():
+                    loss = self.loss_fn(self.model(x), y)
+                self.ctx.backward(loss)
             loss_sum += loss.detach()
             window_sum += loss.detach()
             done += 1
+            window_batches += 1
+            if not self.ctx.sync_gradients:
+                continue
+            logging_step = (self.step + 1) % self.log_every == 0
+            grad_norm = self.ctx.step(measure_grad_norm=logging_step)
             self.step += 1
-            window_steps += 1
             if logging_step and self.ctx.is_main:  # the loop's only host synchronisation, every log_every steps
                 elapsed = time.perf_counter() - window_start
-                window_loss = (window_sum / window_steps).item()
-                samples_per_s = window_steps * len(x) * self.ctx.world_size / elapsed
+                window_loss = (window_sum / window_batches).item()
+                samples_per_s = window_batches * len(x) * self.ctx.world_size / elapsed
                 self.ctx.log(self.step, {
                     "train/loss": window_loss,
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "grad_norm": grad_norm,
                     "samples_per_s": samples_per_s,
-                    "step_time_s": elapsed / window_steps,
+                    "step_time_s": elapsed / window_batches * self.ctx.env.grad_accum,
                 })
                 self.ctx.progress.update(epoch + 1, self.epochs, done, end, self.step, window_loss, samples_per_s)
             if logging_step:
                 window_sum.zero_()
-                window_start, window_steps = time.perf_counter(), 0
+                window_start, window_batches = time.perf_counter(), 0
             if done < end and self.ctx.preempted(self.step):
                 self.save_checkpoint(epoch, done)
                 self.ctx.stop_for_preemption(self.step)
@@ -121,9 +124,20 @@ class Trainer:
         state = TrainState(step=self.step, epoch=epoch, batch=batch, batch_size=self.batch_size)
         self.ctx.save_checkpoint(state, self.scheduler, self.metrics)
 
-    def evaluate(self, eval_set: Dataset) -> dict[str, float]:
-        """Loss and accuracy over the whole `eval_set`, each sample counted once across ranks."""
+    # Evaluation: a classifier's by default; a recipe for another kind of model overrides these three.
+
+    def evaluate(self, eval_set: Dataset) -> dict[str, Any]:
+        """Loss, accuracy, per-class report and confusion matrix over the whole `eval_set`, each
+        sample counted once across ranks (a "report" key also goes to eval/epoch_NNN.json)."""
         return evaluate_classifier(self.ctx, self.model, eval_set, self.loss_fn, self.eval_batch_size)
+
+    def evaluation_metrics(self, result: dict[str, Any]) -> dict[str, float]:
+        """The scalars logged as eval/<name>."""
+        return {"loss": result["loss"], "accuracy": result["accuracy"], "macro_f1": result["report"]["macro_avg"]["f1"]}
+
+    def evaluation_text(self, result: dict[str, Any]) -> str:
+        """The evaluation's part of the epoch line."""
+        return f" | Test Acc: {100 * result['accuracy']:.2f}%"
 
     def save_model(self, path=None):
         return self.ctx.save_model(self.model, path)

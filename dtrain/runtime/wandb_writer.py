@@ -1,0 +1,76 @@
+"""The W&B side of rank 0's logger: a process of its own, at the lowest CPU priority.
+
+    python -m dtrain.runtime.wandb_writer FD   # started by `RunLogger`, fed JSON lines on stdin
+
+W&B's client costs the caller about a millisecond of Python per logged row, and its service
+(wandb-core) more CPU on top. In the training process that work competes with the training loop
+for the GIL and for cores that the loop keeps busy; here it only runs on the cycles training leaves idle
+(SCHED_IDLE), and catches up when the run ends. The training
+process never imports wandb.
+
+Protocol, one JSON object per line. In: first the `wandb.init` arguments; then
+`{"step": N, "metrics": {...}}`, `{"step": N, "evaluation": {...}}`, and last `{"exit_code": C}`.
+Out, on file descriptor FD: one line after `wandb.init`, `{"ok": true}` or `{"error": "..."}` (stdout
+and stderr stay the training process's, for wandb's own messages). End of input without an
+exit code (the training process died) ends the run as failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Mapping
+
+
+def evaluation_tables(wandb: Any, result: Mapping[str, Any]) -> dict[str, Any]:
+    """An evaluation's confusion matrix and per-class report as W&B tables."""
+    classes = list(result["report"]["classes"])
+    matrix = wandb.Table(columns=["true", *classes],
+                         data=[[c, *row] for c, row in zip(classes, result["confusion_matrix"])])
+    report = wandb.Table(columns=["class", "precision", "recall", "f1", "support"],
+                         data=[[c, r["precision"], r["recall"], r["f1"], r["support"]]
+                               for c, r in result["report"]["classes"].items()])
+    return {"eval/confusion_matrix": matrix, "eval/report": report}
+
+
+def lowest_priority() -> None:
+    """SCHED_IDLE (Linux): run only when a core would otherwise idle; nice 19 elsewhere. Inherited
+    by wandb-core. Nice 19 alone still takes a few percent from a loop that keeps every core busy."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        try:
+            os.nice(19)
+        except OSError:
+            pass
+
+
+def main(reply_fd: int) -> int:
+    lowest_priority()
+    init = json.loads(sys.stdin.readline())
+    with open(reply_fd, "w") as reply:
+        try:
+            import wandb
+
+            run = wandb.init(**init, settings=wandb.Settings(console="off"))
+        except Exception as exc:  # reported to the training process, which stops with it
+            reply.write(json.dumps({"error": f"{type(exc).__name__}: {exc}"}) + "\n")
+            return 1
+        reply.write(json.dumps({"ok": True}) + "\n")
+    exit_code = 1
+    for line in sys.stdin:
+        message = json.loads(line)
+        if "exit_code" in message:
+            exit_code = message["exit_code"]
+            break
+        if "metrics" in message:
+            run.log(message["metrics"], step=message["step"])
+        elif "evaluation" in message:
+            run.log(evaluation_tables(wandb, message["evaluation"]), step=message["step"])
+    run.finish(exit_code=exit_code)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(int(sys.argv[1])))
