@@ -276,13 +276,15 @@ def resolve_parallelism(options: Mapping[str, Any], device: str,
     grad_accum = _value(options, "grad_accum", accumulation if isinstance(accumulation, int) else 1)
     if grad_accum < 1:
         raise UsageError(f"--grad-accum must be at least 1, got {grad_accum}.")
-    for package, needed_by in (("deepspeed", f"--strategy {strategy}" if strategy.startswith("zero") else None),
-                               ("deepspeed", "--launcher deepspeed" if launcher == "deepspeed" else None),
-                               ("accelerate", "--launcher accelerate" if launcher == "accelerate" else None)):
-        if needed_by and not is_installed(package):
-            raise UsageError(f"{needed_by} needs {package}, which is not installed here; pip install {package}"
-                             + (", or use --strategy ddp or fsdp." if package == "deepspeed" and "strategy" in needed_by
-                                else ", or leave --launcher out (torchrun)."))
+    needs = []  # (package, the option that needs it, the way out)
+    if strategy.startswith("zero"):
+        needs.append(("deepspeed", f"--strategy {strategy}", "use --strategy ddp or fsdp"))
+    if launcher != "torchrun":
+        needs.append((launcher, f"--launcher {launcher}", "leave --launcher out (torchrun)"))
+    for package, option, way_out in needs:
+        if not is_installed(package):
+            raise UsageError(f"{option} needs {package}, which is not installed here; pip install {package}, "
+                             f"or {way_out}.")
     deepspeed_config = None
     if strategy.startswith("zero"):
         if options.get("async_checkpoint"):
