@@ -7,12 +7,14 @@ import runpy
 import sys
 from pathlib import Path
 
-from dtrain.config import LaunchSpec, worker_env
+from dtrain.config import LaunchSpec, launch_files, worker_env
 from dtrain.hardware import cpu_count
+from dtrain.job import write_files
 
 
 def run_in_process(spec: LaunchSpec) -> int:
     """Set the environment torchrun would set for rank 0 of 1, then execute the recipe as __main__."""
+    write_files(launch_files(spec))
     os.environ.update(worker_env(spec, cpu_count(), os.environ))
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
     sys.argv = [spec.recipe, *spec.recipe_args]

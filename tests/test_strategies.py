@@ -286,3 +286,13 @@ def test_half_precision_tracks_fp32(tmp_path, data_dir, fp32_loss, strategy, pre
     """30 steps only: this CPU has no fp16/bf16 units (about 10x slower than fp32)."""
     loss = train_30_steps(tmp_path / "run", data_dir, "--strategy", strategy, "--precision", precision)
     assert math.isfinite(loss) and abs(loss - fp32_loss) < 0.1 * fp32_loss, (loss, fp32_loss)
+
+
+def test_dtrain_debug_runs_a_zero_strategy_as_a_world_of_one(tmp_path, data_dir):
+    """DeepSpeed wants a process group even alone: `dtrain debug` gets one on an in-memory store."""
+    out = run_dtrain("debug", "recipes/mnist_cnn.py", "--strategy", "zero2", "--max-steps", "5", "--run-dir",
+                     str(tmp_path / "run"), "--wandb", "disabled", "--checkpoint-every", "never", "--", "--epochs", "1",
+                     "--limit-train-batches", "5", "--data-dir", data_dir)
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "run" / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 2
+    assert [r["step"] for r in metrics(tmp_path / "run")][-1] == 5
