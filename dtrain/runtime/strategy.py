@@ -62,8 +62,7 @@ class DataParallel:
                        max_norm: float) -> torch.Tensor:
         for optimizer in optimizers:
             precision.unscale(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), max_norm)
-        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+        return whole(torch.nn.utils.clip_grad_norm_(list(model.parameters()), max_norm))
 
     def step(self, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], precision: Precision,
              measure_grad_norm: bool, is_main: bool) -> torch.Tensor | None:
@@ -212,5 +211,9 @@ def make_strategy(env: WorkerEnv, device: torch.device) -> DataParallel:
 
 def total_norm(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     """The 2-norm of all `tensors` together; sharded (DTensor) ones are reduced across ranks."""
-    norm = torch.nn.utils.get_total_norm(list(tensors), foreach=True)
+    return whole(torch.nn.utils.get_total_norm(list(tensors), foreach=True))
+
+
+def whole(norm: torch.Tensor) -> torch.Tensor:
+    """A norm of sharded gradients is a DTensor holding this rank's part: reduce it (a collective)."""
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
