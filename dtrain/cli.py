@@ -6,6 +6,7 @@ import dataclasses
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,6 +15,8 @@ from click.core import ParameterSource
 
 from dtrain import __version__, config, hardware, slurm
 from dtrain.errors import UsageError
+
+STARTED = time.time()
 
 
 def _options(*decorators: Callable) -> Callable[[Callable], Callable]:
@@ -139,6 +142,7 @@ def launch(ctx: click.Context, profile: str | None, dry_run: bool, **options: An
             click.echo(f"# {path}\n{text.rstrip()}\n")
         click.echo(_render_command(argv, env, os.environ))
         return 0
+    env[config.ENV_LAUNCH_TIME] = f"{STARTED:.3f}"
     if spec.device == "cpu" and not options.get("cpu"):
         click.echo("dtrain: no GPU is visible; running 1 CPU process (use --cpu --nproc N for more).", err=True)
     from dtrain.job import run_job, write_files

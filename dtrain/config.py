@@ -49,6 +49,7 @@ ENV_GRAD_ACCUM = "DTRAIN_GRAD_ACCUM"
 ENV_ACTIVATION_CHECKPOINTING = "DTRAIN_ACTIVATION_CHECKPOINTING"  # "auto" (the recipe's blocks) or class names
 ENV_DEEPSPEED_CONFIG = "DTRAIN_DEEPSPEED_CONFIG"  # the merged DeepSpeed JSON, for ZeRO strategies
 ENV_WORLD_SIZE = "DTRAIN_WORLD_SIZE"  # the world launched; a worker that sees another one stops
+ENV_LAUNCH_TIME = "DTRAIN_LAUNCH_TIME"  # when `dtrain launch` started (Unix time): the start-up a run reports
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 DEFAULT_WANDB_PROJECT = "dtrain"

@@ -67,6 +67,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=50, help="log the training loss every N steps")
     parser.add_argument("--loader", choices=("memory", "dataloader"), default="memory",
                         help="memory: decode once, keep tensors on the device; dataloader: torch DataLoader")
+    parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
+                        help="AdamW's fused kernel (CPU and CUDA) instead of its multi-tensor one")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="channels_last layout: oneDNN's fast convolutions on CPU (bench/RESULTS.md)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     return parser.parse_args(argv)
 
 
@@ -75,7 +80,11 @@ def main() -> None:
     ctx = setup(config=vars(args))
     train_set, test_set = load_mnist(ctx, args.data_dir, args.loader)
     model = MNISTCNN(args.dropout)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model.compile()  # in place: state_dict keys stay those of the plain model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=args.fused)
     trainer = Trainer(ctx, model, optimizer, nn.CrossEntropyLoss(), batch_size=args.batch_size,
                       log_every=args.log_every)
     trainer.fit(train_set, test_set, epochs=args.epochs, limit_train_batches=args.limit_train_batches)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,15 @@ def test_one_offline_wandb_run_holds_the_history_and_the_final_evaluation(offlin
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert final["eval/accuracy"] == metrics[-1]["eval/accuracy"] > 0.8
     assert wandb_file.run_id(files[0]) == (run_dir / "wandb" / "run-id").read_text().strip()
+
+
+def test_the_start_up_is_logged_once_from_dtrain_launch_to_the_first_step(offline_run):
+    run_dir, _ = offline_run
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    startup = [r for r in rows if "startup_s" in r]
+    assert [r["step"] for r in startup] == [1]
+    launched = startup[0]["time"] - startup[0]["startup_s"]
+    assert launched < (run_dir / "config.yaml").stat().st_mtime < startup[0]["time"]  # written by setup() in between
 
 
 def test_only_rank_0_imports_wandb(offline_run):
@@ -149,5 +159,24 @@ def test_a_failed_job_ends_its_wandb_run_as_failed_and_shows_one_traceback(tmp_p
                      "--run-dir", str(run_dir), "--wandb", "offline", timeout=120)
     assert out.returncode == 1
     assert (out.stdout + out.stderr).count("Traceback (most recent call last)") == 1  # not wandb's second copy
-    exits = [r.exit for r in wandb_file.records(offline_runs(run_dir)[0]) if r.WhichOneof("record_type") == "exit"]
+    # The W&B writer may still be finishing (its own session outlives rank 0 by a moment).
+    deadline = time.monotonic() + 60
+    while True:
+        runs = offline_runs(run_dir)
+        exits = [r.exit for r in wandb_file.records(runs[0]) if r.WhichOneof("record_type") == "exit"] if runs else []
+        if exits or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert [e.exit_code for e in exits] == [1]
+
+
+def test_training_does_not_wait_for_wandb_and_goes_on_when_it_refuses_to_start(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    out = run_dtrain("launch", "recipes/mnist_cnn.py", "--cpu", "--run-dir", str(run_dir), "--wandb", "offline",
+                     "--wandb-project", "bad/name", "--checkpoint-every", "never", "--", "--epochs", "1",
+                     "--limit-train-batches", "20", "--log-every", "5", "--data-dir", data_dir, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "dtrain: W&B stopped (UsageError: Invalid project name 'bad/name'" in out.stderr
+    assert "metrics go on to metrics.jsonl only." in out.stderr and "Traceback" not in out.stderr
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r and "lr" in r] == [5, 10, 15, 20]

@@ -45,6 +45,7 @@ class WorkerEnv:
     activation_checkpointing: str | None = None  # "auto" (the recipe's blocks) or comma-separated class names
     deepspeed_config: str | None = None
     launched_world_size: int | None = None  # what `dtrain launch` asked the launcher for
+    launch_time: float | None = None  # when `dtrain launch` started (Unix time)
 
 
 def read_env(environ: Mapping[str, str] | None = None) -> WorkerEnv:
@@ -90,4 +91,5 @@ def read_env(environ: Mapping[str, str] | None = None) -> WorkerEnv:
         activation_checkpointing=environ.get(config.ENV_ACTIVATION_CHECKPOINTING) or None,
         deepspeed_config=environ.get(config.ENV_DEEPSPEED_CONFIG) or None,
         launched_world_size=int(environ[config.ENV_WORLD_SIZE]) if environ.get(config.ENV_WORLD_SIZE) else None,
+        launch_time=float(environ[config.ENV_LAUNCH_TIME]) if environ.get(config.ENV_LAUNCH_TIME) else None,
     )

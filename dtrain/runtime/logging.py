@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import atexit
+import contextlib
 import fcntl
 import secrets
 import string
@@ -24,7 +25,6 @@ from typing import IO, Any, Mapping
 import yaml
 
 from dtrain import config
-from dtrain.errors import UsageError
 from dtrain.runtime import dist as dist_utils
 from dtrain.runtime.env import WorkerEnv
 
@@ -110,25 +110,27 @@ class RunLogger:
 
 
 class WandbWriter:
-    """The W&B run, held by a `dtrain.runtime.wandb_writer` process (see there why)."""
+    """The W&B run, held by a `dtrain.wandb_writer` process (see there why).
+
+    Training does not wait for `wandb.init` (seconds: importing wandb, starting wandb-core): rows
+    queue in the pipe meanwhile. If the writer ends early (W&B refused to start, or it crashed), the
+    next row finds the pipe closed and one line says why; metrics.jsonl carries on regardless.
+    """
 
     PIPE_BYTES = 1 << 20  # room for thousands of rows while the writer, at low priority, lags behind
 
     def __init__(self, init: Mapping[str, Any]):
         reply_read, reply_write = os.pipe()
-        self._process = subprocess.Popen([sys.executable, "-m", "dtrain.runtime.wandb_writer", str(reply_write)],
-                                         stdin=subprocess.PIPE, pass_fds=(reply_write,), text=True)
+        self._process = subprocess.Popen([sys.executable, "-m", "dtrain.wandb_writer", str(reply_write)],
+                                         stdin=subprocess.PIPE, pass_fds=(reply_write,), text=True,
+                                         start_new_session=True)
         os.close(reply_write)
         try:
             fcntl.fcntl(self._process.stdin.fileno(), fcntl.F_SETPIPE_SZ, self.PIPE_BYTES)
         except OSError:
             pass
+        self._replies = open(reply_read)  # wandb.init's outcome: read only when the writer has ended
         self.send(init)
-        with open(reply_read) as replies:
-            reply = json.loads(replies.readline() or '{"error": "the W&B writer exited"}')
-        if "error" in reply:
-            self._process.wait()
-            raise UsageError(f"W&B did not start ({reply['error']}); fix the W&B settings or pass --wandb disabled.")
         atexit.register(self.finish, 0)  # a recipe that never calls ctx.close() still ends its run as finished
 
     def send(self, message: Mapping[str, Any]) -> None:
@@ -138,9 +140,11 @@ class WandbWriter:
             self._process.stdin.write(json.dumps(message) + "\n")
             self._process.stdin.flush()
         except BrokenPipeError:
-            self._process.stdin.close()
-            print(f"dtrain: the W&B writer exited (code {self._process.wait()}); metrics go on to metrics.jsonl only.",
-                  file=sys.stderr, flush=True)
+            with contextlib.suppress(BrokenPipeError):  # the unsent rest goes nowhere
+                self._process.stdin.close()
+            reply = json.loads(self._replies.readline() or "{}")
+            reason = reply.get("error") or f"the W&B writer exited with code {self._process.wait()}"
+            print(f"dtrain: W&B stopped ({reason}); metrics go on to metrics.jsonl only.", file=sys.stderr, flush=True)
 
     def finish(self, exit_code: int) -> None:
         """End the run (once); waits until W&B has written everything."""
@@ -150,6 +154,7 @@ class WandbWriter:
         if not self._process.stdin.closed:
             self._process.stdin.close()
         self._process.wait()
+        self._replies.close()
 
 
 class Progress:

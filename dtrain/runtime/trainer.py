@@ -17,17 +17,20 @@ from dtrain.runtime.evaluation import evaluate_classifier
 class Trainer:
     def __init__(self, ctx: Context, model: nn.Module, optimizer: torch.optim.Optimizer,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, scheduler=None,
-                 batch_size: int = 64, eval_batch_size: int = 1000, log_every: int = 50,
+                 batch_size: int = 64, eval_batch_size: int | None = None, log_every: int = 50,
                  blocks: Sequence[type | str] = ()):
         self.ctx = ctx
         self.model, self.optimizer = ctx.prepare(model, optimizer, blocks=blocks, batch_size=batch_size)
         self.scheduler = scheduler  # stepped once per epoch
         self.loss_fn = loss_fn
         self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
+        # Default: the training batch size, which surely fits; on CPU, larger batches fall out of cache
+        # (10,000 MNIST samples: 3.3 s in batches of 1000, 1.3 s in batches of 64; bench/RESULTS.md).
+        self.eval_batch_size = eval_batch_size or batch_size
         self.log_every = log_every
         self.step = 0
         self.metrics: dict[str, float] = {}
+        self.startup_pending = ctx.env.launch_time is not None  # logged once, at this process's first step
 
     def fit(self, train_set: Dataset, eval_set: Dataset | None = None, *, epochs: int,
             limit_train_batches: int | None = None) -> dict[str, float]:
@@ -96,6 +99,9 @@ class Trainer:
             logging_step = (self.step + 1) % self.log_every == 0
             grad_norm = self.ctx.step(measure_grad_norm=logging_step)
             self.step += 1
+            if self.startup_pending:
+                self.startup_pending = False
+                self.ctx.log(self.step, {"startup_s": time.time() - self.ctx.env.launch_time})
             if logging_step and self.ctx.is_main:  # the loop's only host synchronisation, every log_every steps
                 elapsed = time.perf_counter() - window_start
                 window_loss = (window_sum / window_batches).item()

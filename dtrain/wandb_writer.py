@@ -1,22 +1,25 @@
 """The W&B side of rank 0's logger: a process of its own, at the lowest CPU priority.
 
-    python -m dtrain.runtime.wandb_writer FD   # started by `RunLogger`, fed JSON lines on stdin
+    python -m dtrain.wandb_writer FD   # started by `RunLogger`, fed JSON lines on stdin
 
 W&B's client costs the caller about a millisecond of Python per logged row, and its service
 (wandb-core) more CPU on top. In the training process that work competes with the training loop
 for the GIL and for cores that the loop keeps busy; here it only runs on the cycles training leaves idle
 (SCHED_IDLE), and catches up when the run ends. The training
-process never imports wandb.
+process never imports wandb. It lives outside `dtrain.runtime` so that it does not import torch
+(seconds), and in a session of its own: torchrun's SIGTERM to rank 0's process group does not reach
+it, so it ends only by its input, and a run that rank 0 ends as failed is recorded so.
 
 Protocol, one JSON object per line. In: first the `wandb.init` arguments; then
 `{"step": N, "metrics": {...}}`, `{"step": N, "evaluation": {...}}`, and last `{"exit_code": C}`.
-Out, on file descriptor FD: one line after `wandb.init`, `{"ok": true}` or `{"error": "..."}` (stdout
-and stderr stay the training process's, for wandb's own messages). End of input without an
+Out, on file descriptor FD, only when `wandb.init` fails: `{"error": "..."}`, then this process ends
+(stdout and stderr stay the training process's, for wandb's own messages). End of input without an
 exit code (the training process died) ends the run as failed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -48,16 +51,16 @@ def lowest_priority() -> None:
 
 def main(reply_fd: int) -> int:
     lowest_priority()
-    init = json.loads(sys.stdin.readline())
-    with open(reply_fd, "w") as reply:
-        try:
-            import wandb
+    init = sys.stdin.readline()
+    try:
+        import wandb
 
-            run = wandb.init(**init, settings=wandb.Settings(console="off"))
-        except Exception as exc:  # reported to the training process, which stops with it
+        run = wandb.init(**json.loads(init), settings=wandb.Settings(console="off"))
+    except Exception as exc:  # read by the training process when it finds this process gone
+        with contextlib.suppress(BrokenPipeError), open(reply_fd, "w") as reply:
             reply.write(json.dumps({"error": f"{type(exc).__name__}: {exc}"}) + "\n")
-            return 1
-        reply.write(json.dumps({"ok": True}) + "\n")
+        return 1
+    os.close(reply_fd)
     exit_code = 1
     for line in sys.stdin:
         message = json.loads(line)

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The GPU checks, for a machine with a CUDA GPU, PyTorch + torchvision installed, and no network:
+#
+#     DTRAIN_DATA_DIR=/path/to/data bench/gpu_check.sh [RESULT_FILE]
+#
+# Copy the project over (with the folder holding MNIST/raw/), run this from anywhere. It installs
+# nothing: a venv that sees the machine's packages gets this folder on its path and a `dtrain` script;
+# runs the test suite's GPU-marked tests (NCCL, bf16, fp16 with GradScaler, activation
+# checkpointing's CUDA memory), then bench/compare.py on the GPU. Everything goes to RESULT_FILE
+# (default bench/gpu_check.out). Under 8 minutes on one H100: each stage has its own time limit.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="$(realpath -m "${1:-bench/gpu_check.out}")"
+data="${DTRAIN_DATA_DIR:-$(cd .. && pwd)/shared/data}"
+python="${PYTHON:-python3}"
+
+if [ ! -f "$data/MNIST/raw/train-images-idx3-ubyte" ]; then
+    echo "gpu_check: MNIST not found under $data/MNIST/raw; set DTRAIN_DATA_DIR to the folder that holds MNIST/raw/." >&2
+    exit 2
+fi
+if ! nvidia-smi -L >/dev/null 2>&1; then
+    echo "gpu_check: nvidia-smi sees no GPU; run this on a machine with a CUDA GPU." >&2
+    exit 2
+fi
+export DTRAIN_DATA_DIR="$data" PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+
+venv="$(mktemp -d /tmp/dtrain-gpu-check.XXXXXX)"
+trap 'rm -rf "$venv"' EXIT
+# dtrain itself without pip: a .pth file puts this folder on the path, a two-line script is `dtrain`.
+"$python" -m venv --system-site-packages "$venv" || { echo "gpu_check: $python -m venv failed (see above)." >&2; exit 2; }
+"$venv/bin/python" -c 'import site, sys; open(site.getsitepackages()[0] + "/dtrain-src.pth", "w").write(sys.argv[1] + "\n")' "$(pwd)"
+printf '#!%s\nfrom dtrain.cli import main\nmain()\n' "$venv/bin/python" >"$venv/bin/dtrain"
+chmod +x "$venv/bin/dtrain"
+
+{
+    echo "# dtrain GPU check, $(date -u '+%Y-%m-%d %H:%M UTC')"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader
+    "$venv/bin/python" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__, "CUDA", torch.version.cuda)'
+    echo
+    echo "## pytest -m gpu"
+    timeout 240 "$venv/bin/python" -m pytest -m gpu tests/test_gpu.py -v -s -p no:cacheprovider 2>&1
+    echo "pytest exit code: $?"
+    echo
+    echo "## bench/compare.py"
+    timeout 300 "$venv/bin/python" bench/compare.py --epochs 3 --nproc 1 2>&1
+    echo "compare exit code: $?"
+} | tee "$out"
+echo "gpu_check: results in $out"

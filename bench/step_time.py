@@ -1,0 +1,96 @@
+"""Where a training step of the MNIST recipe goes, per process: compute, gradient all-reduce, optimizer.
+
+    dtrain launch bench/step_time.py --cpu --nproc 2 -- [--steps 200]
+
+Each of `--steps` steps (after 20 of warm-up) is timed in three parts on every rank, with a
+barrier between steps so that ranks start together: forward + backward without gradient
+synchronisation (DDP's `no_sync`), one all-reduce of a buffer as large as all gradients (what
+DDP sends per step, in one piece instead of buckets), and the optimizer step. Then the same
+steps run as the recipe runs them (backward with DDP's overlapped all-reduce) to give the real
+step time. Rank 0 prints one JSON line: the mean milliseconds of each part (the slowest rank's
+mean for compute) and samples/s over all ranks. `bench/compare.py` runs it for 1 and 2 processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
+from mnist_cnn import MNISTCNN, load_mnist  # noqa: E402
+
+from dtrain.runtime import setup  # noqa: E402
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--data-dir", default=os.environ.get("DTRAIN_DATA_DIR", "./data"))
+    args = parser.parse_args()
+    ctx = setup()
+    train_set, _ = load_mnist(ctx, args.data_dir, "memory")
+    model = MNISTCNN().to(memory_format=torch.channels_last)  # as the recipe's defaults
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4, fused=True)
+    model, optimizer = ctx.prepare(model, optimizer, batch_size=args.batch_size)
+    loss_fn = nn.CrossEntropyLoss()
+    loader = ctx.loader(train_set, args.batch_size, shuffle=True, train=True)
+    loader.set_epoch(0)
+    batches = iter(loader)
+    no_sync = model.no_sync if ctx.world_size > 1 else nullcontext
+    grads = torch.zeros(sum(p.numel() for p in model.parameters()), device=ctx.device)
+
+    def compute():
+        x, y = next(batches)
+        with no_sync():
+            loss_fn(model(x), y).backward()
+
+    def real_step():
+        x, y = next(batches)
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    parts = {"compute_ms": [], "all_reduce_ms": [], "optimizer_ms": [], "step_ms": []}
+    for i in range(20 + args.steps):
+        ctx.barrier()
+        times = (timed(compute), timed(lambda: ctx.all_reduce(grads)),
+                 timed(lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True))))
+        if i >= 20:
+            for name, value in zip(("compute_ms", "all_reduce_ms", "optimizer_ms"), times):
+                parts[name].append(value)
+    ctx.barrier()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        real_step()
+    parts["step_ms"] = [(time.perf_counter() - start) * 1000 / args.steps]
+    means = torch.tensor([statistics.mean(v) for v in parts.values()], device=ctx.device)
+    slowest = ctx.all_reduce(means.clone(), op=dist.ReduceOp.MAX)
+    if ctx.is_main:
+        result = dict(zip(parts, slowest.tolist()))
+        result.update(world_size=ctx.world_size, threads=torch.get_num_threads(), gradient_mb=grads.numel() * 4 / 1e6,
+                      samples_per_s=ctx.world_size * args.batch_size * 1000 / result["step_ms"])
+        print("STEP_TIME " + json.dumps(result), flush=True)
+    ctx.close()
+
+
+if __name__ == "__main__":
+    main()

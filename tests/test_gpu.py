@@ -1,0 +1,101 @@
+"""CUDA paths: NCCL, bf16, fp16 with a GradScaler, activation checkpointing's memory on the GPU.
+
+Marked `gpu`; they need a CUDA GPU and are skipped without one (this project's CI has none).
+`bench/gpu_check.sh` runs them on a GPU machine and records the outcome in bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, TEST_RECIPES, run_dtrain
+
+sys.path.insert(0, str(ROOT / "recipes"))
+import tiny_gpt  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def launch_on_gpus(run_dir: Path, recipe: Path, *args: str, gpus: int = 1):
+    cut = args.index("--") if "--" in args else len(args)
+    out = run_dtrain("launch", str(recipe), "--gpus", str(gpus), "--run-dir", str(run_dir), "--wandb", "disabled",
+                     *args[:cut], "--", *args[cut + 1:])
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out
+
+
+def test_every_gpu_gets_a_rank_in_one_nccl_group(tmp_path):
+    gpus = torch.cuda.device_count()
+    out = launch_on_gpus(tmp_path / "run", TEST_RECIPES / "gpu_probe.py", gpus=gpus)
+    rows = [json.loads(line) for log in sorted((tmp_path / "run").glob("logs/*/attempt_0/*/stdout.log"))
+            for line in log.read_text().splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in rows) == list(range(gpus)), out.stdout
+    assert {r["backend"] for r in rows} == {"nccl"}
+    assert sorted(r["device"] for r in rows) == [f"cuda:{i}" for i in range(gpus)]
+    assert {r["sum"] for r in rows} == {gpus * (gpus + 1) / 2}
+
+
+def loss_after_30_steps(run_dir: Path, data_dir: str, *options: str) -> float:
+    launch_on_gpus(run_dir, TEST_RECIPES / "mnist_sgd.py", *options, "--max-steps", "30", "--checkpoint-every",
+                   "never", "--", "--lr", "0.01", "--log-every", "30", "--data-dir", data_dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return next(r["train/loss"] for r in rows if r["step"] == 30 and "lr" in r)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_on_the_gpu_tracks_fp32(tmp_path, data_dir, precision):
+    fp32 = loss_after_30_steps(tmp_path / "fp32", data_dir)
+    half = loss_after_30_steps(tmp_path / precision, data_dir, "--precision", precision)
+    assert math.isfinite(half) and abs(half - fp32) < 0.1 * fp32, (half, fp32)
+
+
+def test_fp16_skips_a_step_whose_scaled_gradients_overflow_and_lowers_the_scale():
+    """What GradScaler is for: an fp16 overflow must not reach the weights (fused AdamW, as the recipe)."""
+    from dtrain.runtime.precision import Precision
+
+    precision = Precision("fp16", torch.device("cuda"))
+    model = torch.nn.Linear(8, 1).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+    scale = precision.scaler.get_scale()
+    with precision.autocast():
+        out = model(torch.randn(4, 8, device="cuda"))
+    assert out.dtype == torch.float16
+    before = model.weight.detach().clone()
+    precision.backward(out.float().mean() * float("inf"))
+    precision.step(optimizer)
+    assert torch.equal(before, model.weight) and precision.scaler.get_scale() < scale
+    with precision.autocast():
+        loss = model(torch.randn(4, 8, device="cuda")).float().pow(2).mean()
+    precision.backward(loss)
+    precision.step(optimizer)
+    assert not torch.equal(before, model.weight)
+
+
+def peak_training_memory(checkpointing: bool) -> int:
+    """Peak CUDA memory of one forward and backward of an 8-block tiny_gpt, above its parameters."""
+    from dtrain.runtime import activation_checkpointing
+
+    torch.manual_seed(0)
+    model = tiny_gpt.TinyGPT(len(tiny_gpt.VOCAB), block=256, d_model=256, layers=8).cuda()
+    if checkpointing:
+        activation_checkpointing.apply(model, ("TransformerEncoderLayer",))
+    ids = torch.randint(len(tiny_gpt.VOCAB), (32, 257), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated()
+    tiny_gpt.next_char_loss(model(ids[:, :-1]), ids[:, 1:]).backward()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - baseline
+
+
+def test_activation_checkpointing_at_least_halves_peak_cuda_memory():
+    plain, checkpointed = peak_training_memory(False), peak_training_memory(True)
+    print(f"peak CUDA memory above the parameters: {plain / 2**20:.1f} MiB plain, "
+          f"{checkpointed / 2**20:.1f} MiB with activation checkpointing")
+    assert checkpointed <= 0.5 * plain, (checkpointed, plain)
