@@ -47,11 +47,9 @@ _EPOCH_LINE = re.compile(r"Epoch (\d+)/\d+ \| Train Loss: [\d.]+ \| Test Acc: ([
 @dataclasses.dataclass
 class Result:
     label: str
-    command: str
     epoch_times: list[float]  # seconds from the command's start to each epoch line
     accuracies: list[float]  # test accuracy (%) after each epoch
     peak_memory_mib: float
-    wall_s: float
     startup_s: float | None = None
     logged_samples_per_s: float | None = None  # median of the run's logging windows
 
@@ -126,12 +124,11 @@ def run(label: str, argv: list[str], cwd: Path, env: dict[str, str]) -> Result:
             accuracies.append(parsed[1])
             print(f"[compare] {label}: {times[-1]:6.1f} s  {line.strip()}", flush=True)
     process.wait()
-    wall = time.monotonic() - start
     done.set()
     sampler.join()
     if process.returncode != 0:
         sys.exit(f"{label} failed with exit code {process.returncode}:\n{''.join(tail)}")
-    return Result(label, " ".join(argv), times, accuracies, peak[0], wall)
+    return Result(label, times, accuracies, peak[0])
 
 
 def read_metrics(run_dir: Path, result: Result) -> Result:
@@ -197,10 +194,11 @@ def render(results: list[Result], reference: Result, variants: list[Result], bre
     if breakdowns:
         lines += ["", "Step breakdown (`bench/step_time.py`, per process, batch 64 each; mean ms per step, compute "
                   "of the slowest rank):", "",
-                  "| processes x threads | forward+backward | all-reduce of the gradients | optimizer | real step "
-                  "(all-reduce overlapped) | samples/s |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        lines += [f"| {b['world_size']} x {b['threads']} | {b['compute_ms']:.1f} | {b['all_reduce_ms']:.2f} "
-                  f"({b['gradient_mb']:.1f} MB) | {b['optimizer_ms']:.2f} | {b['step_ms']:.1f} | "
+                  "| processes x threads | forward+backward | waiting for the other rank | all-reduce of the gradients "
+                  "| optimizer | real step (all-reduce overlapped) | samples/s |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {b['world_size']} x {b['threads']} | {b['compute_ms']:.1f} | {b['wait_ms']:.2f} | "
+                  f"{b['all_reduce_ms']:.2f} ({b['gradient_mb']:.1f} MB) | {b['optimizer_ms']:.2f} | {b['step_ms']:.1f} | "
                   f"{b['samples_per_s']:,.0f} |" for b in breakdowns]
     if variants:
         lines += ["", "Recipe speed options against its defaults (fused AdamW, channels_last), 1 process, median of "

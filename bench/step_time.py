@@ -2,10 +2,11 @@
 
     dtrain launch bench/step_time.py --cpu --nproc 2 -- [--steps 200]
 
-Each of `--steps` steps (after 20 of warm-up) is timed in three parts on every rank, with a
-barrier between steps so that ranks start together: forward + backward without gradient
-synchronisation (DDP's `no_sync`), one all-reduce of a buffer as large as all gradients (what
-DDP sends per step, in one piece instead of buckets), and the optimizer step. Then the same
+Each of `--steps` steps (after 20 of warm-up) is timed in parts on every rank: forward +
+backward without gradient synchronisation (DDP's `no_sync`), waiting at a barrier for the other
+ranks to finish theirs, one all-reduce of a buffer as large as all gradients (what DDP sends per
+step, in one piece instead of buckets: communication alone, as every rank enters it at once),
+and the optimizer step. Then the same
 steps run as the recipe runs them (backward with DDP's overlapped all-reduce) to give the real
 step time. Rank 0 prints one JSON line: the mean milliseconds of each part (the slowest rank's
 mean for compute) and samples/s over all ranks. `bench/compare.py` runs it for 1 and 2 processes.
@@ -69,13 +70,13 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    parts = {"compute_ms": [], "all_reduce_ms": [], "optimizer_ms": [], "step_ms": []}
+    parts = {"compute_ms": [], "wait_ms": [], "all_reduce_ms": [], "optimizer_ms": [], "step_ms": []}
     for i in range(20 + args.steps):
         ctx.barrier()
-        times = (timed(compute), timed(lambda: ctx.all_reduce(grads)),
+        times = (timed(compute), timed(ctx.barrier), timed(lambda: ctx.all_reduce(grads)),
                  timed(lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True))))
         if i >= 20:
-            for name, value in zip(("compute_ms", "all_reduce_ms", "optimizer_ms"), times):
+            for name, value in zip(parts, times):
                 parts[name].append(value)
     ctx.barrier()
     start = time.perf_counter()

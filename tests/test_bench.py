@@ -24,7 +24,7 @@ def test_samples_per_s_leaves_out_the_first_epoch_and_its_start_up():
 
 
 def result(label, times, accuracies, **extra):
-    return compare.Result(label, "cmd", times, accuracies, peak_memory_mib=512.0, wall_s=times[-1] + 1, **extra)
+    return compare.Result(label, times, accuracies, peak_memory_mib=512.0, **extra)
 
 
 def test_time_to_accuracy_is_the_first_epoch_at_or_above_the_target():
