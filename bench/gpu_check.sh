@@ -38,11 +38,11 @@ chmod +x "$venv/bin/dtrain"
     "$venv/bin/python" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__, "CUDA", torch.version.cuda)'
     echo
     echo "## pytest -m gpu"
-    timeout 240 "$venv/bin/python" -m pytest -m gpu tests/test_gpu.py -v -s -p no:cacheprovider 2>&1
+    timeout 180 "$venv/bin/python" -m pytest -m gpu tests/test_gpu.py -v -s -p no:cacheprovider 2>&1
     echo "pytest exit code: $?"
     echo
     echo "## bench/compare.py"
-    timeout 300 "$venv/bin/python" bench/compare.py --epochs 3 --nproc 1 2>&1
+    timeout 240 "$venv/bin/python" bench/compare.py --epochs 3 --nproc 1 2>&1
     echo "compare exit code: $?"
 } | tee "$out"
 echo "gpu_check: results in $out"
