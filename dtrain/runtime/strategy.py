@@ -84,6 +84,15 @@ class DataParallel:
                                                                                   cpu_offload=True))
 
 
+def make_parameters_contiguous(model: nn.Module) -> None:
+    """FSDP2 and ZeRO shard parameters as flat memory, which a channels_last weight is not: such a
+    parameter gets a contiguous copy of its values in place (optimizers made before still hold it).
+    The convolutions then run in the default layout."""
+    for param in model.parameters():
+        if not param.is_contiguous():
+            param.data = param.data.contiguous()
+
+
 class FullyShardedDataParallel(DataParallel):
     """FSDP2: each rank holds a shard of every parameter; blocks are gathered one at a time."""
 
@@ -100,6 +109,7 @@ class FullyShardedDataParallel(DataParallel):
         model = model.to(self.device)
         if self.env.world_size == 1:
             return model
+        make_parameters_contiguous(model)
         names = {id(p): name for name, p in model.named_parameters()}
         for block in blocks_of(model, block_classes):
             fully_shard(block)
@@ -139,8 +149,10 @@ class DeepSpeedZero(DataParallel):
             raise UsageError(f"--strategy {self.name} needs exactly one optimizer passed to ctx.prepare "
                              f"(got {len(optimizers)}).")
         settings = self.deepspeed_config(batch_size)
-        engine, _, _, _ = deepspeed.initialize(model=model.to(self.device), optimizer=optimizers[0],
-                                               config=settings, dist_init_required=False)
+        model = model.to(self.device)
+        make_parameters_contiguous(model)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizers[0], config=settings,
+                                               dist_init_required=False)
         return engine
 
     def deepspeed_config(self, batch_size: int | None) -> dict[str, Any]:
