@@ -18,7 +18,7 @@ def logged_steps(run_dir: Path) -> list[int]:
     """Steps of the periodic training records (not the per-epoch ones)."""
     path = run_dir / "metrics.jsonl"
     records = [json.loads(line) for line in (path.read_text().splitlines() if path.exists() else []) if line.endswith("}")]
-    return [r["step"] for r in records if "samples_per_s" in r]
+    return [r["step"] for r in records if "epoch" not in r and "startup_s" not in r]
 
 
 def start(run_dir: Path, recipe: str, *args: str) -> subprocess.Popen:
