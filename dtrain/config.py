@@ -15,8 +15,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import yaml
-
 from dtrain.checkpoints import check_committed
 from dtrain.errors import UsageError
 
@@ -115,6 +113,8 @@ class LaunchSpec:
 
 def load_profile(path: str, example: str = "launch/cpu_ddp.yaml") -> dict[str, Any]:
     """Read a YAML launch profile: a mapping of option names (as on the command line) to values."""
+    import yaml  # here, not at the top: most commands read no profile, and --help stays quicker
+
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
