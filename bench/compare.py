@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from dtrain import hardware  # noqa: E402  (no torch: GPU count from CUDA_VISIBLE_DEVICES / nvidia-smi)
 TRAIN_SAMPLES = 60_000
 TARGET_ACCURACY = 99.0
 STEP_TIME = "STEP_TIME "  # the prefix of bench/step_time.py's result line
@@ -218,10 +220,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="append the tables to this Markdown file")
     args = parser.parse_args()
 
-    import torch  # only to say which device the reference program will use
-
-    gpu = torch.cuda.is_available()
-    device = torch.cuda.get_device_name(0) if gpu else f"{os.cpu_count()} CPU cores"
+    gpus = hardware.visible_gpus()  # what the reference program and dtrain's defaults will use
+    gpu = gpus > 0
+    device = f"{gpus} GPU(s)" if gpu else f"{hardware.cpu_count()} CPU cores"
     data_dir = str(Path(args.data_dir).resolve())
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "DTRAIN_DATA_DIR": data_dir}
     epochs = ["--epochs", str(args.epochs)]

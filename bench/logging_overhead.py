@@ -28,18 +28,16 @@ NEVER = 10**9  # log_every that never comes
 
 def make_trainer(wandb: str, log_every: int, data_dir: str):
     """A fresh Context (world of one, CPU) with the recipe's model, optimizer and in-memory data."""
-    import torch
     from torch import nn
 
     from dtrain.runtime import Trainer, setup
-    from mnist_cnn import MNISTCNN, load_mnist
+    from mnist_cnn import build, load_mnist, parse_args
 
     os.environ.update({"DTRAIN_RUN_DIR": tempfile.mkdtemp(prefix="dtrain-bench-log-"), "DTRAIN_WANDB": wandb,
                        "DTRAIN_DEVICE": "cpu", "DTRAIN_CHECKPOINT_EVERY": "never", "WANDB_SILENT": "true"})
     ctx = setup()
     train_set, _ = load_mnist(ctx, data_dir, loader="memory")
-    model = MNISTCNN()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    model, optimizer = build(parse_args([]))  # the recipe's defaults
     trainer = Trainer(ctx, model, optimizer, nn.CrossEntropyLoss(), log_every=log_every)
     trainer.epochs = 1
     loader = ctx.loader(train_set, 64)

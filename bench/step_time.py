@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
-from mnist_cnn import MNISTCNN, load_mnist  # noqa: E402
+import mnist_cnn  # noqa: E402
 
 from dtrain.runtime import setup  # noqa: E402
 
@@ -48,9 +48,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default=os.environ.get("DTRAIN_DATA_DIR", "./data"))
     args = parser.parse_args()
     ctx = setup()
-    train_set, _ = load_mnist(ctx, args.data_dir, "memory")
-    model = MNISTCNN().to(memory_format=torch.channels_last)  # as the recipe's defaults
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4, fused=True)
+    train_set, _ = mnist_cnn.load_mnist(ctx, args.data_dir, "memory")
+    model, optimizer = mnist_cnn.build(mnist_cnn.parse_args([]))  # the recipe's defaults
     model, optimizer = ctx.prepare(model, optimizer, batch_size=args.batch_size)
     loss_fn = nn.CrossEntropyLoss()
     loader = ctx.loader(train_set, args.batch_size, shuffle=True, train=True)

@@ -75,16 +75,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
-    ctx = setup(config=vars(args))
-    train_set, test_set = load_mnist(ctx, args.data_dir, args.loader)
+def build(args: argparse.Namespace) -> tuple[MNISTCNN, torch.optim.Optimizer]:
+    """The model and optimizer as the options ask (the benchmarks build theirs here too)."""
     model = MNISTCNN(args.dropout)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.compile:
         model.compile()  # in place: state_dict keys stay those of the plain model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=args.fused)
+    return model, optimizer
+
+
+def main() -> None:
+    args = parse_args()
+    ctx = setup(config=vars(args))
+    train_set, test_set = load_mnist(ctx, args.data_dir, args.loader)
+    model, optimizer = build(args)
     trainer = Trainer(ctx, model, optimizer, nn.CrossEntropyLoss(), batch_size=args.batch_size,
                       log_every=args.log_every)
     trainer.fit(train_set, test_set, epochs=args.epochs, limit_train_batches=args.limit_train_batches)
