@@ -26,9 +26,11 @@ export DTRAIN_DATA_DIR="$data" PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 
 venv="$(mktemp -d /tmp/dtrain-gpu-check.XXXXXX)"
 trap 'rm -rf "$venv"' EXIT
-# dtrain itself without pip: a .pth file puts this folder on the path, a two-line script is `dtrain`.
-"$python" -m venv --system-site-packages "$venv" || { echo "gpu_check: $python -m venv failed (see above)." >&2; exit 2; }
-"$venv/bin/python" -c 'import site, sys; open(site.getsitepackages()[0] + "/dtrain-src.pth", "w").write(sys.argv[1] + "\n")' "$(pwd)"
+# dtrain itself without pip: a .pth file puts this folder and the machine's packages on the path (a venv
+# made from a venv sees only the base interpreter's packages, not the first venv's), a two-line script is `dtrain`.
+"$python" -m venv --without-pip "$venv" || { echo "gpu_check: $python -m venv failed (see above)." >&2; exit 2; }
+"$python" -c 'import sys; print("\n".join([sys.argv[1]] + [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]))' \
+    "$(pwd)" >"$("$venv/bin/python" -c 'import site; print(site.getsitepackages()[0])')/dtrain-src.pth"
 printf '#!%s\nfrom dtrain.cli import main\nmain()\n' "$venv/bin/python" >"$venv/bin/dtrain"
 chmod +x "$venv/bin/dtrain"
 
