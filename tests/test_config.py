@@ -71,9 +71,9 @@ def test_torchrun_argv_for_two_nodes():
     assert argv == [
         "python", "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "8", "--node-rank", "1",
         "--rdzv-backend", "c10d", "--rdzv-endpoint", "node-a:29500", "--rdzv-id", "big", "--rdzv-conf", "is_host=0",
-        "--max-restarts", "3", "--log-dir", "runs/big/logs", "--tee", "3",
-        "--log-line-prefix-template", "[rank${rank}]: ", RECIPE, "--epochs", "2",
+        "--max-restarts", "3", "--log-dir", "runs/big/logs", "--tee", "3", RECIPE, "--epochs", "2",
     ]
+    assert env["TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"] == "[rank${rank}]: "
     assert env["DTRAIN_DEVICE"] == "cuda" and env["DTRAIN_RUN_DIR"] == "runs/big"
     assert env["OMP_NUM_THREADS"] == "4"
 

@@ -70,6 +70,7 @@ def test_fp16_skips_a_step_whose_scaled_gradients_overflow_and_lowers_the_scale(
     precision.backward(out.float().mean() * float("inf"))
     precision.step(optimizer)
     assert torch.equal(before, model.weight) and precision.scaler.get_scale() < scale
+    optimizer.zero_grad()
     with precision.autocast():
         loss = model(torch.randn(4, 8, device="cuda")).float().pow(2).mean()
     precision.backward(loss)

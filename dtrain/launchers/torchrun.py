@@ -7,7 +7,8 @@ from typing import Mapping
 
 from dtrain.config import LaunchSpec, worker_env
 
-# Global rank in front of every line torchrun copies to the console or a log file.
+# Global rank in front of every line torchrun copies to the console or a log file. Given through the
+# environment: every torchrun since 2.2 reads it there, while the flag is missing from some (2.11).
 LINE_PREFIX_TEMPLATE = "[rank${rank}]: "
 
 
@@ -37,8 +38,7 @@ def build_command(
         "--max-restarts", str(spec.max_restarts),
         "--log-dir", spec.log_dir,
         "--tee", "3",
-        "--log-line-prefix-template", LINE_PREFIX_TEMPLATE,
         spec.recipe,
         *spec.recipe_args,
     ]
-    return argv, worker_env(spec, cpus, base_env)
+    return argv, {**worker_env(spec, cpus, base_env), "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": LINE_PREFIX_TEMPLATE}
