@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from conftest import ROOT, TEST_RECIPES, run_dtrain
 
@@ -30,15 +31,34 @@ def launch_on_gpus(run_dir: Path, recipe: Path, *args: str, gpus: int = 1):
     return out
 
 
-def test_every_gpu_gets_a_rank_in_one_nccl_group(tmp_path):
+def test_every_gpu_gets_a_rank_and_two_or_more_join_one_nccl_group(tmp_path):
     gpus = torch.cuda.device_count()
     out = launch_on_gpus(tmp_path / "run", TEST_RECIPES / "gpu_probe.py", gpus=gpus)
     rows = [json.loads(line) for log in sorted((tmp_path / "run").glob("logs/*/attempt_0/*/stdout.log"))
             for line in log.read_text().splitlines() if line.startswith("{")]
     assert sorted(r["rank"] for r in rows) == list(range(gpus)), out.stdout
-    assert {r["backend"] for r in rows} == {"nccl"}
     assert sorted(r["device"] for r in rows) == [f"cuda:{i}" for i in range(gpus)]
     assert {r["sum"] for r in rows} == {gpus * (gpus + 1) / 2}
+    # A world of one trains without a process group (DDP would only add copies).
+    assert {r["backend"] for r in rows} == ({"nccl"} if gpus > 1 else {None})
+
+
+def test_nccl_initialises_and_reduces_on_this_gpu():
+    """The group dtrain gives DeepSpeed on one GPU (NCCL on an in-memory store), so that NCCL itself
+    is checked on a machine with a single GPU too."""
+    from dtrain.runtime import dist as dist_utils
+    from dtrain.runtime.env import read_env
+
+    env = read_env({"DTRAIN_STRATEGY": "zero2", "DTRAIN_DEVICE": "cuda"})
+    device = dist_utils.pick_device(env)
+    dist_utils.init_process_group(env, device)
+    try:
+        assert dist.get_backend() == "nccl"
+        tensor = torch.full((4,), 3.0, device=device)
+        dist.all_reduce(tensor)
+        assert tensor.tolist() == [3.0] * 4
+    finally:
+        dist.destroy_process_group()
 
 
 def loss_after_30_steps(run_dir: Path, data_dir: str, *options: str) -> float:
