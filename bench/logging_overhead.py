@@ -1,13 +1,16 @@
 """What rank-0 logging costs the training loop, on this machine.
 
-    python bench/logging_overhead.py [--steps 200] [--rounds 16]
+    python bench/logging_overhead.py [--steps 150] [--settle 60] [--blocks 20] [--wandb offline]
 
-One process trains the MNIST CNN recipe's model with `Trainer.train_epoch` on 1 CPU process, in
-`--rounds` pairs of runs of `--steps` steps, each run with a Context of its own: one logging every
-step (metrics.jsonl, a W&B offline run, gradient norm, samples/s, the host sync that reading them
-needs), one with W&B disabled and no logging step. Pairs alternate which runs first (ABBA):
-on this machine the first of a pair is often faster or slower by several percent. It prints the
-median steps/s of both settings and the median and quartiles of the per-pair differences.
+One process builds two trainers of the MNIST CNN recipe's model (1 CPU process, batch 64), each
+with a Context of its own: one logging every step (metrics.jsonl, a W&B offline run, gradient
+norm, samples/s, the host sync that reading them needs), one with W&B disabled and no logging
+step. They train in alternating blocks (ABBA order), so both settings see the same machine: on
+this virtual machine two runs of the same code minutes apart differ by up to 15%, while adjacent
+blocks seconds apart do not. Each block first trains `--settle` steps untimed, long enough for
+the W&B writer (which reads rows once a second) to finish the previous block's rows and to reach
+its steady state, then times `--steps` steps. It prints the steps/s of both settings over all
+their blocks and the median and quartiles of the per-pair differences.
 """
 
 from __future__ import annotations
@@ -45,55 +48,52 @@ def make_trainer(wandb: str, log_every: int, data_dir: str):
     return ctx, trainer, loader
 
 
-def steps_per_s(trainer, loader, epoch: int, steps: int) -> float:
+def steps_per_s(trainer, loader, epoch: int, steps: int, settle: int = 0) -> float:
     loader.set_epoch(epoch)
+    if settle:
+        trainer.train_epoch(loader, epoch, limit_batches=settle)
     start = time.perf_counter()
     trainer.train_epoch(loader, epoch, limit_batches=steps)
     return steps / (time.perf_counter() - start)
 
 
-def fresh_run(steps: int, log_every: int, wandb: str, data_dir: str) -> float:
-    ctx, trainer, loader = make_trainer(wandb, log_every, data_dir)
-    result = steps_per_s(trainer, loader, 1, steps)
-    ctx.close()
-    return result
-
-
-def rounds(args) -> list[tuple[float, float]]:
-    """(every step, never) steps/s for each round; even rounds run "every step" first, odd ones "never"."""
+def interleaved(args) -> list[tuple[float, float]]:
+    """(every step, never) steps/s for each pair of adjacent blocks."""
+    trainers = {"every": make_trainer(args.wandb, 1, args.data_dir), "never": make_trainer("disabled", NEVER, args.data_dir)}
     pairs = []
-    for round_ in range(args.rounds):
-        settings = [(1, "offline"), (NEVER, "disabled")]
-        if round_ % 2:
-            settings.reverse()
-        result = {log_every: fresh_run(args.steps, log_every, wandb, args.data_dir) for log_every, wandb in settings}
-        pairs.append((result[1], result[NEVER]))
-        report_pair(f"round {round_ + 1}", pairs[-1])
+    for block in range(args.blocks):
+        order = ("every", "never") if block % 2 == 0 else ("never", "every")
+        rates = {name: steps_per_s(*trainers[name][1:], block, args.steps, args.settle) for name in order}
+        pairs.append((rates["every"], rates["never"]))
+        if (block + 1) % 10 == 0:
+            print(f"{block + 1} pairs: {summary(pairs)}", flush=True)
+    for ctx, _, _ in trainers.values():
+        ctx.close()
     return pairs
 
 
-def report_pair(label: str, pair: tuple[float, float]) -> None:
-    every, never = pair
-    print(f"{label}: every step {every:.1f} steps/s, never {never:.1f} steps/s, "
-          f"difference {100 * (never - every) / never:+.1f}%", flush=True)
-
-
 def summary(pairs: list[tuple[float, float]]) -> str:
-    every, never = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+    """Steps/s of each setting over all its blocks (equal steps per block: harmonic mean), and the
+    spread of the per-pair differences."""
+    every, never = statistics.harmonic_mean(p[0] for p in pairs), statistics.harmonic_mean(p[1] for p in pairs)
     differences = sorted(100 * (n - e) / n for e, n in pairs)
     quartiles = statistics.quantiles(differences, n=4)
-    return (f"logging every step {every:.1f} steps/s, never {never:.1f} steps/s; per-pair difference "
+    return (f"logging every step {every:.2f} steps/s, never {never:.2f} steps/s, {100 * (never - every) / never:+.1f}%; "
+            f"per-pair difference "
             f"median {statistics.median(differences):+.1f}% (quartiles {quartiles[0]:+.1f}%, {quartiles[2]:+.1f}%; "
             f"{len(pairs)} pairs)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200, help="steps per fresh run")
-    parser.add_argument("--rounds", type=int, default=16, help="pairs of runs")
+    parser.add_argument("--steps", type=int, default=150, help="timed steps per block")
+    parser.add_argument("--settle", type=int, default=60, help="untimed steps at the start of each block")
+    parser.add_argument("--blocks", type=int, default=20, help="blocks of each setting")
+    parser.add_argument("--wandb", default="offline", choices=("offline", "disabled"),
+                        help="W&B for the setting that logs every step (metrics.jsonl is written either way)")
     parser.add_argument("--data-dir", default=os.environ.get("DTRAIN_DATA_DIR", str(ROOT.parent / "shared" / "data")))
     args = parser.parse_args()
-    print(summary(rounds(args)))
+    print(summary(interleaved(args)))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ W&B run: test_preemption.py.)"""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -180,3 +181,20 @@ def test_training_does_not_wait_for_wandb_and_goes_on_when_it_refuses_to_start(t
     assert "metrics go on to metrics.jsonl only." in out.stderr and "Traceback" not in out.stderr
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r and "lr" in r] == [5, 10, 15, 20]
+
+
+def test_the_wandb_writer_reads_whole_lines_at_most_once_per_interval():
+    """Batches keep the writer (and wandb-core) from waking at every logged step."""
+    from dtrain.wandb_writer import lines_in_batches
+
+    read, write = os.pipe()
+    os.write(write, b'{"step": 1}\n{"step"')
+    lines = lines_in_batches(read, interval=0.3)
+    assert next(lines) == b'{"step": 1}'
+    os.write(write, b': 2}\n')
+    os.write(write, b'{"step": 3}\n')
+    os.close(write)
+    start = time.monotonic()
+    assert list(lines) == [b'{"step": 2}', b'{"step": 3}']  # the line split across writes is whole
+    assert time.monotonic() - start >= 0.3
+    os.close(read)

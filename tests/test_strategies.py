@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DTRAIN, ROOT, TEST_RECIPES, run_dtrain
+from conftest import ROOT, TEST_RECIPES, run_dtrain
 from dtrain import config
 from dtrain.errors import UsageError
 from dtrain.launchers import accelerate, deepspeed
