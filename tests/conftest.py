@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -44,6 +45,35 @@ def data_dir() -> str:
 def run_dtrain(*args: str, cwd: Path | str = ROOT, timeout: float = 600, env: dict | None = None):
     return subprocess.run([DTRAIN, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+CPU_PAIR = ("--cpu", "--nproc", "2")
+
+
+def launch(run_dir: Path, *args: str, recipe: str = "recipes/mnist_cnn.py", devices: tuple[str, ...] = CPU_PAIR,
+           timeout: float = 600):
+    """`dtrain launch RECIPE DEVICES` (W&B disabled) with launch options and recipe options split by `--`;
+    it must succeed."""
+    cut = args.index("--") if "--" in args else len(args)
+    out = run_dtrain("launch", recipe, *devices, "--run-dir", str(run_dir), "--wandb", "disabled",
+                     *args[:cut], "--", *args[cut + 1:], timeout=timeout)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_loss_at(run_dir: Path, step: int) -> float:
+    return next(r["train/loss"] for r in metrics(run_dir) if r["step"] == step and "lr" in r)
+
+
+def train_30_steps(run_dir: Path, data_dir: str, *options: str, devices: tuple[str, ...] = CPU_PAIR) -> float:
+    """The training loss at step 30 (the mean of steps 1-30) of the SGD MNIST recipe, without an evaluation."""
+    launch(run_dir, *options, "--max-steps", "30", "--checkpoint-every", "never", "--", "--lr", "0.01",
+           "--log-every", "30", "--data-dir", data_dir, recipe=str(TEST_RECIPES / "mnist_sgd.py"), devices=devices)
+    return train_loss_at(run_dir, 30)
 
 
 def processes_with_env(key: str, value: str) -> list[int]:

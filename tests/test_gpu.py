@@ -9,31 +9,23 @@ from __future__ import annotations
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import ROOT, TEST_RECIPES, run_dtrain
+from conftest import ROOT, TEST_RECIPES, launch, train_30_steps
 
 sys.path.insert(0, str(ROOT / "recipes"))
 import tiny_gpt  # noqa: E402
 
+ONE_GPU = ("--gpus", "1")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
-
-def launch_on_gpus(run_dir: Path, recipe: Path, *args: str, gpus: int = 1):
-    cut = args.index("--") if "--" in args else len(args)
-    out = run_dtrain("launch", str(recipe), "--gpus", str(gpus), "--run-dir", str(run_dir), "--wandb", "disabled",
-                     *args[:cut], "--", *args[cut + 1:])
-    assert out.returncode == 0, out.stdout + out.stderr
-    return out
 
 
 def test_every_gpu_gets_a_rank_and_two_or_more_join_one_nccl_group(tmp_path):
     gpus = torch.cuda.device_count()
-    out = launch_on_gpus(tmp_path / "run", TEST_RECIPES / "gpu_probe.py", gpus=gpus)
+    out = launch(tmp_path / "run", recipe=str(TEST_RECIPES / "gpu_probe.py"), devices=("--gpus", str(gpus)))
     rows = [json.loads(line) for log in sorted((tmp_path / "run").glob("logs/*/attempt_0/*/stdout.log"))
             for line in log.read_text().splitlines() if line.startswith("{")]
     assert sorted(r["rank"] for r in rows) == list(range(gpus)), out.stdout
@@ -61,17 +53,10 @@ def test_nccl_initialises_and_reduces_on_this_gpu():
         dist.destroy_process_group()
 
 
-def loss_after_30_steps(run_dir: Path, data_dir: str, *options: str) -> float:
-    launch_on_gpus(run_dir, TEST_RECIPES / "mnist_sgd.py", *options, "--max-steps", "30", "--checkpoint-every",
-                   "never", "--", "--lr", "0.01", "--log-every", "30", "--data-dir", data_dir)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return next(r["train/loss"] for r in rows if r["step"] == 30 and "lr" in r)
-
-
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_half_precision_on_the_gpu_tracks_fp32(tmp_path, data_dir, precision):
-    fp32 = loss_after_30_steps(tmp_path / "fp32", data_dir)
-    half = loss_after_30_steps(tmp_path / precision, data_dir, "--precision", precision)
+    fp32 = train_30_steps(tmp_path / "fp32", data_dir, devices=ONE_GPU)
+    half = train_30_steps(tmp_path / precision, data_dir, "--precision", precision, devices=ONE_GPU)
     assert math.isfinite(half) and abs(half - fp32) < 0.1 * fp32, (half, fp32)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TEST_RECIPES, run_dtrain
+from conftest import ROOT, TEST_RECIPES, launch, metrics, run_dtrain, train_30_steps
 from dtrain import config
 from dtrain.errors import UsageError
 from dtrain.launchers import accelerate, deepspeed
@@ -26,14 +26,6 @@ TINY_GPT = ["--d-model", "64", "--block", "64", "--batch-size", "16", "--max-cha
 TINY_GPT_VAL_LOSS = 2.3  # after 150 steps of 2 x 16 windows; uniform guessing is ln(97) = 4.57
 
 
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def train_loss_at(run_dir: Path, step: int) -> float:
-    return next(r["train/loss"] for r in metrics(run_dir) if r["step"] == step and "lr" in r)
-
-
 def load_model(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "model.pth", weights_only=True)
 
@@ -41,15 +33,6 @@ def load_model(run_dir: Path) -> dict[str, torch.Tensor]:
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-
-
-def launch(run_dir: Path, *args: str, recipe: str = "recipes/mnist_cnn.py", timeout: float = 600):
-    """`dtrain launch RECIPE --cpu --nproc 2` with launch options and recipe options split by `--`."""
-    cut = args.index("--") if "--" in args else len(args)
-    out = run_dtrain("launch", recipe, "--cpu", "--nproc", "2", "--run-dir", str(run_dir), "--wandb", "disabled",
-                     *args[:cut], "--", *args[cut + 1:], timeout=timeout)
-    assert out.returncode == 0, out.stdout + out.stderr
-    return out
 
 
 def epoch_accuracy(out) -> float:
@@ -266,13 +249,6 @@ def test_grad_accum_4_of_16_matches_batches_of_64(tmp_path, data_dir, strategy):
     launch(tmp_path / "whole", *common, "--", "--batch-size", "64", *recipe_args, recipe=recipe)
     assert max_difference(load_model(tmp_path / "accumulated"), load_model(tmp_path / "whole")) < 1e-5
     assert [r["step"] for r in metrics(tmp_path / "accumulated") if "lr" in r] == [10, 20]
-
-
-def train_30_steps(run_dir: Path, data_dir: str, *options: str) -> float:
-    """The training loss at step 30 (the mean of steps 1-30) of the MNIST CNN, without an evaluation."""
-    launch(run_dir, *options, "--max-steps", "30", "--checkpoint-every", "never", "--", "--lr", "0.01",
-           "--log-every", "30", "--data-dir", data_dir, recipe=str(TEST_RECIPES / "mnist_sgd.py"))
-    return train_loss_at(run_dir, 30)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from typing import Mapping
 from dtrain.config import LaunchSpec, worker_env
 
 # Global rank in front of every line torchrun copies to the console or a log file. Given through the
-# environment: every torchrun since 2.2 reads it there, while the flag is missing from some (2.11).
+# environment, which torchrun 2.11 and 2.14 both read: 2.11 has no --log-line-prefix-template flag.
 LINE_PREFIX_TEMPLATE = "[rank${rank}]: "
 
 
