@@ -73,7 +73,11 @@ def main(reply_fd: int) -> int:
     try:
         import wandb
 
-        run = wandb.init(**json.loads(init), settings=wandb.Settings(console="off"))
+        arguments = json.loads(init)
+        # Process-wide, not only this run's: wandb's usage telemetry goes to W&B's server (a DNS lookup
+        # at the least, and the per-row cost of recording it) unless the whole process is offline.
+        wandb.setup(wandb.Settings(mode=arguments["mode"]))
+        run = wandb.init(**arguments, settings=wandb.Settings(console="off"))
     except Exception as exc:  # read by the training process when it finds this process gone
         with contextlib.suppress(BrokenPipeError), open(reply_fd, "w") as reply:
             reply.write(json.dumps({"error": f"{type(exc).__name__}: {exc}"}) + "\n")

@@ -198,3 +198,23 @@ def test_the_wandb_writer_reads_whole_lines_at_most_once_per_interval():
     assert list(lines) == [b'{"step": 2}', b'{"step": 3}']  # the line split across writes is whole
     assert time.monotonic() - start >= 0.3
     os.close(read)
+
+
+def test_an_offline_wandb_run_contacts_no_server(tmp_path, monkeypatch):
+    """Offline means no network: on an air-gapped cluster a lookup of W&B's server can hang at the
+    end of the run. (W&B's own usage telemetry is sent unless the process-wide mode is offline.)"""
+    import socket
+
+    from dtrain.runtime.logging import WandbWriter
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+        monkeypatch.setenv("WANDB_SILENT", "true")
+        writer = WandbWriter(dict(dir=str(tmp_path), id="offline1", mode="offline", project="tests"))
+        for step in range(1, 51):
+            writer.send({"step": step, "metrics": {"train/loss": 1.0 / step}})
+        writer.finish(exit_code=0)
+        server.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            server.accept()
+    assert len(offline_runs(tmp_path)) == 1
