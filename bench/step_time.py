@@ -5,10 +5,10 @@
 Each of `--steps` steps (after 20 of warm-up) is timed in parts on every rank: forward +
 backward without gradient synchronisation (DDP's `no_sync`), waiting at a barrier for the other
 ranks to finish theirs, one all-reduce of a buffer as large as all gradients (what DDP sends per
-step, in one piece instead of buckets: communication alone, as every rank enters it at once),
-and the optimizer step. Then the same
-steps run as the recipe runs them (backward with DDP's overlapped all-reduce) to give the real
-step time. Rank 0 prints one JSON line: the mean milliseconds of each part (the slowest rank's
+step, in one piece instead of buckets, the way DDP sends it here: through shared memory between
+CPU processes of one host, else the process group; communication alone, as every rank enters it
+at once), and the optimizer step. Then the same steps run as the recipe runs them (backward with
+DDP's all-reduce) to give the real step time. Rank 0 prints one JSON line: the mean milliseconds of each part (the slowest rank's
 mean for compute) and samples/s over all ranks. `bench/compare.py` runs it for 1 and 2 processes.
 """
 
@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
 import mnist_cnn  # noqa: E402
 
 from dtrain.runtime import setup  # noqa: E402
+from dtrain.runtime.shared_memory import SharedMemoryAllReduce  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -57,6 +58,10 @@ def main() -> None:
     batches = iter(loader)
     no_sync = model.no_sync if ctx.world_size > 1 else nullcontext
     grads = torch.zeros(sum(p.numel() for p in model.parameters()), device=ctx.device)
+    # What DDP's backward uses here: shared memory between CPU ranks of one host, else the process group.
+    shared = (SharedMemoryAllReduce.create(ctx.rank, ctx.world_size, grads.numel())
+              if ctx.world_size > 1 and ctx.device.type == "cpu" else None)
+    all_reduce = shared.average if shared is not None else ctx.all_reduce
 
     def compute():
         x, y = next(batches)
@@ -72,7 +77,7 @@ def main() -> None:
     parts = {"compute_ms": [], "wait_ms": [], "all_reduce_ms": [], "optimizer_ms": [], "step_ms": []}
     for i in range(20 + args.steps):
         ctx.barrier()
-        times = (timed(compute), timed(ctx.barrier), timed(lambda: ctx.all_reduce(grads)),
+        times = (timed(compute), timed(ctx.barrier), timed(lambda: all_reduce(grads)),
                  timed(lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True))))
         if i >= 20:
             for name, value in zip(parts, times):

@@ -191,6 +191,25 @@ def test_accelerate_trains_as_one_job_of_world_size_2(tmp_path):
     assert ranks[0]["params"] == ranks[1]["params"]  # gradients were averaged: one model
 
 
+def test_ddp_on_one_hosts_cpus_averages_gradients_through_shared_memory_exactly_as_gloo(tmp_path):
+    run_dir = tmp_path / "run"
+    out = launch(run_dir, recipe=str(TEST_RECIPES / "ddp_gradients.py"))
+    rank0 = json.loads(out.stdout.strip().splitlines()[-1])
+    assert rank0["comm_hook"] == "comm_hook"  # dtrain's shared-memory hook, not DDP's built-in all-reduce
+    assert rank0["equal"] == [True] * 5
+    assert not list(Path("/dev/shm").glob("dtrain-grads-*"))  # its buffer is gone with the job
+
+
+def test_the_shared_memory_buffer_holds_one_ddp_bucket_and_is_refused_where_dev_shm_is_too_small():
+    from dtrain.runtime.shared_memory import DDP_BUCKET_NUMEL, reserved_file, slot_numel
+
+    assert slot_numel([320, 32, 18432, 64, 401408, 128, 1280, 10]) == 421674  # the MNIST CNN: all of it
+    assert slot_numel([10**8] * 8) == DDP_BUCKET_NUMEL + 10**8  # a large model: one bucket, not 8 x 10^8
+    before = set(Path("/dev/shm").iterdir())
+    assert reserved_file(1 << 50) == ""  # then DDP uses gloo
+    assert set(Path("/dev/shm").iterdir()) == before
+
+
 def test_a_process_the_launcher_did_not_join_into_the_job_stops_at_start_up(tmp_path):
     """accelerate's known silent failure: `accelerate launch --cpu --num_processes 2` starts one
     process, which would train alone; dtrain's start-up check stops it."""

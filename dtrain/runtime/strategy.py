@@ -21,6 +21,7 @@ from dtrain.errors import UsageError
 from dtrain.runtime.activation_checkpointing import blocks_of
 from dtrain.runtime.env import WorkerEnv
 from dtrain.runtime.precision import Precision
+from dtrain.runtime.shared_memory import SharedMemoryAllReduce, comm_hook, slot_numel
 
 
 class DataParallel:
@@ -39,7 +40,14 @@ class DataParallel:
         model = model.to(self.device)
         if self.env.world_size == 1:
             return model
-        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.device.type == "cuda":
+            return DistributedDataParallel(model, device_ids=[self.device.index])
+        model = DistributedDataParallel(model)
+        sizes = [p.numel() for p in model.parameters() if p.requires_grad]
+        shared = SharedMemoryAllReduce.create(self.env.rank, self.env.world_size, slot_numel(sizes))
+        if shared is not None:  # every rank on this host: faster than gloo (see shared_memory)
+            model.register_comm_hook(shared, comm_hook)
+        return model
 
     def set_gradient_sync(self, model: nn.Module, enabled: bool) -> None:
         """Before the forward pass: DDP decides there whether this backward all-reduces."""
