@@ -8,8 +8,9 @@ ranks to finish theirs, one all-reduce of a buffer as large as all gradients (wh
 step, in one piece instead of buckets, the way DDP sends it here: through shared memory between
 CPU processes of one host, else the process group; communication alone, as every rank enters it
 at once), and the optimizer step. Then the same steps run as the recipe runs them (backward with
-DDP's all-reduce) to give the real step time. Rank 0 prints one JSON line: the mean milliseconds of each part (the slowest rank's
-mean for compute) and samples/s over all ranks. `bench/compare.py` runs it for 1 and 2 processes.
+DDP's all-reduce) to give the real step time. Rank 0 prints one JSON line: the mean milliseconds
+of each part (the slowest rank's mean for compute) and samples/s over all ranks.
+`bench/compare.py` runs it for 1 and 2 processes.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ SHM_DIR = "/dev/shm"
 HEADER = 64  # int64 words: a token that proves every rank mapped the same file, then one sequence number per rank
 PATH_BYTES = 256
 DDP_BUCKET_NUMEL = 25 * 2**20 // 4  # DDP's default bucket_cap_mb (25) in float32s; a bucket exceeds it by one tensor at most
+SPIN_S, SLEEP_S = 0.002, 0.00005
 WAIT_LIMIT_S = 1800.0  # gloo's default timeout: a rank that never arrives is an error, not a hang
 
 
@@ -89,12 +90,18 @@ class SharedMemoryAllReduce:
         slots = self.slots[self.last % 2, :, :n]
         slots[self.rank].copy_(tensor.view(-1))
         self.sequence[self.rank] = self.last
-        deadline = time.monotonic() + WAIT_LIMIT_S
+        start = time.monotonic()
         while int(self.sequence.min()) < self.last:
-            if time.monotonic() > deadline:
+            waited = time.monotonic() - start
+            if waited > WAIT_LIMIT_S:
                 raise RuntimeError(f"rank {self.rank}: another rank did not reach gradient all-reduce "
                                    f"{self.last} within {WAIT_LIMIT_S:.0f} s")
-            os.sched_yield()
+            # Spin briefly (the others are usually close), then sleep: with more ranks than cores a
+            # spinning rank would take the core that the rank it waits for needs.
+            if waited < SPIN_S:
+                os.sched_yield()
+            else:
+                time.sleep(SLEEP_S)
         torch.sum(slots, dim=0, out=tensor.view(-1))
         return tensor.div_(self.world_size)
 
