@@ -191,6 +191,16 @@ def test_accelerate_trains_as_one_job_of_world_size_2(tmp_path):
     assert ranks[0]["params"] == ranks[1]["params"]  # gradients were averaged: one model
 
 
+def test_zero_under_the_deepspeed_launcher_leaves_no_shared_memory_behind(tmp_path):
+    """DeepSpeed's CPU all-reduce maps a /dev/shm file per rank (69 MB each here) and never removes it."""
+    before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+    run_dir = tmp_path / "run"
+    launch(run_dir, "--launcher", "deepspeed", "--strategy", "zero2", recipe=str(TEST_RECIPES / "small_epoch.py"))
+    ranks = [json.loads((run_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 2
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) == before
+
+
 def test_ddp_on_one_hosts_cpus_averages_gradients_through_shared_memory_exactly_as_gloo(tmp_path):
     run_dir = tmp_path / "run"
     out = launch(run_dir, recipe=str(TEST_RECIPES / "ddp_gradients.py"))
