@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
 import mnist_cnn  # noqa: E402
 
 from dtrain.runtime import setup  # noqa: E402
-from dtrain.runtime.shared_memory import SharedMemoryAllReduce  # noqa: E402
+from dtrain.runtime import shared_memory  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -60,8 +60,7 @@ def main() -> None:
     no_sync = model.no_sync if ctx.world_size > 1 else nullcontext
     grads = torch.zeros(sum(p.numel() for p in model.parameters()), device=ctx.device)
     # What DDP's backward uses here: shared memory between CPU ranks of one host, else the process group.
-    shared = (SharedMemoryAllReduce.create(ctx.rank, ctx.world_size, grads.numel())
-              if ctx.world_size > 1 and ctx.device.type == "cpu" else None)
+    shared = shared_memory.for_ddp(ctx.rank, ctx.world_size, ctx.device, [grads.numel()])
     all_reduce = shared.average if shared is not None else ctx.all_reduce
 
     def compute():

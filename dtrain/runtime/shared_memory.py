@@ -50,6 +50,15 @@ def reserved_file(nbytes: int) -> str:
         os.close(fd)
 
 
+def for_ddp(rank: int, world_size: int, device: torch.device,
+            parameter_numels: list[int]) -> "SharedMemoryAllReduce | None":
+    """Collective: the buffer DDP's CPU ranks average their gradients through, or None where DDP keeps
+    its process group (GPUs, a world of one, ranks that do not share a host)."""
+    if device.type != "cpu" or world_size == 1:
+        return None
+    return SharedMemoryAllReduce.create(rank, world_size, slot_numel(parameter_numels))
+
+
 class SharedMemoryAllReduce:
     """The DDP comm hook's state: a shared buffer with room for `numel` float32s per rank and slot set."""
 

@@ -23,7 +23,7 @@ from dtrain.errors import UsageError
 from dtrain.runtime.activation_checkpointing import blocks_of
 from dtrain.runtime.env import WorkerEnv
 from dtrain.runtime.precision import Precision
-from dtrain.runtime.shared_memory import SHM_DIR, SharedMemoryAllReduce, comm_hook, slot_numel
+from dtrain.runtime import shared_memory
 
 
 class DataParallel:
@@ -45,10 +45,10 @@ class DataParallel:
         if self.device.type == "cuda":
             return DistributedDataParallel(model, device_ids=[self.device.index])
         model = DistributedDataParallel(model)
-        sizes = [p.numel() for p in model.parameters() if p.requires_grad]
-        shared = SharedMemoryAllReduce.create(self.env.rank, self.env.world_size, slot_numel(sizes))
+        shared = shared_memory.for_ddp(self.env.rank, self.env.world_size, self.device,
+                                       [p.numel() for p in model.parameters() if p.requires_grad])
         if shared is not None:  # every rank on this host: faster than gloo (see shared_memory)
-            model.register_comm_hook(shared, comm_hook)
+            model.register_comm_hook(shared, shared_memory.comm_hook)
         return model
 
     def set_gradient_sync(self, model: nn.Module, enabled: bool) -> None:
@@ -174,7 +174,7 @@ class DeepSpeedZero(DataParallel):
         torch.distributed.barrier()
         name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_" \
                f"{os.environ.get('MASTER_PORT', '')}_{self.env.rank}"
-        Path(SHM_DIR, name).unlink(missing_ok=True)
+        Path(shared_memory.SHM_DIR, name).unlink(missing_ok=True)
 
     def deepspeed_config(self, batch_size: int | None) -> dict[str, Any]:
         """The launch's merged JSON (or, under plain torchrun, the default one) with the recipe's batch size."""
