@@ -1,9 +1,9 @@
-# Three entry points, each one command on a fresh machine (they install what they need first):
-#   make install   make run   make test
+# Entry points, each one command on a fresh machine (they install what they need first):
+#   make install   make run   make test   make test-fast   make lint
 PYTHON ?= python3
 VENV ?= .venv
 
-.PHONY: install run test
+.PHONY: install run test test-fast lint
 
 install: $(VENV)/.installed
 
@@ -17,3 +17,9 @@ run: install
 
 test: install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(VENV)/bin/pytest tests/fast $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .

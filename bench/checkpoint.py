@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from dtrain.runtime.checkpoint import Checkpointer, TrainState
+from dtrain.runtime.strategies.ddp import DCPState
 
 
 def build(params: float) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -85,17 +86,17 @@ def main() -> None:
     rows.append(("torch.save + fsync", seconds, size / seconds))
 
     run = work / "run"
-    sync = Checkpointer(run, 0, 1, keep_last=None, async_save=False)
-    seconds = timed(lambda: sync.save(TrainState(step=1), model, [optimizer], {}))
+    sync = Checkpointer(run, 0, 1, keep_last=None, async_save=False, strategy="ddp")
+    seconds = timed(lambda: sync.save(TrainState(step=1), DCPState(model, [optimizer]), {}))
     rows.append(("dtrain save (DCP, fsync, sha256 manifest, commit)", seconds, size / seconds))
 
     fresh, fresh_optimizer = build(args.params)
-    seconds = timed(lambda: sync.resume("auto", fresh, [fresh_optimizer], {}))
+    seconds = timed(lambda: sync.resume("auto", DCPState(fresh, [fresh_optimizer]), {}))
     rows.append(("dtrain load (verify sha256, DCP load)", seconds, size / seconds))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
 
-    background = Checkpointer(run, 0, 1, keep_last=None, async_save=True)
-    blocked = timed(lambda: background.save(TrainState(step=2), model, [optimizer], {}))
+    background = Checkpointer(run, 0, 1, keep_last=None, async_save=True, strategy="ddp")
+    blocked = timed(lambda: background.save(TrainState(step=2), DCPState(model, [optimizer]), {}))
     total = blocked + timed(background.wait)
     rows.append(("dtrain --async-checkpoint: training blocked", blocked, size / blocked))
     rows.append(("dtrain --async-checkpoint: until committed", total, size / total))

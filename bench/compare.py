@@ -39,7 +39,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from dtrain import hardware  # noqa: E402  (no torch: GPU count from CUDA_VISIBLE_DEVICES / nvidia-smi)
+from dtrain import hardware, metrics  # noqa: E402  (no torch: GPU count from CUDA_VISIBLE_DEVICES / nvidia-smi)
+
 TRAIN_SAMPLES = 60_000
 TARGET_ACCURACY = 99.0
 STEP_TIME = "STEP_TIME "  # the prefix of bench/step_time.py's result line
@@ -134,9 +135,8 @@ def run(label: str, argv: list[str], cwd: Path, env: dict[str, str]) -> Result:
 
 
 def read_metrics(run_dir: Path, result: Result) -> Result:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    startup = [r["startup_s"] for r in rows if "startup_s" in r]
-    rates = [r["samples_per_s"] for r in rows if "samples_per_s" in r]
+    startup = [r["startup_s"] for r in metrics.read(run_dir, metrics.STARTUP)]
+    rates = [r["samples_per_s"] for r in metrics.read(run_dir, metrics.TRAIN) if "samples_per_s" in r]
     result.startup_s = startup[0] if startup else None
     result.logged_samples_per_s = statistics.median(rates) if rates else None
     return result
@@ -160,7 +160,7 @@ def step_breakdown(nproc: int, workdir: Path, env: dict[str, str], gpu: bool) ->
     argv = dtrain_launch(ROOT / "bench" / "step_time.py", nproc, workdir / f"step-time-{nproc}", gpu,
                          "--wandb", "disabled", "--checkpoint-every", "never")
     out = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True)
-    line = next((l for l in out.stdout.splitlines() if l.startswith(STEP_TIME)), None)
+    line = next((text for text in out.stdout.splitlines() if text.startswith(STEP_TIME)), None)
     if out.returncode != 0 or line is None:
         sys.exit(f"bench/step_time.py on {nproc} processes failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
     return json.loads(line[len(STEP_TIME):])

@@ -41,6 +41,7 @@ def make_trainers(wandb: str, data_dir: str) -> dict[str, tuple]:
     from torch import nn
 
     from dtrain.runtime import Trainer, setup
+
     from mnist_cnn import build, load_mnist, parse_args
 
     model, optimizer = build(parse_args([]))  # the recipe's defaults

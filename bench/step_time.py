@@ -29,10 +29,12 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
-import mnist_cnn  # noqa: E402
+from dtrain.runtime import (
+    setup,
+    shared_memory,
+)
 
-from dtrain.runtime import setup  # noqa: E402
-from dtrain.runtime import shared_memory  # noqa: E402
+import mnist_cnn
 
 
 def timed(fn) -> float:

@@ -1,8 +1,11 @@
-"""The `dtrain` command line. It must never import torch: `--help` and `--dry-run` stay instant."""
+"""The `dtrain` command line. It must never import torch: `--help` and `--dry-run` stay instant.
+
+Every option comes from the table in `dtrain.options`; a command here takes the rows made for it,
+resolves them into a LaunchSpec (`dtrain.spec`) and acts on that spec.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shlex
 import sys
@@ -13,72 +16,38 @@ from typing import Any, Callable
 import click
 from click.core import ParameterSource
 
-from dtrain import __version__, config, hardware, slurm
+from dtrain import __version__, contract, hardware, launchers, options, slurm
 from dtrain.errors import UsageError
+from dtrain.options import DEBUG, LAUNCH, SUBMIT, Option
+from dtrain.spec import DEFAULT_MASTER_PORT, LaunchSpec, default_name, resolve
+from dtrain.wandb_mode import wandb_mode
 
 STARTED = time.time()
 
 
-def _options(*decorators: Callable) -> Callable[[Callable], Callable]:
-    """Apply click decorators in the order they are listed (as they read in --help)."""
+def _click_option(option: Option) -> Callable[[Callable], Callable]:
+    kwargs: dict[str, Any] = {"default": None, "help": option.help}
+    if option.kind is bool:
+        kwargs["is_flag"] = True
+    elif option.flag_value is not None:
+        kwargs.update(is_flag=False, flag_value=option.flag_value)
+    if option.choices:
+        kwargs["type"] = click.Choice(option.choices)
+    elif option.kind is int:
+        kwargs["type"] = int
+    if option.metavar:
+        kwargs["metavar"] = option.metavar
+    return click.option(option.flag, option.name, **kwargs)
+
+
+def _command_options(command: str, recipe_required: bool = True) -> Callable[[Callable], Callable]:
+    """RECIPE, its arguments (after `--`), and the table's options for `command`, in the table's order."""
     def apply(func: Callable) -> Callable:
-        for decorate in reversed(decorators):
-            func = decorate(func)
-        return func
+        for option in reversed(options.for_command(command)):
+            func = _click_option(option)(func)
+        func = click.argument("recipe_args", nargs=-1, type=click.UNPROCESSED)(func)
+        return click.argument("recipe", required=recipe_required)(func)
     return apply
-
-
-# Options shared by every command that runs a recipe: one name for one thing.
-_run_options = _options(
-    click.argument("recipe", type=str),
-    click.argument("recipe_args", nargs=-1, type=click.UNPROCESSED),
-    click.option("--cpu", is_flag=True, default=None, help="Run on CPU processes (gloo), even if GPUs exist."),
-    click.option("--precision", type=click.Choice(config.PRECISIONS), default=None,
-                 help="Numeric precision: fp32 (default), bf16 autocast, or fp16 autocast with a GradScaler."),
-    click.option("--seed", type=int, default=None, help="Base random seed (default 0); rank r uses seed + r."),
-    click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps (smoke runs)."),
-    click.option("--name", default=None, help="Run name: the run directory is runs/NAME (default: recipe-timestamp)."),
-    click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="Run directory (overrides runs/NAME)."),
-    click.option("--checkpoint-every", default=None,
-                 help="When to checkpoint: N steps, epoch (default), N,epoch, or never."),
-    click.option("--keep-last", type=int, default=None, help="Keep only the newest K committed checkpoints."),
-    click.option("--resume", default=None,
-                 help="auto (default: continue from the run directory's newest checkpoint), never, "
-                      "or a checkpoints/step_N folder."),
-    click.option("--async-checkpoint", is_flag=True, default=None,
-                 help="Write checkpoints in the background while training goes on."),
-    click.option("--wandb", type=click.Choice(config.WANDB_MODES), default=None,
-                 help="Weights & Biases from rank 0: auto (default: online with credentials, else offline), "
-                      "online, offline, disabled."),
-    click.option("--wandb-project", default=None, help=f"W&B project (default {config.DEFAULT_WANDB_PROJECT})."),
-    click.option("--wandb-entity", default=None, help="W&B entity (team or user)."),
-    click.option("--wandb-group", default=None, help="W&B group (default: the run name for multi-node jobs)."),
-    click.option("--tags", default=None, help="W&B tags, comma-separated."),
-    click.option("--strategy", type=click.Choice(config.STRATEGIES), default=None,
-                 help="ddp (default), fsdp (FSDP2: fully_shard per block), or DeepSpeed ZeRO stage 1, 2 or 3."),
-    click.option("--grad-accum", type=int, default=None,
-                 help="Accumulate gradients over N micro-batches per optimizer step (default 1)."),
-    click.option("--activation-checkpointing", is_flag=False, flag_value="auto", default=None,
-                 metavar="[CLASS,...]",
-                 help="Recompute these blocks' activations in backward; no value: the recipe's blocks."),
-    click.option("--deepspeed-config", default=None, metavar="JSON",
-                 help="DeepSpeed config for the ZeRO strategies (default launch/deepspeed/zeroN.json); "
-                      "must agree with --strategy, --precision and --grad-accum."),
-)
-
-# Options of the commands that start processes through a launcher (`launch`, `slurm submit`).
-_job_options = _options(
-    click.option("--launcher", type=click.Choice(config.LAUNCHERS), default=None,
-                 help="What starts the processes: torchrun (default), accelerate launch, or the deepspeed launcher."),
-    click.option("--nproc", type=int, default=None, help="CPU processes per node (with --cpu)."),
-    click.option("--nodes", type=int, default=None, help="Number of nodes (default 1)."),
-    click.option("--max-restarts", type=int, default=None, help="Restart the whole group up to K times when a worker dies."),
-    click.option("--max-requeues", type=int, default=None,
-                 help=f"Under SLURM, requeue the job at most K times on the pre-timeout signal "
-                      f"(default {config.DEFAULT_MAX_REQUEUES})."),
-    click.option("--profile", type=str, default=None, help="YAML file of these options (see launch/); the command line wins."),
-    click.option("--dry-run", is_flag=True, help="Print what would run, run nothing."),
-)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -88,35 +57,29 @@ def cli() -> None:
 
 
 @cli.command()
-@_run_options
-@click.option("--gpus", type=int, default=None, help="GPUs (= processes) per node; default: every visible GPU.")
-@_job_options
-@click.option("--node-rank", type=int, default=None, help="This node's rank, 0 .. nodes-1 (under srun: SLURM_NODEID).")
-@click.option("--master-addr", default=None,
-              help="Rendezvous host: node rank 0's address (default 127.0.0.1; under SLURM the job's first node).")
-@click.option("--master-port", type=int, default=None,
-              help="Rendezvous port (default: a free port on one node, 29500 on many, from the job id under SLURM).")
-@click.option("--preempt-signal", default=None,
-              help=f"Signal that makes every rank checkpoint and stop (default {config.DEFAULT_PREEMPT_SIGNAL}); "
-                   "under SLURM rank 0 then requeues the job.")
+@_command_options(LAUNCH, recipe_required=False)
 @click.pass_context
-def launch(ctx: click.Context, profile: str | None, dry_run: bool, **options: Any) -> int:
+def launch(ctx: click.Context, profile: str | None, dry_run: bool | None, spec: str | None, **given: Any) -> int:
     """Run RECIPE on every process (torchrun, accelerate or deepspeed). Recipe arguments go after `--`.
 
     \b
     dtrain launch recipes/mnist_cnn.py --gpus 8
     dtrain launch recipes/mnist_cnn.py --cpu --nproc 2 -- --epochs 1
     """
-    if profile is not None:
-        options = _apply_profile(ctx, profile, options)
-    explicit_port = options.get("master_port") is not None
     allocation = slurm.allocation(os.environ)
-    if allocation is not None:
-        implied = slurm.launch_defaults(allocation, options["recipe"])
-        options = {**options, **{k: v for k, v in implied.items() if options.get(k) is None}}
-    gpus_available = 0 if options.get("cpu") else hardware.visible_gpus()
-    capability = hardware.min_compute_capability() if gpus_available and options.get("precision") == "bf16" else None
-    spec = config.resolve(options, gpus_available, hardware.free_port(), compute_capability=capability)
+    if spec is not None:
+        launch_spec = _submitted_spec(ctx, spec, allocation)
+    else:
+        if given["recipe"] is None:
+            raise UsageError("dtrain launch needs a RECIPE (a Python training script), or --spec FILE.")
+        if profile is not None:
+            given = _apply_profile(ctx, profile, given)
+        if allocation is not None:
+            implied = slurm.launch_defaults(allocation, given["recipe"])
+            given = {**given, **{k: v for k, v in implied.items() if given.get(k) is None}}
+        gpus_available = 0 if given.get("cpu") else hardware.visible_gpus()
+        capability = hardware.min_compute_capability() if gpus_available and given.get("precision") == "bf16" else None
+        launch_spec = resolve(given, gpus_available, hardware.free_port(), compute_capability=capability)
 
     if allocation is not None and not allocation.in_step:
         # In an allocation (salloc, or an sbatch script) but not in a step: one task per node via srun.
@@ -130,42 +93,59 @@ def launch(ctx: click.Context, profile: str | None, dry_run: bool, **options: An
             raise UsageError(f"cannot start srun inside SLURM job {allocation.job_id} ({exc.strerror}); "
                              "put SLURM's commands on PATH.") from None
 
-    _check_port(spec, explicit_port or allocation is not None)
-    from dtrain import launchers
-
-    spec = _resolve_wandb(spec, quiet=dry_run)
-    argv, env, files = launchers.build(spec, hardware.cpu_count(), os.environ)
+    _check_port(launch_spec, explicit=given.get("master_port") is not None or allocation is not None)
+    launch_spec = _resolve_wandb(launch_spec, quiet=bool(dry_run))
+    argv, env, files = launchers.build(launch_spec, hardware.cpu_count(), os.environ)
     if sys.stdout.isatty():
-        env[config.ENV_TTY] = os.ttyname(sys.stdout.fileno())
+        env[contract.TTY] = os.ttyname(sys.stdout.fileno())
     if dry_run:
         for path, text in files.items():
             click.echo(f"# {path}\n{text.rstrip()}\n")
         click.echo(_render_command(argv, env, os.environ))
         return 0
-    env[config.ENV_LAUNCH_TIME] = f"{STARTED:.3f}"
-    if spec.device == "cpu" and not options.get("cpu"):
+    env[contract.LAUNCH_TIME] = f"{STARTED:.3f}"
+    if launch_spec.device == "cpu" and spec is None and not given.get("cpu"):
         click.echo("dtrain: no GPU is visible; running 1 CPU process (use --cpu --nproc N for more).", err=True)
     from dtrain.job import run_job, write_files
 
     write_files(files)
-    return run_job(argv, env, spec.launcher_log, preempt_signal=spec.preempt_signal,
-                   rank_prefixes=spec.launcher == "torchrun")
+    return run_job(launch_spec, argv, env, started=STARTED)
+
+
+def _submitted_spec(ctx: click.Context, path: str, allocation: slurm.Allocation | None) -> LaunchSpec:
+    """The spec `dtrain slurm submit` saved, placed on this node of the job."""
+    others = [p.opts[0] if isinstance(p, click.Option) else p.human_readable_name for p in ctx.command.params
+              if p.name not in ("spec", "dry_run") and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
+    if others:
+        raise UsageError(f"--spec FILE holds every option of the job; give no other ({', '.join(others)}).")
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read the launch spec {path} ({exc.strerror}); `dtrain slurm submit` writes it "
+                         "into the run directory's slurm/ folder.") from None
+    launch_spec = LaunchSpec.from_json(text, path)
+    if allocation is not None and allocation.in_step:
+        launch_spec = slurm.place(launch_spec, allocation)
+    if launch_spec.device == "cuda" and hardware.visible_gpus() < launch_spec.nproc:
+        raise UsageError(f"this node sees {hardware.visible_gpus()} GPU(s), but the job runs {launch_spec.nproc} "
+                         "processes on each; ask SLURM for them (--gpus-per-node).")
+    return launch_spec
 
 
 @cli.command()
-@_run_options
-def debug(**options: Any) -> int:
+@_command_options(DEBUG)
+def debug(**given: Any) -> int:
     """Run RECIPE in this process (world size 1, GPU 0 or CPU), so breakpoints and pdb work.
 
     \b
     dtrain debug recipes/mnist_cnn.py --max-steps 20 -- --epochs 1
     """
-    gpus_available = 0 if options.get("cpu") else min(hardware.visible_gpus(), 1)
-    spec = config.resolve(options, gpus_available, free_port=config.DEFAULT_MASTER_PORT)
-    spec = _resolve_wandb(dataclasses.replace(spec, nproc=1), quiet=False)
+    gpus_available = 0 if given.get("cpu") else min(hardware.visible_gpus(), 1)
+    launch_spec = resolve(given, gpus_available, free_port=DEFAULT_MASTER_PORT)
+    launch_spec = _resolve_wandb(launch_spec.replace(nproc=1), quiet=False)
     from dtrain.debug import run_in_process
 
-    return run_in_process(spec)
+    return run_in_process(launch_spec)
 
 
 @cli.command()
@@ -188,62 +168,46 @@ def slurm_group() -> None:
 
 
 @slurm_group.command("submit")
-@_run_options
-@click.option("--gpus-per-node", type=int, default=None, help="GPUs (= processes) per node.")
-@_job_options
-@click.option("--cpus-per-task", type=int, default=None, help="CPUs for each node's launcher and its processes.")
-@click.option("--mem", default=None, help="Memory per node, as sbatch takes it (64G).")
-@click.option("--time", "time_limit", default=None, help="Time limit: minutes, HH:MM:SS or D-HH:MM:SS.")
-@click.option("--partition", default=None)
-@click.option("--account", default=None)
-@click.option("--qos", default=None)
-@click.option("--constraint", default=None)
-@click.option("--exclusive", is_flag=True, default=None, help="Do not share the nodes with other jobs.")
-@click.option("--signal", default=None,
-              help=f"Pre-timeout signal, [B:]NAME@SECONDS (default {slurm.DEFAULT_SIGNAL}): checkpoint and requeue.")
-@click.option("--cluster-profile", default=None, help="cluster/NAME.yaml: partition, account, GPUs per node, modules, setup.")
-@click.option("--template", default=None, help=f"sbatch template (default {slurm.TEMPLATE.parent.name}/{slurm.TEMPLATE.name}).")
+@_command_options(SUBMIT)
 @click.pass_context
-def slurm_submit(ctx: click.Context, profile: str | None, dry_run: bool, cluster_profile: str | None,
-                 template: str | None, time_limit: str | None, **options: Any) -> int:
-    """Render an sbatch script for RECIPE into runs/NAME/slurm/job.sbatch and submit it.
+def slurm_submit(ctx: click.Context, profile: str | None, dry_run: bool | None, cluster_profile: str | None,
+                 template: str | None, **given: Any) -> int:
+    """Submit RECIPE as a SLURM job: runs/NAME/slurm/ gets the sbatch script and the launch spec every node runs.
 
     \b
     dtrain slurm submit recipes/mnist_cnn.py --nodes 4 --gpus-per-node 8 --time 02:00:00
     dtrain slurm submit recipes/mnist_cnn.py --nodes 2 --cpu --nproc 1 --dry-run -- --epochs 1
     """
     if profile is not None:
-        options = _apply_profile(ctx, profile, options)
+        given = _apply_profile(ctx, profile, given)
     cluster = slurm.load_cluster_profile(cluster_profile) if cluster_profile else {}
-    job = slurm.resolve_job({**options, "time": time_limit}, cluster, cluster_profile, cpu=bool(options.get("cpu")))
+    job = slurm.resolve_job(given, cluster, cluster_profile)
     template_text = slurm.read_template(template)
 
-    name = options.get("name") or config.default_name(options["recipe"])
-    run_dir = os.path.abspath(options.get("run_dir") or os.path.join("runs", name))
-    _, preempt_signal, _ = slurm.parse_signal(job.signal)
-    launch_options = {**options, "name": name, "run_dir": run_dir, "nodes": job.nodes, "node_rank": 0,
-                      "gpus": job.gpus_per_node or None, "preempt_signal": preempt_signal,
-                      "max_requeues": cluster.get("max_requeues") if options.get("max_requeues") is None
-                      else options["max_requeues"]}
-    spec = config.resolve(launch_options, gpus_available=job.gpus_per_node, free_port=config.DEFAULT_MASTER_PORT)
-    script = slurm.render_script(template_text, job, spec, python=sys.executable, workdir=os.getcwd())
+    name = given.get("name") or default_name(given["recipe"])
+    run_dir = os.path.abspath(given.get("run_dir") or os.path.join("runs", name))
+    launch_given = {**given, "name": name, "run_dir": run_dir, "nodes": job.nodes, "node_rank": 0,
+                    "gpus": job.gpus_per_node or None, "preempt_signal": slurm.parse_signal(job.signal)[1],
+                    "max_requeues": cluster.get("max_requeues") if given.get("max_requeues") is None
+                    else given["max_requeues"]}
+    launch_spec = resolve(launch_given, gpus_available=job.gpus_per_node, free_port=DEFAULT_MASTER_PORT)
+    script = slurm.render_script(template_text, job, launch_spec, python=sys.executable, workdir=os.getcwd())
+    spec_path = slurm.spec_path(run_dir)
     if dry_run:
+        click.echo(f"# {_relative(str(spec_path))}\n{launch_spec.to_json()}")
         click.echo(script, nl=False)
         return 0
 
-    slurm_dir = Path(run_dir) / "slurm"
+    slurm_dir = spec_path.parent
     created = [p for p in (slurm_dir, *slurm_dir.parents) if not p.exists()]  # removed again if sbatch fails
-    slurm_dir.mkdir(parents=True, exist_ok=True)
     script_path = slurm_dir / "job.sbatch"
-    script_path.write_text(script)
-    files = config.launch_files(spec)  # read by every node's `dtrain launch`
     from dtrain.job import write_files
 
-    write_files(files)
+    write_files({str(spec_path): launch_spec.to_json(), str(script_path): script})
     try:
         job_id = slurm.submit(script_path)
     except UsageError:
-        for path in [script_path, *map(Path, files)]:
+        for path in (script_path, spec_path):
             path.unlink()
         for path in created:
             path.rmdir()
@@ -277,8 +241,6 @@ def slurm_cancel(job_id: str) -> int:
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new output until the job ends.")
 def slurm_logs(job_id: str, follow: bool) -> int:
     """Print JOB_ID's output file (all nodes, every requeue), from the run directory."""
-    import time
-
     fields = slurm.show_job(job_id)
     path = Path(fields.get("StdOut", ""))
     offset = 0
@@ -346,15 +308,17 @@ def ckpt_export(run_dir: str, step: int | None, out: str) -> int:
     return 0
 
 
-def _apply_profile(ctx: click.Context, path: str, options: dict[str, Any]) -> dict[str, Any]:
+def _apply_profile(ctx: click.Context, path: str, given: dict[str, Any]) -> dict[str, Any]:
     """Fill options the command line did not set from the profile, converted like CLI values."""
-    params = {p.name: p for p in ctx.command.params if isinstance(p, click.Option)}
-    merged = dict(options)
-    for key, value in config.load_profile(path).items():
+    from dtrain import profiles
+
+    params = {p.name: p for p in ctx.command.params
+              if isinstance(p, click.Option) and p.name not in ("profile", "dry_run", "spec")}
+    merged = dict(given)
+    for key, value in profiles.load(path).items():
         param = params.get(key)
-        if param is None or key in ("profile", "dry_run"):
-            known = ", ".join(sorted(k for k in params if k not in ("profile", "dry_run")))
-            raise UsageError(f"profile {path} has an unknown option {key!r}; known options: {known}.")
+        if param is None:
+            raise UsageError(f"profile {path} has an unknown option {key!r}; known options: {', '.join(sorted(params))}.")
         if ctx.get_parameter_source(key) == ParameterSource.COMMANDLINE:
             continue
         try:
@@ -364,22 +328,22 @@ def _apply_profile(ctx: click.Context, path: str, options: dict[str, Any]) -> di
     return merged
 
 
-def _resolve_wandb(spec: config.LaunchSpec, quiet: bool) -> config.LaunchSpec:
+def _resolve_wandb(launch_spec: LaunchSpec, quiet: bool) -> LaunchSpec:
     """Decide `--wandb auto` here, once, and say so when it means offline or disabled."""
-    mode, notice = config.wandb_mode(spec.wandb, os.environ)
-    if notice and not quiet and spec.node_rank == 0:
+    mode, notice = wandb_mode(launch_spec.wandb, os.environ)
+    if notice and not quiet and launch_spec.node_rank == 0:
         click.echo(f"dtrain: {notice}", err=True)
-    return dataclasses.replace(spec, wandb=mode)
+    return launch_spec.replace(wandb=mode)
 
 
-def _check_port(spec: config.LaunchSpec, explicit: bool) -> None:
+def _check_port(launch_spec: LaunchSpec, explicit: bool) -> None:
     """The rendezvous store binds on node rank 0: fail now, in one sentence, if its port is taken."""
-    if spec.node_rank != 0 or not (explicit or spec.nodes > 1):
+    if launch_spec.node_rank != 0 or not (explicit or launch_spec.nodes > 1):
         return
-    if hardware.is_local_address(spec.master_addr) and not hardware.port_is_free(spec.master_port):
+    if hardware.is_local_address(launch_spec.master_addr) and not hardware.port_is_free(launch_spec.master_port):
         raise UsageError(
-            f"port {spec.master_port} is already in use on this machine; pass another --master-port"
-            + (" or leave it out to pick a free one." if spec.nodes == 1 else ".")
+            f"port {launch_spec.master_port} is already in use on this machine; pass another --master-port"
+            + (" or leave it out to pick a free one." if launch_spec.nodes == 1 else ".")
         )
 
 

@@ -7,9 +7,10 @@ import runpy
 import sys
 from pathlib import Path
 
-from dtrain.config import LaunchSpec, launch_files, worker_env
+from dtrain.contract import worker_env
 from dtrain.hardware import cpu_count
 from dtrain.job import write_files
+from dtrain.spec import LaunchSpec, launch_files
 
 
 def run_in_process(spec: LaunchSpec) -> int:

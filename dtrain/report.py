@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dtrain import metrics
 from dtrain.errors import UsageError
 
 
@@ -61,24 +62,18 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def read_run(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(metrics.jsonl records, evaluation reports by epoch) of a run directory."""
-    metrics_path = run_dir / "metrics.jsonl"
-    if not metrics_path.is_file():
-        raise UsageError(f"{run_dir} has no metrics.jsonl; pass the run directory of a dtrain run (runs/NAME).")
-    lines = metrics_path.read_text().splitlines()
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number < len(lines):  # only a last line cut short by a crash is expected
-                raise UsageError(f"{metrics_path} line {number} is not JSON; the file is damaged.") from None
+    """(metrics.jsonl rows, evaluation reports by epoch) of a run directory."""
+    records = metrics.read(run_dir)
     evaluations = [json.loads(p.read_text()) for p in sorted((run_dir / "eval").glob("epoch_*.json"))]
     return records, evaluations
 
 
+def _training_loss(records: list[dict]) -> list[dict]:
+    return [r for r in records if r["kind"] == metrics.TRAIN and "train/loss" in r]
+
+
 def summary(run_dir: Path, records: list[dict], evaluations: list[dict]) -> str:
-    train = [r for r in records if "train/loss" in r and "epoch" not in r]
+    train = _training_loss(records)
     lines = [f"run {run_dir.name}: {max((r['step'] for r in records), default=0)} steps, {len(evaluations)} evaluation(s)"]
     if train:
         speed = [r["samples_per_s"] for r in train if "samples_per_s" in r]
@@ -106,7 +101,7 @@ def plot(run_dir: Path, records: list[dict], evaluations: list[dict]) -> list[Pa
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
     written = []
-    train = [r for r in records if "train/loss" in r and "epoch" not in r]
+    train = _training_loss(records)
     if train:
         fig, (loss_ax, lr_ax) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
         loss_ax.plot([r["step"] for r in train], [r["train/loss"] for r in train])

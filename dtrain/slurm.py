@@ -1,9 +1,10 @@
 """SLURM: what a job asks for, the sbatch script it runs, and the few calls to SLURM's commands.
 
 The deciding functions are pure (parse `--time` and `--signal`, render the script, read a job
-step's variables); `submit`, `show_job`, `cancel` and `requeue` only run sbatch/scontrol/scancel
-and turn their failures into one sentence. Like the rest of the launch side, no torch here:
-the runtime imports `requeue` from this module too.
+step's variables, place a submitted spec on a node); `submit`, `show_job`, `cancel` and `requeue`
+only run sbatch/scontrol/scancel and turn their failures into one sentence. The job carries its
+resolved LaunchSpec as a file: every node launches that spec, with its own placement. Like the
+rest of the launch side, no torch here: the runtime imports `requeue` from this module too.
 """
 
 from __future__ import annotations
@@ -12,15 +13,19 @@ import dataclasses
 import re
 import shlex
 import subprocess
+from collections.abc import Mapping, Sequence
+from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-from dtrain import config
+from dtrain import options, profiles
 from dtrain.errors import UsageError
+from dtrain.spec import LaunchSpec
 
-DEFAULT_SIGNAL = f"{config.DEFAULT_PREEMPT_SIGNAL}@90"
-TEMPLATE = Path(__file__).resolve().parent.parent / "cluster" / "job.sbatch"
+TEMPLATE = resources.files("dtrain") / "defaults" / "job.sbatch"
 OUTPUT_PATTERN = "slurm-%j.out"
+SPEC_FILE = "spec.json"  # in the run directory's slurm/ folder: what every node of the job launches
+SIGNAL_LEAD_S = 90  # the default --signal: the preemption signal this long before the time limit
 # Rendezvous ports come from the job id, below Linux's ephemeral range (32768+).
 _PORT_BASE, _PORT_SPAN = 10000, 20000
 
@@ -39,7 +44,7 @@ class SlurmJob:
     qos: str | None = None
     constraint: str | None = None
     exclusive: bool = False
-    signal: str = DEFAULT_SIGNAL
+    signal: str = f"{options.default('preempt_signal')}@{SIGNAL_LEAD_S}"
     modules: tuple[str, ...] = ()
     setup: tuple[str, ...] = ()
 
@@ -52,7 +57,7 @@ PROFILE_KEYS = ("partition", "account", "qos", "constraint", "gpus_per_node", "c
 
 def load_cluster_profile(path: str) -> dict[str, Any]:
     """Read cluster/NAME.yaml. Its `gpus_per_node` is what the nodes have: the default and the maximum."""
-    data = config.load_profile(path, example="cluster/local.yaml")
+    data = profiles.load(path, example="cluster/local.yaml")
     unknown = sorted(set(data) - set(PROFILE_KEYS))
     if unknown:
         raise UsageError(f"cluster profile {path} has an unknown key {unknown[0]!r}; "
@@ -73,15 +78,15 @@ def load_cluster_profile(path: str) -> dict[str, Any]:
     return data
 
 
-def resolve_job(options: Mapping[str, Any], profile: Mapping[str, Any], profile_path: str | None,
-                cpu: bool) -> SlurmJob:
+def resolve_job(given: Mapping[str, Any], profile: Mapping[str, Any], profile_path: str | None) -> SlurmJob:
     """Merge command-line options over the cluster profile and check them; raise UsageError otherwise."""
 
     def pick(key: str, default: Any = None) -> Any:
-        value = options.get(key)
+        value = given.get(key)
         return profile.get(key, default) if value is None else value
 
-    gpus = options.get("gpus_per_node")
+    cpu = bool(given.get("cpu"))
+    gpus = given.get("gpus_per_node")
     node_gpus = profile.get("gpus_per_node")
     if cpu:
         if gpus:
@@ -102,7 +107,7 @@ def resolve_job(options: Mapping[str, Any], profile: Mapping[str, Any], profile_
         raise UsageError(f"--cpus-per-task must be at least 1, got {cpus}.")
     time_limit = pick("time")
     limit_s = parse_time(str(time_limit)) if time_limit is not None else None
-    signal_spec = pick("signal", DEFAULT_SIGNAL)
+    signal_spec = _signal(pick("signal"), given.get("preempt_signal"))
     _, _, lead_s = parse_signal(signal_spec)
     if limit_s is not None and lead_s >= limit_s:
         raise UsageError(f"--signal {signal_spec} would fire {lead_s} s before the end of a job whose --time "
@@ -117,6 +122,18 @@ def resolve_job(options: Mapping[str, Any], profile: Mapping[str, Any], profile_
     for key in ("mem", "partition", "account", "qos", "constraint"):
         _check_directive_value(f"--{key}", getattr(job, key))
     return job
+
+
+def _signal(signal_spec: str | None, preempt_signal: str | None) -> str:
+    """`--signal` and `--preempt-signal` name one signal: either gives it, both must agree."""
+    if signal_spec is None:
+        name = options.BY_NAME["preempt_signal"].value(preempt_signal)
+        return f"{name}@{SIGNAL_LEAD_S}"
+    name = parse_signal(signal_spec)[1]
+    if preempt_signal is not None and options.signal_name("--preempt-signal", preempt_signal) != name:
+        raise UsageError(f"--signal {signal_spec} sends SIG{name}, but --preempt-signal is {preempt_signal}; make "
+                         "them agree, or give only one of them.")
+    return signal_spec
 
 
 # --- pure parsing ----------------------------------------------------------------------------------
@@ -155,7 +172,7 @@ def parse_signal(text: str) -> tuple[bool, str, int]:
     if lead and not lead.isdigit():
         raise UsageError(f"--signal {text!r}: the time after '@' must be whole seconds, as in USR2@90.")
     try:
-        return batch, config.parse_signal_name(name), int(lead or 60)
+        return batch, options.signal_name("--signal", name), int(lead or 60)
     except UsageError:
         raise UsageError(f"--signal {text!r} is not a signal SLURM can send; use NAME@SECONDS such as USR2@90.") from None
 
@@ -224,6 +241,20 @@ def launch_defaults(where: Allocation, recipe: str) -> dict[str, Any]:
     }
 
 
+def place(spec: LaunchSpec, where: Allocation) -> LaunchSpec:
+    """A submitted spec on this node of the job: everything as submitted, but the placement."""
+    if where.nodes != spec.nodes:
+        raise UsageError(f"the job step runs on {where.nodes} node(s), but {spec.run_dir} was submitted for "
+                         f"{spec.nodes}; start the step with srun --nodes={spec.nodes}.")
+    return spec.replace(node_rank=where.node_rank, master_addr=where.first_host,
+                        master_port=rendezvous_port(where.job_id),
+                        wandb_group=spec.wandb_group or f"slurm-{where.job_id}")
+
+
+def spec_path(run_dir: str) -> Path:
+    return Path(run_dir) / "slurm" / SPEC_FILE
+
+
 # --- the script ----------------------------------------------------------------------------------
 
 def srun_command(nodes: int, command: Sequence[str], cpus_per_task: int | None = None) -> list[str]:
@@ -232,29 +263,6 @@ def srun_command(nodes: int, command: Sequence[str], cpus_per_task: int | None =
     if cpus_per_task is not None:
         argv.append(f"--cpus-per-task={cpus_per_task}")  # srun does not inherit it from sbatch
     return argv + list(command)
-
-
-def launch_args(spec: config.LaunchSpec) -> list[str]:
-    """`dtrain launch` arguments that reproduce `spec` on every node; placement comes from SLURM there."""
-    args = [spec.recipe, "--run-dir", spec.run_dir]
-    args += ["--cpu", "--nproc", str(spec.nproc)] if spec.device == "cpu" else ["--gpus", str(spec.nproc)]
-    args += ["--precision", spec.precision, "--seed", str(spec.seed),
-             "--checkpoint-every", spec.checkpoint_every, "--resume", spec.resume,
-             "--max-restarts", str(spec.max_restarts),
-             "--preempt-signal", spec.preempt_signal, "--max-requeues", str(spec.max_requeues)]
-    if spec.max_steps is not None:
-        args += ["--max-steps", str(spec.max_steps)]
-    if spec.keep_last is not None:
-        args += ["--keep-last", str(spec.keep_last)]
-    if spec.async_checkpoint:
-        args.append("--async-checkpoint")
-    args += ["--wandb", spec.wandb, "--wandb-project", spec.wandb_project]
-    args += ["--launcher", spec.launcher, "--strategy", spec.strategy, "--grad-accum", str(spec.grad_accum)]
-    optional = {"--wandb-entity": spec.wandb_entity, "--wandb-group": spec.wandb_group,
-                "--tags": ",".join(spec.tags) or None, "--activation-checkpointing": spec.activation_checkpointing,
-                "--deepspeed-config": spec.deepspeed_config_path}
-    args += [item for flag, value in optional.items() if value is not None for item in (flag, value)]
-    return args + ["--", *spec.recipe_args]
 
 
 def directives(job: SlurmJob, name: str, run_dir: str, workdir: str) -> list[str]:
@@ -291,12 +299,12 @@ def _check_directive_value(option: str, value: str | None, what: str = "its valu
                          "carry; choose a value (or a run directory path) without them.")
 
 
-def render_script(template: str, job: SlurmJob, spec: config.LaunchSpec, python: str, workdir: str) -> str:
-    """The sbatch script: the template with its {{ placeholders }} filled; every user value quoted."""
-    launch = launch_args(spec)
-    split = launch.index("--")
+def render_script(template: str, job: SlurmJob, spec: LaunchSpec, python: str, workdir: str) -> str:
+    """The sbatch script: the template with its {{ placeholders }} filled; every user value quoted.
+    Its one step starts `dtrain launch --spec` on every node, with the spec file `dtrain slurm submit`
+    writes beside it."""
     lines = [srun_command(job.nodes, [], job.cpus_per_task),
-             [python, "-m", "dtrain.cli", "launch", *launch[:split]], launch[split:]]
+             [python, "-m", "dtrain.cli", "launch", "--spec", str(spec_path(spec.run_dir))]]
     setup = [f"module load {shlex.quote(module)}" for module in job.modules] + list(job.setup)
     values = {
         "directives": "\n".join(directives(job, spec.name, spec.run_dir, workdir)),
@@ -409,7 +417,7 @@ def describe_job(fields: Mapping[str, str]) -> str:
 
 
 def read_template(path: str | None) -> str:
-    """The template text (default: cluster/job.sbatch beside the package)."""
+    """The template text (default: dtrain's own, shipped in the package; cluster/job.sbatch shows it)."""
     chosen = Path(path) if path else TEMPLATE
     try:
         return chosen.read_text()

@@ -10,8 +10,8 @@ process never imports wandb. It lives outside `dtrain.runtime` so that it does n
 (seconds), and in a session of its own: torchrun's SIGTERM to rank 0's process group does not reach
 it, so it ends only by its input, and a run that rank 0 ends as failed is recorded so.
 
-Protocol, one JSON object per line. In: first the `wandb.init` arguments; then
-`{"step": N, "metrics": {...}}`, `{"step": N, "evaluation": {...}}`, and last `{"exit_code": C}`.
+Protocol, one JSON object per line. In: first the `wandb.init` arguments; then `{"row": {...}}` (a
+metrics.jsonl row, `dtrain.metrics`), `{"step": N, "evaluation": {...}}`, and last `{"exit_code": C}`.
 Out, on file descriptor FD, only when `wandb.init` fails: `{"error": "..."}`, then this process ends
 (stdout and stderr stay the training process's, for wandb's own messages). End of input without an
 exit code (the training process died) ends the run as failed.
@@ -24,7 +24,10 @@ import json
 import os
 import sys
 import time
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from dtrain import metrics
 
 # Rows are read once a second, in batches: every wake-up of this process (and of wandb-core after
 # it) preempts a loop that keeps the cores busy (the MNIST recipe logging every step on 2 cores:
@@ -89,8 +92,8 @@ def main(reply_fd: int) -> int:
         if "exit_code" in message:
             exit_code = message["exit_code"]
             break
-        if "metrics" in message:
-            run.log(message["metrics"], step=message["step"])
+        if "row" in message:
+            run.log(metrics.series(message["row"]), step=message["row"]["step"])
         elif "evaluation" in message:
             run.log(evaluation_tables(wandb, message["evaluation"]), step=message["step"])
     run.finish(exit_code=exit_code)

@@ -11,9 +11,8 @@ import os
 
 import torch
 from torch import nn
-from torchvision import datasets, transforms
-
 from torch.utils.data import TensorDataset
+from torchvision import datasets, transforms
 
 from dtrain.runtime import Context, Trainer, setup
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from dtrain.runtime import TrainState, setup
 from dtrain.runtime.evaluation import evaluate_classifier
+
 from mnist_cnn import load_mnist
 
 
@@ -89,7 +90,8 @@ def main() -> None:
         scheduler.step()
         result = evaluate_classifier(ctx, model, test_set, loss_fn)
         ctx.log_evaluation(step, epoch + 1, result)  # eval/epoch_NNN.json: report and confusion matrix
-        ctx.log(step, {"epoch": epoch + 1, "eval/accuracy": result["accuracy"], "lr": scheduler.get_last_lr()[0]})
+        ctx.log(step, {"epoch": epoch + 1, "eval/accuracy": result["accuracy"], "lr": scheduler.get_last_lr()[0]},
+                kind="epoch")
         ctx.print(f"Epoch {epoch + 1}/{args.epochs} | LR: {scheduler.get_last_lr()[0]:.2e} "
                   f"| Test Acc: {100 * result['accuracy']:.2f}%")
         if ctx.checkpoint_due(step, epoch_end=True):

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
+
+from dtrain.metrics import TRAIN
+from dtrain.metrics import read as read_metrics
+from dtrain.slurm import parse_job_record
 
 # `--wandb auto` would write an offline W&B run for every launch (seconds each); the tests about
 # W&B pass `--wandb offline` explicitly, which wins over this.
@@ -61,12 +65,13 @@ def launch(run_dir: Path, *args: str, recipe: str = "recipes/mnist_cnn.py", devi
     return out
 
 
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def metrics(run_dir: Path, of_kind: str | None = None) -> list[dict]:
+    """metrics.jsonl's rows, through dtrain's one reader (each row carries its kind)."""
+    return read_metrics(run_dir, of_kind)
 
 
 def train_loss_at(run_dir: Path, step: int) -> float:
-    return next(r["train/loss"] for r in metrics(run_dir) if r["step"] == step and "lr" in r)
+    return next(r["train/loss"] for r in metrics(run_dir, TRAIN) if r["step"] == step)
 
 
 def train_30_steps(run_dir: Path, data_dir: str, *options: str, devices: tuple[str, ...] = CPU_PAIR) -> float:
@@ -141,3 +146,37 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("", 0))
         return sock.getsockname()[1]
+
+
+# --- a real SLURM (the slurm_env fixture) ---------------------------------------------------------
+
+def slurm_cmd(slurm_env, *argv: str, check: bool = True) -> str:
+    result = subprocess.run(list(argv), capture_output=True, text=True, timeout=60, env={**os.environ, **slurm_env})
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def submit(slurm_env, cwd: Path, *args: str) -> str:
+    result = run_dtrain("slurm", "submit", *args, cwd=cwd, env=slurm_env)
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("submitted job "), result.stdout
+    return first.split()[2].rstrip(":")
+
+
+def job_fields(slurm_env, job_id: str) -> dict[str, str]:
+    return parse_job_record(slurm_cmd(slurm_env, "scontrol", "show", "job", "-o", job_id))
+
+
+def wait_for(slurm_env, job_id: str, states: tuple[str, ...], timeout: float = 300, release: bool = False) -> dict:
+    """Poll the job every 0.2 s until it is in one of `states`; `release`: start a requeued job now."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fields = job_fields(slurm_env, job_id)
+        if fields["JobState"] in states:
+            return fields
+        if release and fields["JobState"] == "PENDING" and fields.get("Reason") == "BeginTime":
+            slurm_cmd(slurm_env, "scontrol", "update", f"JobId={job_id}", "StartTime=now")
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} still {fields['JobState']} after {timeout} s")

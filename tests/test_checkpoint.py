@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DTRAIN, ROOT, processes_with_env, run_dtrain
 from dtrain import checkpoints
+from dtrain.metrics import TRAIN
+
+from conftest import DTRAIN, ROOT, metrics, processes_with_env, run_dtrain
 
 sys.path.insert(0, str(ROOT / "recipes"))
 
@@ -32,12 +34,7 @@ def launch(run_dir: Path, data_dir: str, *options: str, nproc: int = 2, recipe: 
 
 def losses(run_dir: Path) -> dict[int, float]:
     """Per-step training losses from metrics.jsonl (the last record wins for a step run twice)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "train/loss" in record and "epoch" not in record:
-            out[record["step"]] = record["train/loss"]
-    return out
+    return {record["step"]: record["train/loss"] for record in metrics(run_dir, TRAIN)}
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -13,16 +12,14 @@ import pytest
 import torch
 import yaml
 
-from conftest import DTRAIN, ROOT, TEST_RECIPES, processes_with_env, run_dtrain
 from dtrain import hardware
 
+from conftest import DTRAIN, ROOT, TEST_RECIPES, metrics, processes_with_env, run_dtrain
+
 sys.path.insert(0, str(ROOT / "recipes"))
-from mnist_cnn import MNISTCNN, to_tensors  # noqa: E402
-from torchvision import datasets  # noqa: E402
+from torchvision import datasets
 
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+from mnist_cnn import MNISTCNN, to_tensors
 
 
 def rank_logs(run_dir: Path, rank: int, stream: str = "stdout") -> str:
@@ -86,14 +83,11 @@ def test_two_nodes_started_separately_form_one_job(tmp_path, data_dir):
 
 def test_a_rank_that_raises_stops_the_job_and_its_traceback_is_shown_once(tmp_path):
     run_dir = tmp_path / "fail"
-    start = time.time()
     out = run_dtrain("launch", str(TEST_RECIPES / "fail_on_rank1.py"), "--cpu", "--nproc", "2",
                      "--run-dir", str(run_dir), timeout=120)
-    elapsed = time.time() - start
     console = out.stdout + out.stderr
     print(console)
     assert out.returncode == 1
-    assert elapsed < 30
     assert console.count("Traceback (most recent call last)") == 1
     assert console.count("[rank1]: ValueError: rank 1 exploded on purpose") == 1
     assert "dtrain: rank 1 failed first (ValueError: rank 1 exploded on purpose)" in out.stderr
@@ -156,9 +150,22 @@ def test_custom_loop_recipe_with_scheduler_and_clipping(tmp_path, data_dir):
                      "--data-dir", data_dir)
     assert out.returncode == 0, out.stderr
     records = metrics(run_dir)
-    epochs = [r for r in records if "epoch" in r]
+    epochs = [r for r in records if r["kind"] == "epoch"]
     assert [r["lr"] for r in epochs] == [5e-4, 2.5e-4]  # StepLR halves it every epoch
     assert epochs[-1]["eval/accuracy"] > 0.90
     grad_norms = [r["grad_norm"] for r in records if "grad_norm" in r]
     assert len(grad_norms) == 20 and all(g > 0 for g in grad_norms)
     assert out.stdout.count("Epoch ") == 2
+
+
+@pytest.mark.parametrize("where", ["all", "1"], ids=["every-rank", "rank-1-only"])
+def test_a_recipe_authors_mistake_is_one_sentence_once(tmp_path, where):
+    out = run_dtrain("launch", str(TEST_RECIPES / "call_order_mistake.py"), "--cpu", "--nproc", "2",
+                     "--run-dir", str(tmp_path / "run"), "--", where, timeout=120)
+    assert out.returncode == 1
+    console = out.stdout + out.stderr
+    sentence = ("dtrain: error: dtrain needs exactly one model prepared with ctx.prepare(model, optimizer) before this "
+                "call, and found 0; prepare one model, first.")
+    assert console.count(sentence) == 1, console
+    assert "Traceback" not in console and "rank 1 failed first" not in console
+    assert wait_until_gone(tmp_path / "run") == []

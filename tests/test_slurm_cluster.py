@@ -9,54 +9,17 @@ job, which SLURM holds back for two minutes, is made eligible with `scontrol upd
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import DTRAIN, ROOT, TEST_RECIPES, run_dtrain
+from conftest import DTRAIN, ROOT, TEST_RECIPES, metrics, run_dtrain, slurm_cmd, submit, wait_for
 
 
-def slurm_cmd(slurm_env, *argv: str, check: bool = True) -> str:
-    import os
-    result = subprocess.run(list(argv), capture_output=True, text=True, timeout=60, env={**os.environ, **slurm_env})
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
-def submit(slurm_env, cwd: Path, *args: str) -> str:
-    result = run_dtrain("slurm", "submit", *args, cwd=cwd, env=slurm_env)
-    assert result.returncode == 0, result.stderr
-    first = result.stdout.splitlines()[0]
-    assert first.startswith("submitted job "), result.stdout
-    return first.split()[2].rstrip(":")
-
-
-def job_fields(slurm_env, job_id: str) -> dict[str, str]:
-    from dtrain.slurm import parse_job_record
-    return parse_job_record(slurm_cmd(slurm_env, "scontrol", "show", "job", "-o", job_id))
-
-
-def wait_for(slurm_env, job_id: str, states: tuple[str, ...], timeout: float = 300, release: bool = False) -> dict:
-    """Poll the job every 0.2 s until it is in one of `states`; `release`: start a requeued job now."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        fields = job_fields(slurm_env, job_id)
-        if fields["JobState"] in states:
-            return fields
-        if release and fields["JobState"] == "PENDING" and fields.get("Reason") == "BeginTime":
-            slurm_cmd(slurm_env, "scontrol", "update", f"JobId={job_id}", "StartTime=now")
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} still {fields['JobState']} after {timeout} s")
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(line) for line in lines if line.endswith("}")]
+def read_metrics(run_dir: Path, of_kind: str | None = None) -> list[dict]:
+    return metrics(run_dir, of_kind) if (run_dir / "metrics.jsonl").exists() else []
 
 
 @pytest.mark.slow
@@ -100,7 +63,7 @@ def test_preempted_job_checkpoints_requeues_itself_and_resumes(slurm_env, data_d
     assert f"resuming from {run_dir}/checkpoints/step_{saved_step:07d} (step {saved_step}," in output
     assert f"dtrain: job {job_id} on n[1-2], requeue 1 of 2" in output
 
-    steps = [m["step"] for m in read_metrics(run_dir) if "samples_per_s" in m]
+    steps = [m["step"] for m in read_metrics(run_dir, "train")]
     assert steps == sorted(set(steps)), "a step was trained (and logged) twice"
     assert steps[0] == 10 and steps[-1] == 150 and saved_step + 10 in steps  # continued, not from zero
     assert len(steps) == 15
@@ -128,7 +91,8 @@ def test_recipe_arguments_reach_the_recipe_byte_for_byte_and_run_nothing(slurm_e
     assert fields["JobState"] == "COMPLETED", (run_dir / "slurm" / f"slurm-{job_id}.out").read_text()
     assert json.loads((run_dir / "args.json").read_text()) == args
     assert list(markers.iterdir()) == []
-    assert (run_dir / "slurm" / "job.sbatch").read_text() == dry.stdout  # the dry run showed what ran
+    spec, script = ((run_dir / "slurm" / name).read_text() for name in ("spec.json", "job.sbatch"))
+    assert dry.stdout == f"# runs/quoted/slurm/spec.json\n{spec}\n{script}"  # the dry run showed what ran
 
 
 def test_status_logs_and_cancel_a_running_job(slurm_env, tmp_path):

@@ -1,19 +1,66 @@
-"""Launchers render a LaunchSpec into (argv, env) for a real launcher program, plus the files it
-reads (written into the run directory before it starts); they run nothing."""
+"""The launchers: real programs that start a job's processes, in one registry.
+
+A launcher module renders a LaunchSpec into the launcher's argv and environment
+(`build_command`), lists the files the launcher reads (`files`, written into the run directory
+before it starts), and reads the launcher's account of a failure (`exit_status`). It runs
+nothing: `dtrain.job` does. A new launcher is its module plus one row here.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import sys
-from typing import Mapping
+from collections.abc import Mapping
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-from dtrain.config import LaunchSpec, launch_files
+from dtrain.errors import UsageError
+
+if TYPE_CHECKING:
+    from dtrain.spec import LaunchSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Launcher:
+    name: str
+    module: str  # the module that renders it
+    package: str | None  # what must be installed to use it
+    rank_prefixes: bool  # each worker's line reaches dtrain tagged with its rank ("[rank3]: ...")
+    restarts: bool  # can restart the workers (--max-restarts)
+
+    def implementation(self) -> ModuleType:
+        return importlib.import_module(self.module)
+
+
+LAUNCHERS = {launcher.name: launcher for launcher in (
+    Launcher("torchrun", "dtrain.launchers.torchrun", package=None, rank_prefixes=True, restarts=True),
+    Launcher("accelerate", "dtrain.launchers.accelerate", package="accelerate", rank_prefixes=True, restarts=True),
+    Launcher("deepspeed", "dtrain.launchers.deepspeed", package="deepspeed", rank_prefixes=False, restarts=False),
+)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitStatus:
+    """A failed job as its launcher tells it."""
+
+    code: int  # the failed worker's exit code, as a shell reports it: 128 + N when killed by signal N
+    signal: int | None = None  # a worker was killed by this signal (it left no error record) ...
+    rank: int | None = None  # ... and this was its rank, when the launcher says
+
+
+def get(name: str) -> Launcher:
+    try:
+        return LAUNCHERS[name]
+    except KeyError:
+        raise UsageError(f"unknown launcher {name!r}; use one of {', '.join(LAUNCHERS)}.") from None
 
 
 def build(spec: LaunchSpec, cpus: int, base_env: Mapping[str, str],
           python: str = sys.executable) -> tuple[list[str], dict[str, str], dict[str, str]]:
     """(argv, env, files) for the spec's launcher; files maps a path to its text."""
-    from dtrain.launchers import accelerate, deepspeed, torchrun
+    from dtrain.spec import launch_files
 
-    module = {"torchrun": torchrun, "accelerate": accelerate, "deepspeed": deepspeed}[spec.launcher]
+    module = get(spec.launcher).implementation()
     argv, env = module.build_command(spec, cpus, base_env, python)
     return argv, env, {**launch_files(spec), **module.files(spec)}

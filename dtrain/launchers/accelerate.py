@@ -1,21 +1,26 @@
-"""LaunchSpec -> `accelerate launch` argv, environment, and the config file it reads.
+"""`accelerate launch`: argv, environment, and the config file it reads.
 
 The config is generated into the run directory and passed explicitly, so the user's default
 accelerate config (~/.cache/huggingface/accelerate) never silently decides the topology. On
 CPU, `accelerate launch --cpu --num_processes 2` starts one process and MULTI_GPU without GPUs
 starts undistributed ones; what forms one gloo job is MULTI_GPU with `use_cpu` plus
 ACCELERATE_USE_CPU=true in the environment (the config's own `use_cpu` does not reach the workers).
+accelerate runs torch's elastic agent, so the logs, the rank prefixes and the failure summary are
+torchrun's.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
-from dtrain.config import LaunchSpec, worker_env
+from dtrain.contract import worker_env
+from dtrain.launchers import ExitStatus, torchrun
+from dtrain.spec import LaunchSpec
 
 _MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -50,8 +55,13 @@ def files(spec: LaunchSpec) -> dict[str, str]:
 def build_command(spec: LaunchSpec, cpus: int, base_env: Mapping[str, str],
                   python: str = sys.executable) -> tuple[list[str], dict[str, str]]:
     argv = [python, "-m", "accelerate.commands.launch", "--config_file", config_path(spec),
-            "--max_restarts", str(spec.max_restarts), spec.recipe, *spec.recipe_args]
-    env = worker_env(spec, cpus, base_env)
+            "--max_restarts", str(spec.max_restarts), "--rdzv_conf", f"timeout={spec.rdzv_timeout}",
+            "--log_dir", spec.log_dir, "--tee", "3", spec.recipe, *spec.recipe_args]
+    env = {**worker_env(spec, cpus, base_env), **torchrun.LINE_PREFIX}
     if spec.device == "cpu":
         env["ACCELERATE_USE_CPU"] = "true"
     return argv, env
+
+
+def exit_status(launcher_log: str, launcher_code: int) -> ExitStatus:
+    return torchrun.exit_status(launcher_log, launcher_code)

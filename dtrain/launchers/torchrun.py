@@ -1,15 +1,19 @@
-"""LaunchSpec -> `python -m torch.distributed.run` argv and environment."""
+"""torchrun (`python -m torch.distributed.run`): the default launcher, and the failure summary it prints."""
 
 from __future__ import annotations
 
+import re
+import signal
 import sys
-from typing import Mapping
+from collections.abc import Mapping
 
-from dtrain.config import LaunchSpec, worker_env
+from dtrain.contract import worker_env
+from dtrain.launchers import ExitStatus
+from dtrain.spec import LaunchSpec
 
 # Global rank in front of every line torchrun copies to the console or a log file. Given through the
 # environment, which torchrun 2.11 and 2.14 both read: 2.11 has no --log-line-prefix-template flag.
-LINE_PREFIX_TEMPLATE = "[rank${rank}]: "
+LINE_PREFIX = {"TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": "[rank${rank}]: "}
 
 
 def files(spec: LaunchSpec) -> dict[str, str]:
@@ -17,15 +21,11 @@ def files(spec: LaunchSpec) -> dict[str, str]:
     return {}
 
 
-def build_command(
-    spec: LaunchSpec, cpus: int, base_env: Mapping[str, str], python: str = sys.executable
-) -> tuple[list[str], dict[str, str]]:
-    """Return the torchrun argv and the environment for it.
-
-    Every rank's stdout/stderr is written under `<run_dir>/logs/` and teed (`--tee 3`); `job.py`
-    shows rank 0's output and only the other ranks' stderr. Rendezvous is c10d in every case: on one node at a free
-    local port, on many at MASTER_ADDR:MASTER_PORT with node rank 0 hosting the store.
-    """
+def build_command(spec: LaunchSpec, cpus: int, base_env: Mapping[str, str],
+                  python: str = sys.executable) -> tuple[list[str], dict[str, str]]:
+    """Every rank's stdout/stderr is written under `<run_dir>/logs/` and teed (`--tee 3`); `job.py` shows
+    rank 0's output and only the other ranks' stderr. Rendezvous is c10d in every case: on one node at a
+    free local port, on many at MASTER_ADDR:MASTER_PORT with node rank 0 hosting the store."""
     argv = [
         python, "-m", "torch.distributed.run",
         "--nnodes", str(spec.nodes),
@@ -34,11 +34,31 @@ def build_command(
         "--rdzv-backend", "c10d",
         "--rdzv-endpoint", f"{spec.master_addr}:{spec.master_port}",
         "--rdzv-id", spec.name,
-        "--rdzv-conf", f"is_host={1 if spec.node_rank == 0 else 0}",
+        "--rdzv-conf", f"is_host={1 if spec.node_rank == 0 else 0},join_timeout={spec.rdzv_timeout}",
         "--max-restarts", str(spec.max_restarts),
         "--log-dir", spec.log_dir,
         "--tee", "3",
         spec.recipe,
         *spec.recipe_args,
     ]
-    return argv, {**worker_env(spec, cpus, base_env), "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": LINE_PREFIX_TEMPLATE}
+    return argv, {**worker_env(spec, cpus, base_env), **LINE_PREFIX}
+
+
+_WORKER_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: \d+")
+_SUMMARY_FAILURE = re.compile(r"rank\s*: (\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*: (-?\d+)")
+
+
+def exit_status(launcher_log: str, launcher_code: int) -> ExitStatus:
+    """The failed worker's exit code (torchrun itself always exits 1), from torchrun's failure summary.
+
+    A worker killed by a signal left no error record, and its peers' errors ("connection reset") are
+    only the consequence: it is the cause. SIGTERM does not count: torchrun sends it to the survivors
+    when it tears down.
+    """
+    summary = [(int(rank), int(code)) for rank, code in _SUMMARY_FAILURE.findall(launcher_log)]
+    for rank, code in summary:
+        if code < 0 and -code != signal.SIGTERM:
+            return ExitStatus(128 - code, signal=-code, rank=rank)
+    codes = [code for _, code in summary] or [int(code) for code in _WORKER_FAILED.findall(launcher_log)[-1:]]
+    code = next((c for c in codes if c > 0), codes[0] if codes else 0)
+    return ExitStatus(128 - code if code < 0 else code or launcher_code)

@@ -11,7 +11,10 @@ import functools
 
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-    CheckpointImpl, CheckpointWrapper, apply_activation_checkpointing, checkpoint_wrapper,
+    CheckpointImpl,
+    CheckpointWrapper,
+    apply_activation_checkpointing,
+    checkpoint_wrapper,
 )
 
 from dtrain.errors import UsageError

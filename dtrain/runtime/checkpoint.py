@@ -1,9 +1,14 @@
 """Shard-safe checkpoints: DCP shards plus dtrain's commit protocol, and exact resume.
 
+The checkpointer saves a `Checkpointable` (the strategy says what it holds of the model and
+optimizers) plus the extras and RNG states, and knows nothing of parallelism.
+
 Save (every rank, then rank 0 commits):
-  1. write into `checkpoints/step_N.partial/`: DCP shards of model + optimizer + scheduler/scaler
-     state (files fsynced by DCP's writer), this rank's RNG state, rank 0's trainer_state.json;
-  2. every rank hashes the files it wrote; the digests meet on rank 0 (this is the barrier);
+  1. write into `checkpoints/step_N.partial/`: the strategy's own files if it has any, DCP shards of
+     model + optimizer + scheduler/scaler state (files fsynced by DCP's writer), this rank's RNG
+     state, rank 0's trainer_state.json;
+  2. every rank hashes the files it wrote (rank 0 also what no rank claims: DCP's metadata, its own
+     JSON); the digests meet on rank 0 (this is the barrier);
   3. rank 0 writes manifest.json, then COMMITTED, fsyncs the folder, renames it to `step_N/`,
      fsyncs `checkpoints/`, and atomically replaces LATEST; only then retention deletes old ones.
 A kill at any instant leaves LATEST naming a complete checkpoint (or none at all).
@@ -20,36 +25,46 @@ import json
 import os
 import pickle
 import random
-import re
 import shutil
 import signal
-import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-from torch.distributed.checkpoint._traverse import set_element
 
+from dtrain import strategies
 from dtrain.checkpoints import (
-    LATEST, MANIFEST, MARKER, PARTIAL, CheckpointError, checkpoint_root, choose_for_resume, file_digest,
-    partials, retention_victims, step_dir_name, verify,
+    LATEST,
+    MANIFEST,
+    MARKER,
+    PARTIAL,
+    CheckpointError,
+    checkpoint_root,
+    choose_for_resume,
+    file_digest,
+    partials,
+    read_manifest,
+    retention_victims,
+    step_dir_name,
+    verify,
 )
+
+if TYPE_CHECKING:
+    from dtrain.runtime.strategies.base import Checkpointable
 
 # A world of one has no process group; DCP then says so on every save and load. It is expected here.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 TRAINER_STATE = "trainer_state.json"
-DEEPSPEED_TAG = "deepspeed"  # the folder of a checkpoint that a DeepSpeed engine writes its own files into
 CRASH_ENV = "DTRAIN_TEST_CRASH_AT"  # "point:rank:save" — SIGKILL this rank there, for crash tests only
 
 
@@ -62,7 +77,11 @@ class TrainState:
     batch: int = 0  # batches of `epoch` already consumed by each rank
     world_size: int = 1
     batch_size: int = 0  # per rank; with world_size it converts `batch` when the world changes
-    wandb_run_id: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainState:
+        """Read a trainer_state.json; keys of another release's state (0.1.0's wandb_run_id) are ignored."""
+        return cls(**{field.name: data[field.name] for field in dataclasses.fields(cls) if field.name in data})
 
     def batch_on(self, world_size: int, batch_size: int) -> int:
         """The data position for a job of another shape: the same number of samples seen, rounded down."""
@@ -73,22 +92,24 @@ class TrainState:
 
 class Checkpointer:
     def __init__(self, run_dir: str | os.PathLike, rank: int, world_size: int, *, keep_last: int | None,
-                 async_save: bool):
+                 async_save: bool, strategy: str):
+        """`strategy` is recorded in each manifest, for `dtrain ckpt export`."""
         self.root = checkpoint_root(run_dir)
         self.rank, self.world_size = rank, world_size
+        self.strategy = strategy
         self.keep_last = keep_last
         self.async_save = async_save
         # An async save on the default group hangs once DDP traffic resumes: give it its own.
         self._group = dist.new_group(backend="gloo") if async_save and world_size > 1 else None
-        self._pending: tuple[Any, Path, TrainState, dict] | None = None
+        self._pending: tuple[Any, Path, TrainState, dict, list[Path]] | None = None
         self._saves = 0
         self._current: set[int] = set()  # steps of this run's timeline: resumed from or saved here
         if rank == 0:
             for stale in partials(self.root):
                 shutil.rmtree(stale, ignore_errors=True)
 
-    def save(self, state: TrainState, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer],
-             extras: dict[str, Any], metrics: dict[str, float] | None = None) -> None:
+    def save(self, state: TrainState, parts: Checkpointable, extras: dict[str, Any],
+             metrics: dict[str, float] | None = None) -> None:
         """Write checkpoint `step_<state.step>`; with async saves, only start it (see `wait`)."""
         self.wait()
         name = step_dir_name(state.step)
@@ -102,38 +123,35 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         _barrier()
-        _write_json(partial / f"rng_rank{self.rank}.json", capture_rng())
+        written = [partial / _rng_file(self.rank)]
+        _write_json(written[0], capture_rng())
         self._crash_point("started")
         if self.rank == 0:
             _write_json(partial / TRAINER_STATE, dataclasses.asdict(state))
-        if _is_deepspeed(model):  # the engine writes its own shards, with its own layout
-            model.save_checkpoint(str(partial), tag=DEEPSPEED_TAG, save_latest=False)
-            _fsync_tree(partial / DEEPSPEED_TAG, self.rank)
-            state_dict = {"extras": extras}
-        else:
-            model_state, optim_state = get_state_dict(model, list(optimizers))
-            state_dict = {"model": model_state, "optim": optim_state, "extras": extras}
+        written += parts.write_files(partial)
+        state_dict = {**parts.state_dict(), "extras": extras}
         writer = FileSystemWriter(partial, sync_files=True)
         if self.async_save:
             future = dcp.async_save(state_dict, storage_writer=writer, process_group=self._group)
-            self._pending = (future, partial, state, dict(metrics or {}))
+            self._pending = (future, partial, state, dict(metrics or {}), written)
         else:
             dcp.save(state_dict, storage_writer=writer)
-            self._commit(partial, state, dict(metrics or {}))
+            self._commit(partial, state, dict(metrics or {}), written)
 
     def wait(self) -> None:
         """Finish and commit a pending async save (the next save and the end of training call it)."""
         if self._pending is None:
             return
-        future, partial, state, metrics = self._pending
+        future, partial, state, metrics, written = self._pending
         self._pending = None
         future.result()
-        self._commit(partial, state, metrics)
+        self._commit(partial, state, metrics, written)
 
-    def _commit(self, partial: Path, state: TrainState, metrics: dict) -> None:
+    def _commit(self, partial: Path, state: TrainState, metrics: dict, written: list[Path]) -> None:
+        """`written`: the files this rank wrote besides its DCP shards (`__<rank>_*.distcp`, DCP's naming)."""
         self._crash_point("shards")
-        own = [p for p in _files(partial) if _writer(p.name) == self.rank]
-        digests = {str(p.relative_to(partial)): dict(zip(("size", "sha256"), file_digest(p))) for p in own}
+        own = written + sorted(partial.glob(f"__{self.rank}_*.distcp"))
+        digests = _digests(partial, own)
         gathered: list[dict] = [{} for _ in range(self.world_size)]
         if self.world_size > 1:
             dist.all_gather_object(gathered, digests)
@@ -142,23 +160,21 @@ class Checkpointer:
         if self.rank == 0:
             self._crash_point("gathered")
             files = {name: info for part in gathered for name, info in part.items()}
-            unlisted = sorted({str(p.relative_to(partial)) for p in _files(partial)} - set(files))
-            if unlisted:
-                raise CheckpointError(f"checkpoint {partial} holds files no rank accounted for: {unlisted}")
-            manifest = {"format": "dtrain-checkpoint-1", **dataclasses.asdict(state),
-                        "time": round(time.time(), 3), "metrics": metrics, "files": files}
+            files.update(_digests(partial, [p for p in _files(partial) if str(p.relative_to(partial)) not in files]))
+            manifest = {"format": "dtrain-checkpoint-1", **dataclasses.asdict(state), "strategy": self.strategy,
+                        "time": round(time.time(), 3), "metrics": metrics, "files": dict(sorted(files.items()))}
             _write_json(partial / MANIFEST, manifest)
             self._crash_point("manifest")
             _write_json(partial / MARKER, {"step": state.step})
-            _fsync_dir(partial)
+            fsync_dir(partial)
             self._crash_point("marker")
             final = self.root / partial.name[: -len(PARTIAL)]
             os.rename(partial, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             self._crash_point("rename")
             _write_json(self.root / (LATEST + ".tmp"), None, text=final.name)
             os.replace(self.root / (LATEST + ".tmp"), self.root / LATEST)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             self._crash_point("latest")
             for old in retention_victims(self.root, self.keep_last):
                 shutil.rmtree(old)
@@ -172,7 +188,7 @@ class Checkpointer:
         os.rename(path, aside)
         print(f"dtrain: {path} came from an earlier attempt of this run; kept it as {aside.name}.", flush=True)
 
-    def resume(self, resume: str, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer],
+    def resume(self, resume: str, parts: Checkpointable,
                extras: dict[str, Any]) -> tuple[Path | None, list[str], TrainState | None, dict[str, Any], dict | None]:
         """Pick the checkpoint per `resume` (auto, never, or a folder) and load it.
 
@@ -182,7 +198,7 @@ class Checkpointer:
         path, notes = _choose_on_rank0(self.root.parent, resume, self.rank, self.world_size)
         if path is None:
             return None, notes, None, {}, None
-        state, loaded, rng = load(path, model, optimizers, extras, self.rank, self.world_size)
+        state, loaded, rng = load(path, parts, extras, self.rank, self.world_size)
         self._current.add(state.step)
         return path, notes, state, loaded, rng
 
@@ -208,21 +224,15 @@ def _choose_on_rank0(run_dir: Path, resume: str, rank: int, world_size: int) -> 
     return choice[0], choice[1]
 
 
-def load(path: Path, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], extras: dict[str, Any],
-         rank: int, world_size: int) -> tuple[TrainState, dict[str, Any], dict | None]:
+def load(path: Path, parts: Checkpointable, extras: dict[str, Any], rank: int,
+         world_size: int) -> tuple[TrainState, dict[str, Any], dict | None]:
     """Load a verified checkpoint into model and optimizers; return its state, extras and this rank's RNG.
 
     The RNG state is None when the world size changed: there is no rank to take it from.
     """
-    deepspeed = _is_deepspeed(model)
-    if deepspeed:
-        state_dict = {"extras": extras}
-    else:
-        model_state, optim_state = get_state_dict(model, list(optimizers))
-        state_dict = {"model": model_state, "optim": optim_state, "extras": extras}
     try:
-        if deepspeed:
-            _load_deepspeed(model, path)
+        parts.read_files(path)
+        state_dict = {**parts.state_dict(), "extras": extras}
         dcp.load(state_dict, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
     except CheckpointError:
         raise
@@ -230,10 +240,9 @@ def load(path: Path, model: nn.Module, optimizers: Sequence[torch.optim.Optimize
         detail = next((line.strip() for line in reversed(str(exc).splitlines()) if line.strip()), type(exc).__name__)
         raise CheckpointError(f"checkpoint {path} does not fit this model and optimizer ({detail}); "
                               "start a new run (another --name) or pass --resume never.") from None
-    if not deepspeed:
-        set_state_dict(model, list(optimizers), model_state_dict=model_state, optim_state_dict=optim_state)
-    state = TrainState(**json.loads((path / TRAINER_STATE).read_text()))
-    rng_file = path / f"rng_rank{rank}.json"
+    parts.load_state_dict(state_dict)
+    state = TrainState.from_dict(json.loads((path / TRAINER_STATE).read_text()))
+    rng_file = path / _rng_file(rank)
     rng = json.loads(rng_file.read_text()) if state.world_size == world_size and rng_file.exists() else None
     return state, state_dict["extras"], rng
 
@@ -241,13 +250,17 @@ def load(path: Path, model: nn.Module, optimizers: Sequence[torch.optim.Optimize
 def export_model(path: Path, out: Path) -> int:
     """Write the checkpoint's model as a plain `state_dict` file; returns the number of tensors."""
     verify(path)
-    if (path / DEEPSPEED_TAG).is_dir():
-        raise CheckpointError(f"checkpoint {path} was written by DeepSpeed ZeRO, whose files dtrain does not export; "
-                              f"use the run's model.pth, or DeepSpeed's {path / 'zero_to_fp32.py'}.")
+    strategy = strategies.get(read_manifest(path).get("strategy", "ddp"))  # 0.1.0 recorded none
+    if strategy.export_hint:
+        raise CheckpointError(f"checkpoint {path} was written under --strategy {strategy.name}: "
+                              f"{strategy.export_hint}.")
     read_metadata_safely(path)
     state: dict[str, Any] = {}
     _load_state_dict(state, storage_reader=SafeReader(path), planner=SafeEmptyPlanner(), no_dist=True)
-    model = {k: v for k, v in state["model"].items()}
+    if "model" not in state:
+        raise CheckpointError(f"checkpoint {path} holds no model state that dtrain can export; use the run's "
+                              "model.pth.")
+    model = dict(state["model"])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     torch.save(model, tmp)
@@ -356,59 +369,14 @@ class SafeEmptyPlanner(_WeightsOnlyBytes, _EmptyStateDictLoadPlanner):
     pass
 
 
-# --- DeepSpeed engines ------------------------------------------------------------------------------
-
-def _is_deepspeed(model: nn.Module) -> bool:
-    engine = getattr(sys.modules.get("deepspeed"), "DeepSpeedEngine", None)
-    return engine is not None and isinstance(model, engine)
-
-
-def _load_deepspeed(engine: nn.Module, path: Path) -> None:
-    """Load the engine's own files, unpickling only plain data (DeepSpeed itself would run any pickle)."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    class WeightsOnly(TorchCheckpointEngine):
-        def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals(_deepspeed_globals()):
-                return torch.load(path, map_location=map_location, weights_only=True)
-
-    engine.checkpoint_engine = WeightsOnly()
-    loaded, _ = engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True,
-                                       load_lr_scheduler_states=False)
-    if loaded is None:
-        raise CheckpointError(f"checkpoint {path} holds no DeepSpeed state in {DEEPSPEED_TAG}/.")
-
-
-def _deepspeed_globals() -> list:
-    """The plain data types DeepSpeed puts in its checkpoint files (found with
-    `torch.serialization.get_unsafe_globals_in_checkpoint` on ZeRO 1-3, fp32 and bf16)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-def _fsync_tree(folder: Path, rank: int) -> None:
-    """DeepSpeed does not fsync: make this rank's files in `folder` durable before the commit."""
-    for file in _files(folder):
-        if _writer(file.name) == rank:
-            with open(file, "rb") as fh:
-                os.fsync(fh.fileno())
-    if rank == 0:
-        _fsync_dir(folder)
-
-
 # --- small durable writes --------------------------------------------------------------------------
 
-_WRITER = re.compile(r"^__(\d+)_|zero_pp_rank_(\d+)_|^rng_rank(\d+)\.json$")
+def _rng_file(rank: int) -> str:
+    return f"rng_rank{rank}.json"
 
 
-def _writer(name: str) -> int:
-    """The rank that writes a checkpoint file, from its name: DCP's `__R_*.distcp`, DeepSpeed's
-    `*zero_pp_rank_R_*`, dtrain's `rng_rankR.json`; rank 0 writes every other file."""
-    match = _WRITER.search(name)
-    return int(next(g for g in match.groups() if g is not None)) if match else 0
+def _digests(folder: Path, files: list[Path]) -> dict[str, dict]:
+    return {str(p.relative_to(folder)): dict(zip(("size", "sha256"), file_digest(p))) for p in files}
 
 
 def _files(folder: Path) -> list[Path]:
@@ -422,7 +390,12 @@ def _write_json(path: Path, value: Any, text: str | None = None) -> None:
         os.fsync(fh.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -25,32 +25,35 @@ import platform
 import random
 import subprocess
 import sys
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NoReturn, Sequence
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 import dtrain
+from dtrain.contract import WorkerEnv, read_env
 from dtrain.errors import UsageError
+from dtrain.metrics import TRAIN
+from dtrain.options import parse_checkpoint_every
 from dtrain.runtime import activation_checkpointing, checkpoint
 from dtrain.runtime import dist as dist_utils
 from dtrain.runtime.checkpoint import TrainState
 from dtrain.runtime.data import make_loader
-from dtrain.runtime.env import WorkerEnv, read_env
 from dtrain.runtime.logging import Progress, RunLogger, write_config
 from dtrain.runtime.precision import Precision
 from dtrain.runtime.preemption import Preemption
-from dtrain.runtime.strategy import make_strategy
+from dtrain.runtime.strategies import make_strategy
 
 
-def setup(config: Mapping[str, Any] | None = None) -> "Context":
+def setup(config: Mapping[str, Any] | None = None) -> Context:
     """Seed, pick the device, join the process group, and (rank 0) write `config.yaml`."""
     env = read_env()
     seed_everything(env.seed + env.rank)
+    dist_utils.install_error_hook(env)
     device = dist_utils.pick_device(env)
-    dist_utils.install_error_hook(env.rank)
     dist_utils.check_world(env)
     dist_utils.init_process_group(env, device)
     return Context(env, device, config or {})
@@ -71,7 +74,8 @@ class Context:
         self.env = env
         self.device = device
         self.strategy = make_strategy(env, device)
-        self.precision = Precision(env.precision, device, scaler=self.strategy.loss_scaler)
+        self.precision = Precision(env.precision, device, scaler=self.strategy.description.loss_scaling)
+        self._checkpoint_steps, self._checkpoint_epochs = parse_checkpoint_every(env.checkpoint_every)
         self._accumulated = 0  # micro-batches since the last optimizer step
         self._sync = True  # whether the current micro-batch ends an accumulation window
         self._accumulating = False  # whether the loop uses `accumulate` (needed with --grad-accum > 1)
@@ -87,7 +91,7 @@ class Context:
             self.logger = RunLogger(self.run_dir, env, run_config)
             self.progress = Progress(env.tty)
         self.checkpointer = checkpoint.Checkpointer(self.run_dir, env.rank, env.world_size, keep_last=env.keep_last,
-                                                    async_save=env.async_checkpoint)
+                                                    async_save=env.async_checkpoint, strategy=env.strategy)
         self._rng_to_restore: dict | None = None
         self.preemption = Preemption(env, device)
         self.preemption.install()
@@ -121,8 +125,9 @@ class Context:
             "device": self.device.type,
             "hardware": _hardware(self.device),
             "git": _git_commit(Path(sys.argv[0]).resolve().parent),
-            "launch": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.env).items()
-                       if k not in ("rank", "local_rank", "node_name", "tty")},
+            "launch": {k: list(v) if isinstance(v, tuple) else v
+                       for k, v in {**dataclasses.asdict(self.env), **self.env.options}.items()
+                       if k not in ("rank", "local_rank", "node_name", "tty", "options")},
             "precision": self.env.precision,
             "seed": self.env.seed,
             "run_dir": str(self.run_dir),
@@ -190,14 +195,6 @@ class Context:
         """Backward of the loss, averaged over the accumulation window (scaled for fp16)."""
         self.strategy.backward(self._model(), loss, self.precision, self.env.grad_accum)
 
-    def grad_norm(self) -> torch.Tensor | None:
-        """Total gradient norm of the prepared model (after undoing fp16 loss scaling), without clipping.
-
-        Call it on every rank, between backward and step; it is None except on rank 0. Under
-        ZeRO, ask `step(measure_grad_norm=True)` instead.
-        """
-        return self.strategy.grad_norm(self._model(), self.optimizers, self.precision, self.is_main)
-
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip the prepared model's gradients by total norm, after undoing fp16 loss scaling."""
         return self.strategy.clip_grad_norm(self._model(), self.optimizers, self.precision, max_norm)
@@ -221,10 +218,11 @@ class Context:
             dist.all_reduce(tensor, op=op)
         return tensor
 
-    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """Record scalars (rank 0). Tensors are read here, so call it at an interval, not every step."""
+    def log(self, step: int, values: Mapping[str, Any], kind: str = TRAIN) -> None:
+        """Record scalars (rank 0) as a row of `kind` (dtrain.metrics). Tensors are read here, so call
+        it at an interval, not every step."""
         if self.logger is not None:
-            self.logger.log(step, {k: _scalar(v) for k, v in metrics.items()})
+            self.logger.log(step, kind, {k: _scalar(v) for k, v in values.items()})
 
     def log_evaluation(self, step: int, epoch: int, result: Mapping[str, Any]) -> None:
         """Rank 0: the evaluation's report and confusion matrix to `eval/epoch_NNN.json` and W&B."""
@@ -255,20 +253,18 @@ class Context:
     @property
     def checkpointing(self) -> bool:
         """False with --checkpoint-every never."""
-        return self.env.checkpoint_epochs or self.env.checkpoint_steps is not None
+        return self._checkpoint_epochs or self._checkpoint_steps is not None
 
     def checkpoint_due(self, step: int, epoch_end: bool = False) -> bool:
         """Whether the --checkpoint-every policy asks for a checkpoint now."""
         if epoch_end:
-            return self.env.checkpoint_epochs
-        return self.env.checkpoint_steps is not None and step % self.env.checkpoint_steps == 0
+            return self._checkpoint_epochs
+        return self._checkpoint_steps is not None and step % self._checkpoint_steps == 0
 
     def save_checkpoint(self, state: TrainState, scheduler=None, metrics: Mapping[str, Any] | None = None) -> None:
         """Checkpoint the prepared model and optimizers, `scheduler`, the GradScaler and `state`."""
-        state = dataclasses.replace(state, world_size=self.world_size,
-                                    wandb_run_id=self.logger.run_id if self.logger is not None else None)
-        self.checkpointer.save(state, self._model(), self.optimizers, self._extras(scheduler),
-                               {k: _scalar(v) for k, v in (metrics or {}).items()})
+        self.checkpointer.save(dataclasses.replace(state, world_size=self.world_size), self._checkpointable(),
+                               self._extras(scheduler), {k: _scalar(v) for k, v in (metrics or {}).items()})
 
     def resume(self, scheduler=None) -> TrainState | None:
         """Load the checkpoint --resume selects (auto: the run's newest good one), or return None.
@@ -277,7 +273,7 @@ class Context:
         resumed epoch exists: creating it may draw random numbers.
         """
         path, notes, state, extras, self._rng_to_restore = self.checkpointer.resume(
-            self.env.resume, self._model(), self.optimizers, self._extras(scheduler))
+            self.env.resume, self._checkpointable(), self._extras(scheduler))
         for note in notes:
             self.print(f"dtrain: {note}")
         if path is None:
@@ -313,8 +309,12 @@ class Context:
 
     def _model(self) -> nn.Module:
         if len(self.models) != 1:
-            raise RuntimeError(f"dtrain needs exactly one prepared model (ctx.prepare), found {len(self.models)}.")
+            raise UsageError(f"dtrain needs exactly one model prepared with ctx.prepare(model, optimizer) before "
+                             f"this call, and found {len(self.models)}; prepare one model, first.")
         return self.models[0]
+
+    def _checkpointable(self):
+        return self.strategy.checkpointable(self._model(), self.optimizers)
 
     def _extras(self, scheduler) -> dict[str, Any]:
         extras = {}

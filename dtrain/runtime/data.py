@@ -9,7 +9,7 @@ Two paths with the same sample order guarantees:
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset

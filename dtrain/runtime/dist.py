@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import json
 import os
@@ -13,17 +14,16 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from dtrain import strategies
+from dtrain.contract import WorkerEnv, error_record
 from dtrain.errors import UsageError
-from dtrain.runtime.env import WorkerEnv
-
-DEFAULT_TIMEOUT_S = 600
 
 
 def pick_device(env: WorkerEnv) -> torch.device:
     kind = env.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("DTRAIN_DEVICE=cuda but torch sees no CUDA device; launch with --cpu.")
+            raise UsageError("DTRAIN_DEVICE=cuda but torch sees no CUDA device; launch with --cpu.")
         torch.cuda.set_device(env.local_rank)
         return torch.device("cuda", env.local_rank)
     return torch.device("cpu")
@@ -40,17 +40,17 @@ def check_world(env: WorkerEnv) -> None:
 
 def init_process_group(env: WorkerEnv, device: torch.device) -> None:
     """Join the job's process group when there is more than one rank. A world of one needs none,
-    except for DeepSpeed, which always wants one: it gets a group of one on an in-memory store."""
+    unless its strategy says so (DeepSpeed always wants one): it gets a group of one on an in-memory store."""
     if dist.is_initialized():
         return
     if env.world_size == 1:
-        if env.strategy.startswith("zero"):
+        if strategies.get(env.strategy).group_of_one:
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
                                     rank=0, world_size=1)
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
-    timeout = datetime.timedelta(seconds=float(os.environ.get("DTRAIN_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
+    timeout = datetime.timedelta(seconds=env.timeout)
     dist.init_process_group(
         store=_attempt_store(env.world_size, timeout),
         backend="nccl" if device.type == "cuda" else "gloo",
@@ -79,29 +79,45 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
-def install_error_hook(rank: int) -> None:
-    """Record an uncaught exception where torchrun and `dtrain launch` look for it.
+def install_error_hook(env: WorkerEnv) -> None:
+    """Record an uncaught exception where `dtrain launch` (and torchrun) look for it.
 
-    The file (TORCHELASTIC_ERROR_FILE) lets the launcher name the rank that failed first. A
-    rank that only fails because a peer died prints one line instead of a second traceback,
-    and a `UsageError` (a bad checkpoint, say) is one sentence, never a traceback.
+    The record names the rank that failed first. A rank that only fails because a peer died prints
+    one line instead of a second traceback, and a `UsageError` (a recipe's mistake, a bad checkpoint)
+    is one sentence, never a traceback: printed by rank 0, or by `dtrain launch` from the record
+    when another rank alone made it, so that it is shown once.
     """
     previous = sys.excepthook
+    rank = env.rank
 
     def hook(exc_type, exc, tb):
         usage = issubclass(exc_type, UsageError)
         text = str(exc) if usage else "".join(traceback.format_exception(exc_type, exc, tb))
-        _write_error_file(rank, str(exc) if usage else f"{exc_type.__name__}: {exc}", text, usage)
+        _write_error_records(env, str(exc) if usage else f"{exc_type.__name__}: {exc}", text, usage)
         if usage:
-            print(f"dtrain: error: {exc}", file=sys.stderr)
+            if rank == 0 or env.launched_world_size is None:
+                print(f"dtrain: error: {exc}", file=sys.stderr)
         elif issubclass(exc_type, dist.DistBackendError) or _peer_vanished(exc):
             print(f"rank {rank}: stopped because another rank failed ({exc_type.__name__}).", file=sys.stderr)
         else:
             previous(exc_type, exc, tb)
         for callback in _failure_callbacks:
             callback()
+        if dist.is_initialized():
+            atexit.register(_exit_without_teardown)
 
     sys.excepthook = hook
+
+
+def _exit_without_teardown() -> None:
+    """A failed rank's first exit handler (the last registered runs first): exit 1 before the process
+    group is torn down. Its C++ destructors can abort while peers are still inside a collective
+    ("terminate called without an active exception", SIGABRT: 1 in 8-14 failures on 2 loaded cores),
+    which would then read as a crash of its own. The error hooks (dtrain's, then torch's, which
+    prints the traceback) have all run by then."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 _failure_callbacks: list[Callable[[], None]] = []
@@ -117,18 +133,23 @@ def _peer_vanished(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("Connection closed by peer" in text or "Connection reset by peer" in text)
 
 
-def _write_error_file(rank: int, message: str, text: str, usage: bool) -> None:
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path:
-        return
+def _write_error_records(env: WorkerEnv, message: str, text: str, usage: bool) -> None:
+    """dtrain's record (the contract's `error_record`), and torchelastic's error file where the launcher
+    asks for one (TORCHELASTIC_ERROR_FILE: its failure summary then names the right root cause)."""
     now = time.time()
-    record = {
-        "message": {"message": message, "extraInfo": {"py_callstack": text, "timestamp": str(int(now))}},
-        "dtrain": {"rank": rank, "time": now, "usage": usage},
-    }
-    try:  # atomically: torchrun may read the file while a rank it is stopping still writes it
-        with open(f"{path}.tmp", "w") as fh:
-            json.dump(record, fh)
-        os.replace(f"{path}.tmp", path)
-    except OSError:
-        pass
+    records = {}
+    if env.launched_world_size is not None:  # launched by dtrain, which reads it
+        records[error_record(env.run_dir, env.rank)] = {
+            "rank": env.rank, "message": message, "time": now, "usage": usage,
+            "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)}
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        records[os.environ["TORCHELASTIC_ERROR_FILE"]] = {
+            "message": {"message": message, "extraInfo": {"py_callstack": text, "timestamp": str(int(now))}}}
+    for path, record in records.items():
+        try:  # atomically: the launcher may read the file while a rank it is stopping still writes it
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(f"{path}.tmp", "w") as fh:
+                json.dump(record, fh)
+            os.replace(f"{path}.tmp", path)
+        except OSError:
+            pass

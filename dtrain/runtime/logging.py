@@ -2,45 +2,45 @@
 `config.yaml`, evaluation reports, and progress on the console.
 
 Only rank 0 builds a `RunLogger`, and it hands W&B to a process of its own (`wandb_writer`): no
-training process imports wandb. The W&B run id lives in
-`<run_dir>/wandb/run-id` (and in every checkpoint): a resumed or requeued job continues the
-same run (`resume="allow"`).
+training process imports wandb. The W&B run id lives in `<run_dir>/wandb/run-id`: a resumed or
+requeued job in the same run directory continues the same run (`resume="allow"`).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import atexit
 import contextlib
 import fcntl
+import json
+import os
 import secrets
 import string
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any, Mapping
+from typing import IO, Any
 
 import yaml
 
-from dtrain import config
+from dtrain import metrics
+from dtrain.contract import WorkerEnv
 from dtrain.runtime import dist as dist_utils
-from dtrain.runtime.env import WorkerEnv
+from dtrain.wandb_mode import wandb_mode
 
 PROGRESS_LINE_EVERY_S = 10.0  # plain progress lines (no terminal): at most one per this many seconds
 
 
 class MetricsWriter:
-    """Appends one JSON object per logged step to `<run_dir>/metrics.jsonl` (append: resumes continue it)."""
+    """Appends rows to `<run_dir>/metrics.jsonl` (`dtrain.metrics` is its schema; resumes continue it)."""
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(path, "a", buffering=1)
 
-    def write(self, step: int, metrics: Mapping[str, float]) -> None:
-        record = {"step": step, "time": round(time.time(), 3), **metrics}
-        self._file.write(json.dumps(record) + "\n")
+    def write(self, row: Mapping[str, Any]) -> None:
+        self._file.write(json.dumps(row) + "\n")
 
     def close(self) -> None:
         self._file.close()
@@ -68,9 +68,9 @@ def wandb_run_id(run_dir: Path) -> str:
 class RunLogger:
     def __init__(self, run_dir: Path, env: WorkerEnv, run_config: Mapping[str, Any]):
         self.run_dir = run_dir
-        self.metrics = MetricsWriter(run_dir / "metrics.jsonl")
+        self.metrics = MetricsWriter(run_dir / metrics.FILE)
         self.run_id = wandb_run_id(run_dir)
-        mode, notice = config.wandb_mode(env.wandb, os.environ)
+        mode, notice = wandb_mode(env.wandb, os.environ)
         if notice:  # only when `auto` was left to this process (plain torchrun): dtrain launch decides it itself
             print(f"dtrain: {notice}", file=sys.stderr, flush=True)
         self.wandb: WandbWriter | None = None
@@ -87,10 +87,11 @@ class RunLogger:
             self.wandb.finish(exit_code=1)
             self.wandb = None
 
-    def log(self, step: int, metrics: Mapping[str, float]) -> None:
-        self.metrics.write(step, metrics)
+    def log(self, step: int, kind: str, values: Mapping[str, float]) -> None:
+        row = metrics.row(step, kind, values)
+        self.metrics.write(row)
         if self.wandb is not None:
-            self.wandb.send({"step": step, "metrics": dict(metrics)})
+            self.wandb.send({"row": row})
 
     def log_evaluation(self, step: int, epoch: int, result: Mapping[str, Any]) -> Path:
         """Write the report and confusion matrix to `eval/epoch_NNN.json`; log them to W&B as tables."""

@@ -16,7 +16,7 @@ class Precision:
         """`scaler`: which loss scaler fp16 uses: "amp" (GradScaler), "sharded" (ShardedGradScaler, for FSDP,
         whose ranks must agree on skipping a step), or "engine" (DeepSpeed scales the loss itself)."""
         if name not in ("fp32", *_DTYPES):
-            raise ValueError(f"unknown precision {name!r}; use fp32, bf16 or fp16.")
+            raise UsageError(f"unknown precision {name!r} (DTRAIN_PRECISION); use fp32, bf16 or fp16.")
         if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise UsageError("bf16 needs a GPU with bfloat16 support (Ampere or newer); use fp16 or fp32.")
         self.name = name

@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 
 from dtrain import slurm
+from dtrain.contract import WorkerEnv
 from dtrain.errors import UsageError
-from dtrain.runtime.env import WorkerEnv
 
 CHECK_EVERY = 10
 

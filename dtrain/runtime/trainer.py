@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from dtrain.metrics import EPOCH, STARTUP
 from dtrain.runtime.checkpoint import TrainState
 from dtrain.runtime.context import Context
 from dtrain.runtime.evaluation import evaluate_classifier
@@ -47,7 +49,7 @@ class Trainer:
                 break
             loader.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
             done, complete, train_loss = self.train_epoch(loader, epoch, limit_train_batches)
-            self.metrics = {"epoch": epoch + 1, "train/loss": train_loss}
+            self.metrics = {"epoch": epoch + 1, "train/epoch_loss": train_loss}
             line = f"Epoch {epoch + 1}/{epochs} | Train Loss: {train_loss:.4f}"
             if eval_set is not None:
                 result = self.evaluate(eval_set)
@@ -55,7 +57,7 @@ class Trainer:
                 line += self.evaluation_text(result)
                 if "report" in result:
                     self.ctx.log_evaluation(self.step, epoch + 1, result)
-            self.ctx.log(self.step, self.metrics)
+            self.ctx.log(self.step, self.metrics, kind=EPOCH)
             if self.ctx.progress is not None:
                 self.ctx.progress.clear()
             self.ctx.print(line)
@@ -101,7 +103,7 @@ class Trainer:
             self.step += 1
             if self.startup_pending:
                 self.startup_pending = False
-                self.ctx.log(self.step, {"startup_s": time.time() - self.ctx.env.launch_time})
+                self.ctx.log(self.step, {"startup_s": time.time() - self.ctx.env.launch_time}, kind=STARTUP)
             if logging_step and self.ctx.is_main:  # the loop's only host synchronisation, every log_every steps
                 elapsed = time.perf_counter() - window_start
                 window_loss = (window_sum / window_batches).item()

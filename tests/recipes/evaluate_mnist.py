@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "recipes"))
-from mnist_cnn import MNISTCNN, load_mnist  # noqa: E402
+from dtrain.runtime import setup
+from dtrain.runtime.evaluation import evaluate_classifier
 
-from dtrain.runtime import setup  # noqa: E402
-from dtrain.runtime.evaluation import evaluate_classifier  # noqa: E402
+from mnist_cnn import MNISTCNN, load_mnist
 
 ctx = setup()
 train_set, test_set = load_mnist(ctx, sys.argv[1], loader="memory")

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "recipes"))
-from mnist_cnn import MNISTCNN, load_mnist, parse_args  # noqa: E402
+from dtrain.runtime import Trainer, setup
 
-from dtrain.runtime import Trainer, setup  # noqa: E402
+from mnist_cnn import MNISTCNN, load_mnist, parse_args
 
 args = parse_args()
 ctx = setup(config=vars(args))

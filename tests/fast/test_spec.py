@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from dtrain import config, hardware
+from dtrain import contract, hardware, spec, wandb_mode
 from dtrain.errors import UsageError
-from dtrain.job import console_text, killed_worker, worker_exit_code
+from dtrain.job import console_text
 from dtrain.launchers import torchrun
 
-RECIPE = str(Path(__file__).resolve().parent.parent / "recipes" / "mnist_cnn.py")
+from conftest import ROOT
+
+RECIPE = str(ROOT / "recipes" / "mnist_cnn.py")
 
 
 def resolve(gpus_available=0, **options):
-    return config.resolve({"recipe": RECIPE, **options}, gpus_available=gpus_available, free_port=41234)
+    return spec.resolve({"recipe": RECIPE, **options}, gpus_available=gpus_available, free_port=41234)
 
 
 def test_cpu_processes_on_one_node_use_a_free_local_port():
@@ -43,7 +43,7 @@ def test_no_gpu_and_no_flag_falls_back_to_one_cpu_process():
     ({"nproc": 2}, 0, "needs --cpu"),
     ({"gpus": 2, "nproc": 2}, 4, "--nproc is for CPU processes"),
     ({"cpu": True, "gpus": 1}, 4, "contradict"),
-    ({"precision": "fp8"}, 0, "unknown precision 'fp8'"),
+    ({"precision": "fp8"}, 0, "unknown --precision 'fp8'; use one of fp32, bf16, fp16"),
     ({"nodes": 2, "node_rank": 2, "name": "x"}, 0, "--node-rank must be between 0 and 1"),
     ({"nodes": 2}, 0, "needs --name"),
     ({"nodes": 0}, 0, "--nodes must be at least 1"),
@@ -61,17 +61,18 @@ def test_bad_options_are_refused_with_the_fix(options, available, words):
 
 def test_missing_recipe_is_refused():
     with pytest.raises(UsageError, match="recipe nope.py does not exist"):
-        config.resolve({"recipe": "nope.py"}, gpus_available=0, free_port=1)
+        spec.resolve({"recipe": "nope.py"}, gpus_available=0, free_port=1)
 
 
 def test_torchrun_argv_for_two_nodes():
-    spec = resolve(gpus_available=8, gpus=8, nodes=2, node_rank=1, master_addr="node-a", name="big",
-                   recipe_args=("--epochs", "2"), max_restarts=3)
-    argv, env = torchrun.build_command(spec, cpus=32, base_env={}, python="python")
+    two_nodes = resolve(gpus_available=8, gpus=8, nodes=2, node_rank=1, master_addr="node-a", name="big",
+                        recipe_args=("--epochs", "2"), max_restarts=3, rdzv_timeout=60)
+    argv, env = torchrun.build_command(two_nodes, cpus=32, base_env={}, python="python")
     assert argv == [
         "python", "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "8", "--node-rank", "1",
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", "node-a:29500", "--rdzv-id", "big", "--rdzv-conf", "is_host=0",
-        "--max-restarts", "3", "--log-dir", "runs/big/logs", "--tee", "3", RECIPE, "--epochs", "2",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", "node-a:29500", "--rdzv-id", "big",
+        "--rdzv-conf", "is_host=0,join_timeout=60", "--max-restarts", "3", "--log-dir", "runs/big/logs", "--tee", "3",
+        RECIPE, "--epochs", "2",
     ]
     assert env["TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"] == "[rank${rank}]: "
     assert env["DTRAIN_DEVICE"] == "cuda" and env["DTRAIN_RUN_DIR"] == "runs/big"
@@ -79,76 +80,50 @@ def test_torchrun_argv_for_two_nodes():
 
 
 def test_worker_env_is_the_dtrain_contract_and_keeps_the_callers_variables():
-    spec = resolve(cpu=True, nproc=2, precision="bf16", seed=7, max_steps=5, name="r", checkpoint_every="100,epoch",
-                   keep_last=2, async_checkpoint=True, preempt_signal="SIGUSR1", max_requeues=5)
-    env = config.worker_env(spec, cpus=2, base={"PATH": "/bin", "OMP_NUM_THREADS": "3", "DTRAIN_KEEP_LAST": "9"})
+    launch_spec = resolve(cpu=True, nproc=2, precision="bf16", seed=7, max_steps=5, name="r",
+                          checkpoint_every="100,epoch", keep_last=2, async_checkpoint=True, preempt_signal="SIGUSR1",
+                          max_requeues=5, timeout=60)
+    env = contract.worker_env(launch_spec, cpus=2, base={"PATH": "/bin", "OMP_NUM_THREADS": "3",
+                                                         "DTRAIN_KEEP_LAST": "9"})
     assert env == {
         "PATH": "/bin", "OMP_NUM_THREADS": "3", "PYTHONUNBUFFERED": "1",
         "DTRAIN_DEVICE": "cpu", "DTRAIN_PRECISION": "bf16", "DTRAIN_SEED": "7",
         "DTRAIN_RUN_DIR": "runs/r", "DTRAIN_MAX_STEPS": "5", "DTRAIN_CHECKPOINT_EVERY": "100,epoch",
         "DTRAIN_RESUME": "auto", "DTRAIN_KEEP_LAST": "2", "DTRAIN_ASYNC_CHECKPOINT": "1",
         "DTRAIN_PREEMPT_SIGNAL": "USR1", "DTRAIN_MAX_REQUEUES": "5",
-        "DTRAIN_WANDB": "auto", "DTRAIN_WANDB_PROJECT": "dtrain",
+        "DTRAIN_WANDB": "auto", "DTRAIN_WANDB_PROJECT": "dtrain", "DTRAIN_TIMEOUT_S": "60",
         "DTRAIN_STRATEGY": "ddp", "DTRAIN_GRAD_ACCUM": "1", "DTRAIN_WORLD_SIZE": "2",
     }
-    plain = config.worker_env(resolve(cpu=True, name="r"), cpus=2, base={"DTRAIN_KEEP_LAST": "9"})
+    plain = contract.worker_env(resolve(cpu=True, name="r"), cpus=2, base={"DTRAIN_KEEP_LAST": "9"})
     assert "DTRAIN_KEEP_LAST" not in plain and "DTRAIN_ASYNC_CHECKPOINT" not in plain
 
 
 @pytest.mark.parametrize("value, parsed", [("epoch", (None, True)), ("500", (500, False)), ("500,epoch", (500, True)),
                                            ("never", (None, False))])
 def test_checkpoint_every_values(value, parsed):
-    assert config.parse_checkpoint_every(value) == parsed
+    from dtrain.options import parse_checkpoint_every
+
+    assert parse_checkpoint_every(value) == parsed
 
 
 def test_profile_must_be_a_yaml_mapping(tmp_path):
+    from dtrain import profiles
+
     (tmp_path / "bad.yaml").write_text("nproc: [2\n")
     (tmp_path / "list.yaml").write_text("- nproc\n")
     (tmp_path / "ok.yaml").write_text("nproc: 2\nmax-restarts: 1\n")
     with pytest.raises(UsageError, match="not valid YAML at line"):
-        config.load_profile(str(tmp_path / "bad.yaml"))
+        profiles.load(str(tmp_path / "bad.yaml"))
     with pytest.raises(UsageError, match="must be a mapping"):
-        config.load_profile(str(tmp_path / "list.yaml"))
+        profiles.load(str(tmp_path / "list.yaml"))
     with pytest.raises(UsageError, match="does not exist"):
-        config.load_profile(str(tmp_path / "missing.yaml"))
-    assert config.load_profile(str(tmp_path / "ok.yaml")) == {"nproc": 2, "max_restarts": 1}
+        profiles.load(str(tmp_path / "missing.yaml"))
+    assert profiles.load(str(tmp_path / "ok.yaml")) == {"nproc": 2, "max_restarts": 1}
 
 
 @pytest.mark.parametrize("value, count", [("0,1,2", 3), ("", 0), ("-1", 0), ("0,-1,2", 1), ("GPU-abc,GPU-def", 2)])
 def test_cuda_visible_devices_count(value, count):
     assert hardware.visible_gpus({"CUDA_VISIBLE_DEVICES": value}) == count
-
-
-def test_worker_exit_code_comes_from_the_first_failed_worker():
-    log = "E1127 06:20:40 api.py:1002] failed (exitcode: 3) local_rank: 1 (pid: 2395) of binary: python\n"
-    assert worker_exit_code(log, 1) == 3
-    assert worker_exit_code(log.replace("exitcode: 3", "exitcode: -9"), 1) == 137
-    assert worker_exit_code("nothing about workers", 1) == 1
-
-
-SUMMARY = """E1127 09:17:55 api.py:1002] failed (exitcode: -15) local_rank: 1 (pid: 29711) of binary: python3
-Failures:
-[0]:
-  time      : 2026-11-27_09:17:55
-  rank      : 0 (local_rank: 0)
-  exitcode  : -9 (pid: 29710)  (SIGKILL)
-------------------------------------------------------------
-Root Cause (first observed failure):
-[1]:
-  time      : 2026-11-27_09:17:54
-  rank      : 1 (local_rank: 1)
-  exitcode  : -15 (pid: 29711)  (SIGTERM)
-"""
-
-
-def test_a_killed_worker_is_the_cause_even_when_torchrun_blames_its_peer():
-    """Seen in CI: rank 0 SIGKILLed; rank 1 got "connection reset", wrote its error file, was
-    SIGTERMed by torchrun, and torchrun named rank 1 the root cause (its error file's time is
-    rounded down to the second)."""
-    assert killed_worker(SUMMARY) == (0, 9)
-    assert worker_exit_code(SUMMARY, 1) == 137
-    assert killed_worker(SUMMARY.replace("-9 (pid", "1 (pid")) is None
-    assert worker_exit_code(SUMMARY.replace("-9 (pid", "1 (pid"), 1) == 1
 
 
 @pytest.mark.parametrize("line, stderr, shown", [
@@ -171,19 +146,26 @@ def test_console_shows_rank_0_and_other_ranks_errors_once_and_hides_torchruns_ow
     ("disabled", {}, False, "", ("disabled", None)),
 ])
 def test_wandb_mode_resolution(requested, environ, installed, netrc, expected):
-    assert config.resolve_wandb_mode(requested, environ, installed, netrc) == expected
+    assert wandb_mode.resolve(requested, environ, installed, netrc) == expected
 
 
 def test_wandb_auto_without_credentials_or_package_says_what_it_does_instead():
-    assert config.resolve_wandb_mode("auto", {}, True, "")[0] == "offline"
-    assert "offline" in config.resolve_wandb_mode("auto", {}, True, "")[1]
-    assert config.resolve_wandb_mode("auto", {}, False, "") == (
+    assert wandb_mode.resolve("auto", {}, True, "")[0] == "offline"
+    assert "offline" in wandb_mode.resolve("auto", {}, True, "")[1]
+    assert wandb_mode.resolve("auto", {}, False, "") == (
         "disabled", "wandb is not installed, so metrics go to metrics.jsonl only (pip install wandb).")
     with pytest.raises(UsageError, match="--wandb online needs the wandb package"):
-        config.resolve_wandb_mode("online", {}, False, "")
+        wandb_mode.resolve("online", {}, False, "")
 
 
 def test_multi_node_runs_are_one_wandb_group_named_after_the_run():
     assert resolve(gpus_available=8, gpus=8, nodes=2, name="big").wandb_group == "big"
     assert resolve(cpu=True, name="small").wandb_group is None
     assert resolve(cpu=True, name="small", wandb_group="g", tags="a, b,").tags == ("a", "b")
+
+
+def test_a_spec_travels_as_json_unchanged(tmp_path):
+    launch_spec = resolve(cpu=True, nproc=2, name="r", tags="a,b", recipe_args=("--lr", "a b"), max_steps=3)
+    assert spec.LaunchSpec.from_json(launch_spec.to_json(), "spec.json") == launch_spec
+    with pytest.raises(UsageError, match="not a launch spec that this dtrain wrote"):
+        spec.LaunchSpec.from_json('{"format": "dtrain-spec-0"}', "old.json")

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DTRAIN, ROOT, run_dtrain
-from dtrain import config, slurm
+from dtrain import slurm, spec
 from dtrain.errors import UsageError
+
+from conftest import DTRAIN, ROOT, run_dtrain
 
 EXPECTED = ROOT / "tests" / "data" / "mnist_4x8_gpu.sbatch"
 
@@ -98,22 +99,37 @@ def test_launch_in_an_allocation_outside_a_step_runs_itself_under_srun():
 
 
 def test_requeued_job_resumes_from_its_own_latest_checkpoint():
-    from dtrain.runtime.env import read_env
+    from dtrain.contract import read_env
     assert read_env({"DTRAIN_RESUME": "never"}).resume == "never"
     assert read_env({"DTRAIN_RESUME": "never", "SLURM_RESTART_COUNT": "1"}).resume == "auto"
+
+
+def submitted_4x8() -> spec.LaunchSpec:
+    return spec.resolve({"recipe": "recipes/mnist_cnn.py", "recipe_args": ["--epochs", "3", "--data-dir", "/data/mnist"],
+                         "gpus": 8, "nodes": 4, "name": "mnist-4x8", "run_dir": "/scratch/alice/dtrain/runs/mnist-4x8",
+                         "precision": "bf16", "preempt_signal": "USR2", "max_requeues": 5},
+                        gpus_available=8, free_port=0)
+
+
+def test_each_node_launches_the_submitted_spec_with_its_own_placement(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    submitted = submitted_4x8()
+    where = slurm.Allocation(job_id="4242", nodes=4, in_step=True, node_rank=3, first_host="gpu003")
+    placed = slurm.place(submitted, where)
+    assert (placed.node_rank, placed.master_addr, placed.master_port) == (3, "gpu003", 10000 + 4242)
+    assert placed.wandb_group == "mnist-4x8"  # a multi-node run's group: its name, as submitted
+    assert placed.replace(node_rank=0, master_addr="127.0.0.1", master_port=29500) == submitted
+    with pytest.raises(UsageError, match="the job step runs on 2 node"):
+        slurm.place(submitted, slurm.Allocation(job_id="1", nodes=2, in_step=True, node_rank=0, first_host="a"))
 
 
 def render_4x8(monkeypatch) -> str:
     monkeypatch.chdir(ROOT)
     profile = slurm.load_cluster_profile("cluster/example_gpu.yaml")
-    job = slurm.resolve_job({"nodes": 4, "gpus_per_node": 8, "time": "02:00:00"}, profile,
-                            "cluster/example_gpu.yaml", cpu=False)
-    spec = config.resolve({"recipe": "recipes/mnist_cnn.py", "recipe_args": ["--epochs", "3", "--data-dir", "/data/mnist"],
-                           "gpus": 8, "nodes": 4, "name": "mnist-4x8", "run_dir": "/scratch/alice/dtrain/runs/mnist-4x8",
-                           "precision": "bf16", "preempt_signal": "USR2", "max_requeues": profile["max_requeues"]},
-                          gpus_available=8, free_port=0)
+    job = slurm.resolve_job({"nodes": 4, "gpus_per_node": 8, "time": "02:00:00"}, profile, "cluster/example_gpu.yaml")
     template = slurm.read_template(None)
-    return slurm.render_script(template, job, spec, python="/opt/venv/bin/python", workdir="/scratch/alice/dtrain")
+    return slurm.render_script(template, job, submitted_4x8(), python="/opt/venv/bin/python",
+                               workdir="/scratch/alice/dtrain")
 
 
 def test_gpu_job_script_is_exactly_the_reviewed_file(monkeypatch):
@@ -130,7 +146,7 @@ def test_gpu_job_script_is_exactly_the_reviewed_file(monkeypatch):
 def test_profile_and_command_line_meet_in_the_script(monkeypatch):
     script = render_4x8(monkeypatch)
     assert "#SBATCH --time=02:00:00" in script  # the command line wins over the profile's 04:00:00
-    assert "#SBATCH --signal=USR2@120" in script and "--max-requeues 5" in script  # from the profile
+    assert "#SBATCH --signal=USR2@120" in script and "at most 5 times" in script  # from the profile
     assert "module load cuda/12.4\nmodule load nccl/2.21\n" in script
     assert script.index("export NCCL_SOCKET_IFNAME=ib0") < script.index("exec srun")
 
@@ -149,6 +165,7 @@ def bad(*args, env=None):
     (["--nodes", "2"], "--gpus-per-node G"),
     (["--cpu", "--gpus-per-node", "2"], "contradict"),
     (["--cpu", "--signal", "KILL@60"], "is not a signal SLURM can send"),
+    (["--cpu", "--signal", "USR1@60", "--preempt-signal", "USR2"], "sends SIGUSR1, but --preempt-signal is USR2"),
     (["--cpu", "--partition", "gpu; rm -rf ~"], "holds a space, quote or shell character"),
     (["--cpu", "--cluster-profile", "cluster/nope.yaml"], "does not exist"),
 ])

@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
-import compare  # noqa: E402
+import compare
 
 
 def test_both_programs_epoch_lines_are_read_and_others_ignored():

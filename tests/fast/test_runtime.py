@@ -9,12 +9,13 @@ import torch
 from torch import nn
 from torch.utils.data import DistributedSampler, TensorDataset
 
-from conftest import ROOT
 from dtrain.runtime import setup
 from dtrain.runtime.data import make_loader, shard_indices
 
+from conftest import ROOT
+
 sys.path.insert(0, str(ROOT / "recipes"))
-from mnist_cnn import TRANSFORM, to_tensors  # noqa: E402
+from mnist_cnn import TRANSFORM, to_tensors
 
 
 @pytest.mark.parametrize("n, world", [(10, 2), (11, 2), (7, 3), (2, 4)])
@@ -106,7 +107,7 @@ def test_low_precision_tracks_fp32_on_a_few_dozen_steps(monkeypatch, tmp_path, p
 ])
 def test_preemption_without_a_requeue_says_why(environ, says, capsys):
     """The two cases in which rank 0 must not run `scontrol requeue` (so none is called here)."""
-    from dtrain.runtime.env import read_env
+    from dtrain.contract import read_env
     from dtrain.runtime.preemption import Preemption
 
     Preemption(read_env({"DTRAIN_PREEMPT_SIGNAL": "USR1", **environ}), torch.device("cpu")).stop_and_requeue(40)

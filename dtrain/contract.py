@@ -1,0 +1,125 @@
+"""The worker contract: the environment `dtrain launch` gives every worker, and the workers' reader.
+
+Both sides import this module (it imports no torch): `worker_env` writes the variables from a
+LaunchSpec, `read_env` reads them back in a worker, under `dtrain launch`, plain `torchrun`,
+`srun` (SLURM's variables) or plain `python recipe.py` (a world of one). The variables are the
+worker options of `dtrain.options` (one each) and the few below that the launch derives.
+`python -m dtrain.contract` prints the table docs/architecture.md holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from dtrain.options import WORKER_OPTIONS
+
+if TYPE_CHECKING:
+    from dtrain.spec import LaunchSpec
+
+DEVICE = "DTRAIN_DEVICE"
+RUN_DIR = "DTRAIN_RUN_DIR"
+WORLD_SIZE = "DTRAIN_WORLD_SIZE"
+DEEPSPEED_CONFIG = "DTRAIN_DEEPSPEED_CONFIG"
+LAUNCH_TIME = "DTRAIN_LAUNCH_TIME"
+TTY = "DTRAIN_TTY"
+
+# The variables the launch derives (not options): name -> (set by, meaning), for the documented table.
+DERIVED = {
+    DEVICE: ("`--cpu` / `--gpus`", "`cpu` or `cuda`; unset: cuda when available"),
+    RUN_DIR: ("`--name` / `--run-dir`", "the run directory (default `runs/<recipe>-<timestamp>`)"),
+    WORLD_SIZE: ("every launch", "the world launched; a worker that sees another one stops at `setup()`"),
+    DEEPSPEED_CONFIG: ("ZeRO strategies", "`<run_dir>/deepspeed.json`: the merged DeepSpeed config"),
+    LAUNCH_TIME: ("`dtrain launch` (not `--dry-run`)", "Unix time it started: `Trainer` logs `startup_s` once"),
+    TTY: ("`dtrain launch`, when its stdout is a terminal", "where rank 0 draws its progress bar"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerEnv:
+    """What a worker learns from its environment. `env.precision` and every other worker option
+    read `options`, which holds each one's value (its default where the variable is absent)."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    node_name: str  # SLURM's name for this node (logical nodes may share a hostname), else the hostname
+    slurm_job_id: str | None
+    requeue_count: int  # SLURM_RESTART_COUNT: how often SLURM has requeued this job
+    device: str | None  # "cuda", "cpu", or None: cuda when available
+    run_dir: str
+    launched_world_size: int | None  # what `dtrain launch` asked the launcher for
+    launch_time: float | None
+    tty: str | None
+    deepspeed_config: str | None
+    options: Mapping[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["options"][name]
+        except KeyError:
+            raise AttributeError(f"WorkerEnv has no {name!r}") from None
+
+
+def read_env(environ: Mapping[str, str] | None = None) -> WorkerEnv:
+    environ = os.environ if environ is None else environ
+
+    def first(*names: str, default: str) -> str:
+        return next((environ[n] for n in names if environ.get(n)), default)
+
+    options = {option.name: option.decode(environ.get(option.env)) for option in WORKER_OPTIONS}
+    requeue_count = int(environ.get("SLURM_RESTART_COUNT") or 0)
+    if requeue_count > 0:  # a requeued job continues from its own newest checkpoint, whatever --resume said
+        options["resume"] = "auto"
+    return WorkerEnv(
+        rank=int(first("RANK", "SLURM_PROCID", default="0")),
+        local_rank=int(first("LOCAL_RANK", "SLURM_LOCALID", default="0")),
+        world_size=int(first("WORLD_SIZE", "SLURM_NTASKS", default="1")),
+        node_name=environ.get("SLURMD_NODENAME") or socket.gethostname(),
+        slurm_job_id=environ.get("SLURM_JOB_ID") or None,
+        requeue_count=requeue_count,
+        device=environ.get(DEVICE) or None,
+        run_dir=environ.get(RUN_DIR) or os.path.join("runs", "default"),
+        launched_world_size=int(environ[WORLD_SIZE]) if environ.get(WORLD_SIZE) else None,
+        launch_time=float(environ[LAUNCH_TIME]) if environ.get(LAUNCH_TIME) else None,
+        tty=environ.get(TTY) or None,
+        deepspeed_config=environ.get(DEEPSPEED_CONFIG) or None,
+        options=options,
+    )
+
+
+def worker_env(spec: LaunchSpec, cpus: int, base: Mapping[str, str]) -> dict[str, str]:
+    """The environment every worker process gets: the caller's, plus the DTRAIN_* contract."""
+    env = dict(base)
+    values = {DEVICE: spec.device, RUN_DIR: spec.run_dir, WORLD_SIZE: str(spec.world_size),
+              DEEPSPEED_CONFIG: spec.deepspeed_config_path}
+    values.update({option.env: option.encode(spec.options[option.name]) for option in WORKER_OPTIONS})
+    for key, value in values.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cpus // spec.nproc)))
+    return env
+
+
+def error_record(run_dir: str, rank: int) -> str:
+    """Where a worker records the exception that stopped it (`dtrain.runtime.dist` writes it, whatever
+    the launcher; `dtrain.job` reads it to name the rank that failed first)."""
+    return os.path.join(run_dir, "logs", "errors", f"rank{rank}.json")
+
+
+def markdown_table() -> str:
+    """The contract as docs/architecture.md shows it: every variable, what sets it, what it means."""
+    rows = [(f"`{option.env}`", f"`{option.flag}`", option.help.replace("|", "\\|")) for option in WORKER_OPTIONS]
+    rows += [(f"`{name}`", set_by, meaning) for name, (set_by, meaning) in DERIVED.items()]
+    lines = ["| variable | set by | meaning |", "| --- | --- | --- |"]
+    return "\n".join(lines + [f"| {a} | {b} | {c} |" for a, b, c in rows])
+
+
+if __name__ == "__main__":
+    print(markdown_table())

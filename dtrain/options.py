@@ -1,0 +1,281 @@
+"""The launch options: one table, the only place an option is declared.
+
+A row says an option's flag (`--` + its name with dashes), type or choices, default, the
+`DTRAIN_*` variable that carries it to every worker (if it reaches them), its help, the commands
+that take it, and an example value for the tests generated from this table. The click commands
+(`dtrain.cli`), the spec's defaults and checks (`dtrain.spec`), the workers' environment and its
+reader (`dtrain.contract`) and the contract's table in docs/architecture.md all come from here:
+a new option is one row plus the code that uses it.
+
+No torch, no click here: the launch side reads it, and so do the workers (through the contract).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import signal
+from pathlib import Path
+from typing import Any, Callable
+
+from dtrain import launchers, strategies
+from dtrain.errors import UsageError
+
+LAUNCH, DEBUG, SUBMIT = "launch", "debug", "submit"
+RUN = frozenset({LAUNCH, DEBUG, SUBMIT})  # every command that runs a recipe
+JOB = frozenset({LAUNCH, SUBMIT})  # the commands that start processes through a launcher
+
+SCOPES = {
+    "workers": "every worker, through its DTRAIN_* variable (and the launch side, which checks it)",
+    "launcher": "the launcher program (how it starts, restarts and joins the processes)",
+    "job": "resolved into the job's shape: device, processes, nodes, rendezvous, run directory",
+    "slurm": "the sbatch script's #SBATCH lines and set-up",
+    "command": "the command itself (where its options come from, what it prints)",
+}
+PRECISIONS = ("fp32", "bf16", "fp16")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One launch option."""
+
+    name: str  # the Python name; the flag is --name-with-dashes, a profile key either spelling
+    kind: type  # int, str, bool (a flag), or tuple (comma-separated words)
+    help: str
+    scope: str = "workers"  # who uses it: see SCOPES
+    default: Any = None  # the value when nothing sets it; None: unset (absent from the workers' environment)
+    env: str | None = None  # the DTRAIN_* variable that carries the resolved value to every worker
+    commands: frozenset[str] = RUN
+    choices: tuple[str, ...] | None = None
+    check: Callable[[str, Any], Any] | None = None  # (flag, value) -> the value to use, or UsageError
+    example: str | int | bool | None = None  # a value other than the default, as typed on the command line
+    group: str | None = None  # rows whose examples exclude each other's are in different groups
+    flag_value: str | None = None  # the value of the bare flag, for an option whose value is optional
+    metavar: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.scope not in SCOPES or (self.env is None) == (self.scope == "workers"):
+            raise ValueError(f"option {self.name}: a DTRAIN_* variable is what makes the scope 'workers', "
+                             f"and {self.scope!r} is one of {', '.join(SCOPES)}")
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def value(self, given: Any) -> Any:
+        """The option's value from what the user gave (None: not given), checked."""
+        value = self.default if given is None else given
+        if value is None:
+            return None
+        if self.kind is tuple and isinstance(value, str):
+            value = tuple(word.strip() for word in value.split(",") if word.strip())
+        if self.choices and value not in self.choices:
+            raise UsageError(f"unknown {self.flag} {value!r}; use one of {', '.join(self.choices)}.")
+        return self.check(self.flag, value) if self.check else value
+
+    def encode(self, value: Any) -> str | None:
+        """The variable's text for a resolved value; None: the variable is left out."""
+        if value is None or value is False or value == ():
+            return None
+        if value is True:
+            return "1"
+        return ",".join(value) if self.kind is tuple else str(value)
+
+    def decode(self, text: str | None) -> Any:
+        """A worker's reading of the variable: the launch's value, or the default when it is absent."""
+        if not text:
+            return self.default
+        if self.kind is bool:
+            return text == "1"
+        if self.kind is tuple:
+            return tuple(word for word in text.split(",") if word)
+        return self.kind(text)
+
+    def argv(self, value: Any) -> list[str]:
+        """The command-line words that give this option `value`."""
+        if self.kind is bool:
+            return [self.flag] if value else []
+        return [self.flag, str(value)]
+
+
+# --- checks: (flag, value) -> value, or a UsageError naming the problem and the fix ----------------------
+
+def at_least(minimum: int, fix: str = "") -> Callable[[str, int], int]:
+    def check(flag: str, value: int) -> int:
+        if value < minimum:
+            problem = "cannot be negative" if minimum == 0 else f"must be at least {minimum}"
+            raise UsageError(f"{flag} {problem}, got {value}{fix}.")
+        return value
+    return check
+
+
+def signal_name(flag: str, text: str) -> str:
+    """`USR2`, `SIGUSR2` or `12` -> `USR2`: a signal a process can catch."""
+    name = str(text).strip().upper().removeprefix("SIG")
+    if name.isdigit():
+        try:
+            name = signal.Signals(int(name)).name.removeprefix("SIG")
+        except ValueError:
+            name = ""
+    if not name or not hasattr(signal, f"SIG{name}") or name in ("KILL", "STOP"):
+        raise UsageError(f"{text!r} is not a signal a process can catch; use a name such as USR2.")
+    return name
+
+
+def parse_checkpoint_every(value: str) -> tuple[int | None, bool]:
+    """`N`, `epoch`, `N,epoch` or `never` -> (save every N steps or None, save at each epoch end)."""
+    steps, epoch = None, False
+    for part in filter(None, (p.strip() for p in str(value).split(","))):
+        if part == "epoch":
+            epoch = True
+        elif part == "never":
+            continue
+        elif part.isdigit() and int(part) > 0:
+            steps = int(part)
+        else:
+            raise UsageError(f"--checkpoint-every {value!r} is not understood; use a step count (500), "
+                             "epoch, both (500,epoch) or never.")
+    return steps, epoch
+
+
+def checkpoint_every(flag: str, value: str) -> str:
+    parse_checkpoint_every(value)
+    return value
+
+
+def resume(flag: str, value: str) -> str:
+    if value not in ("auto", "never"):
+        from dtrain.checkpoints import check_committed
+
+        check_committed(Path(value))
+    return value
+
+
+_CLASS_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def class_names(flag: str, value: str) -> str:
+    if value == "auto":
+        return value
+    names = [n.strip() for n in str(value).split(",") if n.strip()]
+    if not names or not all(_CLASS_NAME.match(n) for n in names):
+        raise UsageError(f"{flag} takes class names such as TransformerEncoderLayer (comma-separated), not "
+                         f"{value!r}; or give no value for the recipe's blocks.")
+    return ",".join(names)
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def run_name(flag: str, value: str) -> str:
+    if not _NAME.match(value):
+        raise UsageError(f"run name {value!r} may hold only letters, digits, '.', '_' and '-'.")
+    return value
+
+
+def port(flag: str, value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise UsageError(f"{flag} must be between 1 and 65535, got {value}.")
+    return value
+
+
+ONE_NODE = frozenset({LAUNCH})  # one node of a job: SLURM gives these to a job's nodes itself
+SLURM = frozenset({SUBMIT})
+
+OPTIONS: tuple[Option, ...] = (
+    # What runs, and how: every command that runs a recipe.
+    Option("cpu", bool, "Run on CPU processes (gloo), even if GPUs exist.", "job", example=True),
+    Option("precision", str, "Numeric precision: fp32 (default), bf16 autocast, or fp16 autocast with a "
+           "GradScaler.", default="fp32", env="DTRAIN_PRECISION", choices=PRECISIONS, example="bf16"),
+    Option("seed", int, "Base random seed (default 0); rank r uses seed + r, the data order uses seed.",
+           default=0, env="DTRAIN_SEED", example=7),
+    Option("max_steps", int, "Stop after this many optimizer steps (smoke runs).", env="DTRAIN_MAX_STEPS",
+           check=at_least(1), example=5),
+    Option("name", str, "Run name: the run directory is runs/NAME (default: recipe-timestamp).", "job",
+           check=run_name),
+    Option("run_dir", str, "Run directory (overrides runs/NAME).", "job", metavar="DIRECTORY"),
+    Option("checkpoint_every", str, "When to checkpoint: N steps, epoch (default), N,epoch, or never.",
+           default="epoch", env="DTRAIN_CHECKPOINT_EVERY", check=checkpoint_every, example="100,epoch"),
+    Option("keep_last", int, "Keep only the newest K committed checkpoints (default: all).", env="DTRAIN_KEEP_LAST",
+           check=at_least(1, "; leave it out to keep every checkpoint"), example=2),
+    Option("resume", str, "auto (default: continue from the run directory's newest good checkpoint), never, or a "
+           "checkpoints/step_N folder.", default="auto", env="DTRAIN_RESUME", check=resume, example="never"),
+    Option("async_checkpoint", bool, "Write checkpoints in the background while training goes on.", default=False,
+           env="DTRAIN_ASYNC_CHECKPOINT", example=True, group="dcp"),
+    Option("wandb", str, "Weights & Biases from rank 0: auto (default: online with credentials, else offline), "
+           "online, offline, disabled.", default="auto", env="DTRAIN_WANDB", choices=WANDB_MODES, example="offline"),
+    Option("wandb_project", str, "W&B project (default dtrain).", default="dtrain", env="DTRAIN_WANDB_PROJECT",
+           example="tests"),
+    Option("wandb_entity", str, "W&B entity (team or user).", env="DTRAIN_WANDB_ENTITY", example="team"),
+    Option("wandb_group", str, "W&B group (default: the run name for multi-node jobs, slurm-JOBID under SLURM).",
+           env="DTRAIN_WANDB_GROUP", example="group"),
+    Option("tags", tuple, "W&B tags, comma-separated.", default=(), env="DTRAIN_TAGS", example="a,b"),
+    Option("strategy", str, "ddp (default), fsdp (FSDP2: fully_shard per block), or DeepSpeed ZeRO stage 1, 2 or "
+           "3.", default="ddp", env="DTRAIN_STRATEGY", choices=tuple(strategies.STRATEGIES), example="zero1",
+           group="zero"),
+    Option("grad_accum", int, "Accumulate gradients over N micro-batches per optimizer step (default 1).",
+           default=1, env="DTRAIN_GRAD_ACCUM", check=at_least(1), example=2),
+    Option("activation_checkpointing", str, "Recompute these blocks' activations in backward; no value: the "
+           "recipe's blocks.", env="DTRAIN_ACTIVATION_CHECKPOINTING", check=class_names, example="Linear",
+           flag_value="auto", metavar="[CLASS,...]"),
+    Option("deepspeed_config", str, "DeepSpeed config for the ZeRO strategies (default: dtrain's zeroN.json, as "
+           "in launch/deepspeed/); must agree with --strategy, --precision and --grad-accum.", "job",
+           metavar="JSON", example="launch/deepspeed/zero1.json", group="zero"),
+    Option("timeout", int, "Collective time-out in seconds (default 600): a collective that waits longer fails.",
+           default=600, env="DTRAIN_TIMEOUT_S", check=at_least(1), example=120),
+    # How the processes start: the commands that use a launcher.
+    Option("launcher", str, "What starts the processes: torchrun (default), accelerate launch, or the deepspeed "
+           "launcher.", "launcher", default="torchrun", commands=JOB, choices=tuple(launchers.LAUNCHERS)),
+    Option("nproc", int, "CPU processes per node (with --cpu).", "job", commands=JOB, check=at_least(1), example=2),
+    Option("nodes", int, "Number of nodes (default 1).", "job", default=1, commands=JOB, check=at_least(1)),
+    Option("max_restarts", int, "Restart the whole group up to K times when a worker dies.", "launcher", default=0,
+           commands=JOB, check=at_least(0)),
+    Option("rdzv_timeout", int, "Seconds the rendezvous waits for every node to join (default 600).", "launcher",
+           default=600, commands=JOB, check=at_least(1)),
+    Option("max_requeues", int, "Under SLURM, requeue the job at most K times on the pre-timeout signal "
+           "(default 3).", default=3, env="DTRAIN_MAX_REQUEUES", commands=JOB, check=at_least(0), example=5),
+    Option("preempt_signal", str, "Signal that makes every rank checkpoint and stop (default USR2); under SLURM "
+           "rank 0 then requeues the job.", default="USR2", env="DTRAIN_PREEMPT_SIGNAL", commands=JOB,
+           check=signal_name, example="USR1"),
+    Option("profile", str, "YAML file of these options (see launch/); the command line wins.", "command",
+           commands=JOB),
+    Option("dry_run", bool, "Print what would run, run nothing.", "command", commands=JOB),
+    Option("gpus", int, "GPUs (= processes) per node; default: every visible GPU.", "job", commands=ONE_NODE),
+    Option("node_rank", int, "This node's rank, 0 .. nodes-1 (under srun: SLURM_NODEID).", "job", default=0,
+           commands=ONE_NODE),
+    Option("master_addr", str, "Rendezvous host: node rank 0's address (default 127.0.0.1; under SLURM the job's "
+           "first node).", "job", default="127.0.0.1", commands=ONE_NODE),
+    Option("master_port", int, "Rendezvous port (default: a free port on one node, 29500 on many, from the job id "
+           "under SLURM).", "job", commands=ONE_NODE, check=port),
+    Option("spec", str, "Launch the resolved options that `dtrain slurm submit` saved in FILE (as a job's nodes "
+           "do); give no other option with it.", "command", commands=ONE_NODE, metavar="FILE"),
+    # What the job asks of SLURM: `dtrain slurm submit` only (dtrain.slurm.resolve_job checks them).
+    Option("gpus_per_node", int, "GPUs (= processes) per node.", "slurm", commands=SLURM),
+    Option("cpus_per_task", int, "CPUs for each node's launcher and its processes.", "slurm", commands=SLURM),
+    Option("mem", str, "Memory per node, as sbatch takes it (64G).", "slurm", commands=SLURM),
+    Option("time", str, "Time limit: minutes, HH:MM:SS or D-HH:MM:SS.", "slurm", commands=SLURM),
+    Option("partition", str, "SLURM partition.", "slurm", commands=SLURM),
+    Option("account", str, "SLURM account.", "slurm", commands=SLURM),
+    Option("qos", str, "SLURM quality of service.", "slurm", commands=SLURM),
+    Option("constraint", str, "SLURM node features (sbatch --constraint).", "slurm", commands=SLURM),
+    Option("exclusive", bool, "Do not share the nodes with other jobs.", "slurm", commands=SLURM),
+    Option("signal", str, "Pre-timeout signal, [B:]NAME@SECONDS (default: --preempt-signal @90): checkpoint and "
+           "requeue.", "slurm", commands=SLURM),
+    Option("cluster_profile", str, "cluster/NAME.yaml: partition, account, GPUs per node, modules, setup.", "slurm",
+           commands=SLURM),
+    Option("template", str, "sbatch template (default: dtrain's job.sbatch, as in cluster/job.sbatch).", "slurm",
+           commands=SLURM),
+)
+
+BY_NAME = {option.name: option for option in OPTIONS}
+WORKER_OPTIONS = tuple(option for option in OPTIONS if option.scope == "workers")
+SPEC_OPTIONS = tuple(option for option in OPTIONS if option.scope in ("workers", "launcher"))  # LaunchSpec.options
+
+
+def for_command(command: str) -> tuple[Option, ...]:
+    return tuple(option for option in OPTIONS if command in option.commands)
+
+
+def default(name: str) -> Any:
+    return BY_NAME[name].default

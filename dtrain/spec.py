@@ -1,0 +1,233 @@
+"""LaunchSpec: what the user asked for, resolved against the machine, in numbered steps.
+
+`resolve` decides; it starts nothing and asks nothing of the machine: the GPU count, a free port,
+which packages are installed and the GPUs' compute capability are passed in. It reads only the
+files the options name (the recipe, a DeepSpeed JSON, a `--resume` checkpoint). A spec also
+travels as JSON (`to_json`/`from_json`): a SLURM job's nodes launch the spec it was submitted with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable
+
+from dtrain import deepspeed_config, launchers, strategies
+from dtrain.errors import UsageError
+from dtrain.options import BY_NAME, SPEC_OPTIONS
+
+DEFAULT_MASTER_PORT = 29500
+SPEC_FORMAT = "dtrain-spec-1"
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchSpec:
+    """One job on one node: the launcher renders this into an argv and an environment.
+
+    `options` holds every worker and launcher option (dtrain.options), resolved; `spec.precision`
+    and the like read it.
+    """
+
+    recipe: str
+    recipe_args: tuple[str, ...]
+    device: str  # "cuda" or "cpu"
+    nproc: int  # processes on this node
+    nodes: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+    name: str
+    run_dir: str
+    options: Mapping[str, Any]
+    deepspeed_config: Mapping[str, Any] | None = None  # merged, for the ZeRO strategies
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["options"][name]
+        except KeyError:
+            raise AttributeError(f"LaunchSpec has no {name!r}") from None
+
+    def replace(self, **changes: Any) -> LaunchSpec:
+        """A copy with some fields or options changed."""
+        options = {k: changes.pop(k) for k in list(changes) if k in self.options}
+        return dataclasses.replace(self, **changes, options={**self.options, **options})
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.nproc
+
+    @property
+    def deepspeed_config_path(self) -> str | None:
+        """Where the launch writes the merged DeepSpeed JSON that the workers read."""
+        return str(Path(self.run_dir) / "deepspeed.json") if self.deepspeed_config is not None else None
+
+    @property
+    def log_dir(self) -> str:
+        return str(Path(self.run_dir) / "logs")
+
+    @property
+    def launcher_log(self) -> str:
+        """The launcher's own output; one file per node, since nodes may share the run directory."""
+        name = "launcher.log" if self.node_rank == 0 else f"launcher-node{self.node_rank}.log"
+        return str(Path(self.log_dir) / name)
+
+    def to_json(self) -> str:
+        return json.dumps({"format": SPEC_FORMAT, **dataclasses.asdict(self)}, indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> LaunchSpec:
+        try:
+            data = json.loads(text)
+            if data.pop("format") != SPEC_FORMAT:
+                raise ValueError
+            options = {name: _from_json(name, value) for name, value in data.pop("options").items()}
+            return cls(**{**data, "recipe_args": tuple(data["recipe_args"]), "options": options})
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UsageError(f"{source} is not a launch spec that this dtrain wrote (format {SPEC_FORMAT}); "
+                             "submit the job again.") from None
+
+
+def _from_json(name: str, value: Any) -> Any:
+    return tuple(value) if BY_NAME[name].kind is tuple and value is not None else value
+
+
+def installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def resolve(options: Mapping[str, Any], gpus_available: int, free_port: int,
+            is_installed: Callable[[str], bool] = installed, compute_capability: float | None = None) -> LaunchSpec:
+    """Turn merged CLI/profile options into a LaunchSpec, or raise UsageError saying what to fix.
+
+    Options not given are None. Steps: 1. the device and processes per node, 2. the nodes and
+    rendezvous, 3. the run directory, 4. launcher, strategy, precision and the DeepSpeed config,
+    checked together against the registries, 5. every other option, from its row's default and check.
+    """
+    recipe = options["recipe"]
+    if not Path(recipe).is_file():
+        raise UsageError(f"recipe {recipe} does not exist; pass the path of a Python training script.")
+
+    def value(name: str, fallback: Any = None) -> Any:
+        given = options.get(name)
+        return BY_NAME[name].value(fallback if given is None else given)
+
+    device, nproc = _processes(options, gpus_available)  # 1.
+    nodes, node_rank = value("nodes"), value("node_rank")  # 2.
+    if not 0 <= node_rank < nodes:
+        raise UsageError(f"--node-rank must be between 0 and {nodes - 1} for {nodes} node(s), got {node_rank}.")
+    master_port = value("master_port", free_port if nodes == 1 else DEFAULT_MASTER_PORT)
+    name, run_dir = _run_dir(options, recipe, nodes)  # 3.
+    parallel, merged = _parallelism(options, value, device, is_installed, compute_capability)  # 4.
+    resolved = {**parallel, "wandb_group": value("wandb_group", name if nodes > 1 else None)}
+    resolved = {option.name: resolved[option.name] if option.name in resolved else value(option.name)  # 5.
+                for option in SPEC_OPTIONS}
+    return LaunchSpec(
+        recipe=recipe, recipe_args=tuple(options.get("recipe_args") or ()), device=device, nproc=nproc,
+        nodes=nodes, node_rank=node_rank, master_addr=value("master_addr"), master_port=master_port, name=name,
+        run_dir=run_dir, options=resolved, deepspeed_config=merged)
+
+
+def _parallelism(options: Mapping[str, Any], value: Callable[..., Any], device: str, is_installed: Callable[[str], bool],
+                 compute_capability: float | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Launcher, strategy, precision and accumulation, checked together against the registries; and
+    the merged DeepSpeed config of a ZeRO strategy.
+
+    A DeepSpeed JSON (--deepspeed-config) fills what the command line leaves out (ZeRO stage,
+    precision, accumulation) and must agree with what it sets.
+    """
+    launcher = launchers.get(value("launcher"))
+    source = options.get("deepspeed_config")
+    user_config = deepspeed_config.load(source) if source else None
+    stage = (user_config or {}).get("zero_optimization", {}).get("stage")
+    strategy = strategies.get(value("strategy", f"zero{stage}" if isinstance(stage, int) else None))
+    if user_config is not None and strategy.deepspeed_stage is None:
+        zero = strategies.names_where(lambda s: s.deepspeed_stage is not None)
+        raise UsageError(f"--deepspeed-config is for the ZeRO strategies, not --strategy {strategy.name}; "
+                         f"pass --strategy {zero}, or leave the DeepSpeed file out.")
+    precision = value("precision", deepspeed_config.precision(user_config))
+    accumulation = (user_config or {}).get("gradient_accumulation_steps")
+    grad_accum = value("grad_accum", accumulation if isinstance(accumulation, int) else None)
+
+    for package, option, way_out in (
+            (strategy.package, f"--strategy {strategy.name}",
+             f"use --strategy {strategies.names_where(lambda s: s.package is None)}"),
+            (launcher.package, f"--launcher {launcher.name}", "leave --launcher out")):
+        if package and not is_installed(package):
+            raise UsageError(f"{option} needs {package}, which is not installed here; pip install {package}, "
+                             f"or {way_out}.")
+    if not launcher.restarts and value("max_restarts"):
+        raise UsageError(f"--launcher {launcher.name} does not restart workers; leave --max-restarts out, or leave "
+                         "--launcher out.")
+    if options.get("async_checkpoint") and not strategy.async_checkpoint:
+        raise UsageError(f"--async-checkpoint is not available with --strategy {strategy.name}: its engine writes "
+                         "its checkpoint files itself, synchronously; leave --async-checkpoint out.")
+    if device == "cpu" and precision not in strategy.cpu_precisions:
+        able = strategies.names_where(lambda s: precision in s.cpu_precisions)
+        raise UsageError(f"--strategy {strategy.name} cannot train in {precision} on CPU; use --precision "
+                         f"{' or '.join(strategy.cpu_precisions)}, or --strategy {able} for {precision}.")
+    if precision == "bf16" and device == "cuda" and compute_capability is not None and compute_capability < 8.0:
+        raise UsageError(f"bf16 needs GPUs of compute capability 8.0 (Ampere) or newer, and this machine has "
+                         f"{compute_capability}; use --precision fp16 or fp32.")
+    merged = None
+    if strategy.deepspeed_stage is not None:
+        base = user_config if user_config is not None else deepspeed_config.default(strategy.deepspeed_stage)
+        merged = deepspeed_config.merge(base, strategy.deepspeed_stage, precision, grad_accum,
+                                        source or f"dtrain's {strategy.name}.json")
+    return {"launcher": launcher.name, "strategy": strategy.name, "precision": precision,
+            "grad_accum": grad_accum}, merged
+
+
+def _processes(options: Mapping[str, Any], gpus_available: int) -> tuple[str, int]:
+    """Pick the device and processes per node: explicit --cpu, explicit --gpus, or whatever is here."""
+    gpus, nproc, cpu = options.get("gpus"), BY_NAME["nproc"].value(options.get("nproc")), options.get("cpu")
+    if cpu and gpus is not None:
+        raise UsageError("--cpu and --gpus contradict each other; pass one of them.")
+    if cpu:
+        return "cpu", nproc or 1
+    if gpus is not None:
+        if nproc is not None:
+            raise UsageError("--nproc is for CPU processes; with GPUs use --gpus N (one process per GPU).")
+        if gpus < 1:
+            raise UsageError(f"--gpus must be at least 1, got {gpus}; use --cpu to run without GPUs.")
+        if gpus_available == 0:
+            raise UsageError(f"--gpus {gpus} asks for GPUs but none is visible on this machine; "
+                             "run on CPU processes with --cpu --nproc N.")
+        if gpus > gpus_available:
+            raise UsageError(f"--gpus {gpus} asks for more GPUs than the {gpus_available} visible here; "
+                             f"pass --gpus {gpus_available} or fewer.")
+        return "cuda", gpus
+    if nproc is not None:
+        raise UsageError("--nproc sets CPU processes and needs --cpu; with GPUs use --gpus N.")
+    if gpus_available == 0:
+        return "cpu", 1
+    return "cuda", gpus_available
+
+
+def default_name(recipe: str, now: float | None = None) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    return f"{Path(recipe).stem}-{stamp}"
+
+
+def _run_dir(options: Mapping[str, Any], recipe: str, nodes: int) -> tuple[str, str]:
+    name = BY_NAME["name"].value(options.get("name"))
+    run_dir = options.get("run_dir")
+    if run_dir is not None:
+        return (name or Path(run_dir).name), str(run_dir)
+    if name is None:
+        if nodes > 1:
+            raise UsageError("a multi-node launch needs --name (or --run-dir), the same on every node, "
+                             "so that all nodes join one rendezvous and share one run directory.")
+        name = default_name(recipe)
+    return name, str(Path("runs") / name)
+
+
+def launch_files(spec: LaunchSpec) -> dict[str, str]:
+    """Files every launch writes into the run directory before starting anything: path -> text."""
+    files = {}
+    if spec.deepspeed_config is not None:
+        files[spec.deepspeed_config_path] = json.dumps(spec.deepspeed_config, indent=2) + "\n"
+    return files

@@ -1,0 +1,72 @@
+"""How each launcher's account of a failure is read, and which rank dtrain names."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from dtrain.contract import error_record
+from dtrain.job import first_failure
+from dtrain.launchers import ExitStatus, accelerate, deepspeed, torchrun
+
+SUMMARY = """E1127 09:17:55 api.py:1002] failed (exitcode: -15) local_rank: 1 (pid: 29711) of binary: python3
+Failures:
+[0]:
+  time      : 2026-11-27_09:17:55
+  rank      : 0 (local_rank: 0)
+  exitcode  : -9 (pid: 29710)  (SIGKILL)
+------------------------------------------------------------
+Root Cause (first observed failure):
+[1]:
+  time      : 2026-11-27_09:17:54
+  rank      : 1 (local_rank: 1)
+  exitcode  : -15 (pid: 29711)  (SIGTERM)
+"""
+
+
+def test_torchrun_names_the_first_failed_workers_exit_code():
+    log = "E1127 06:20:40 api.py:1002] failed (exitcode: 3) local_rank: 1 (pid: 2395) of binary: python\n"
+    assert torchrun.exit_status(log, 1) == ExitStatus(3)
+    assert torchrun.exit_status(log.replace("exitcode: 3", "exitcode: -9"), 1) == ExitStatus(137)
+    assert torchrun.exit_status("nothing about workers", 1) == ExitStatus(1)
+
+
+def test_a_killed_worker_is_the_cause_even_when_torchrun_blames_its_peer():
+    """Seen in CI: rank 0 SIGKILLed; rank 1 got "connection reset", wrote its error file, was
+    SIGTERMed by torchrun, and torchrun named rank 1 the root cause (its error file's time is
+    rounded down to the second)."""
+    assert torchrun.exit_status(SUMMARY, 1) == ExitStatus(137, signal=9, rank=0)
+    assert accelerate.exit_status(SUMMARY, 1) == ExitStatus(137, signal=9, rank=0)  # torch's elastic agent too
+    assert torchrun.exit_status(SUMMARY.replace("-9 (pid", "1 (pid"), 1) == ExitStatus(1)
+
+
+def test_the_deepspeed_launcher_gives_the_first_failed_workers_code_but_no_rank():
+    log = ("[INFO] [launch.py:351:main] Process 41 exits successfully.\n"
+           "[ERROR] [launch.py:325:sigkill_handler] ['python', 'r.py'] exits with return code = 3\n")
+    assert deepspeed.exit_status(log, 1) == ExitStatus(3)
+    assert deepspeed.exit_status(log.replace("= 3", "= -9"), 1) == ExitStatus(137, signal=9)
+    assert deepspeed.exit_status("", 2) == ExitStatus(2)
+
+
+def record(run_dir, rank, time, attempt=0, usage=False, message="ValueError: boom"):
+    path = error_record(str(run_dir), rank)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump({"rank": rank, "message": message, "time": time, "usage": usage, "attempt": attempt}, fh)
+
+
+def test_the_first_failure_of_this_launch_and_its_newest_attempt_is_named(tmp_path):
+    record(tmp_path, 0, time=100.0)  # an earlier launch of the same run directory
+    assert first_failure(str(tmp_path), 2, since=200.0) is None
+    record(tmp_path, 1, time=201.0)
+    record(tmp_path, 0, time=202.0)
+    assert first_failure(str(tmp_path), 2, since=200.0).rank == 1
+    record(tmp_path, 0, time=203.0, attempt=1)  # after a restart, only the newest attempt counts
+    assert first_failure(str(tmp_path), 2, since=200.0).rank == 0
+
+
+def test_rank_0s_usage_error_is_the_one_shown(tmp_path):
+    record(tmp_path, 1, time=201.0, usage=True, message="bad")
+    record(tmp_path, 0, time=201.5, usage=True, message="bad")
+    failure = first_failure(str(tmp_path), 2, since=200.0)
+    assert (failure.rank, failure.usage) == (0, True)
