@@ -10,7 +10,11 @@ other key is one series, and a series' name means one thing in every row that ho
 
     train    every --log-every steps: train/loss (the mean over those steps), lr, grad_norm,
              samples_per_s, step_time_s; a custom loop's `ctx.log` rows are of this kind too
-    epoch    at each epoch's end: epoch, train/epoch_loss (the mean over the epoch), eval/*
+    epoch    at each epoch's end: epoch, train/epoch_loss (the mean over the epoch), eval/* (its
+             evaluation, if any)
+    eval     an evaluation between epochs' ends (Trainer's eval_every): eval/*
+    target   the evaluation that reached Trainer's stop_at: stop_at (the target), the value,
+             time_to_target_s (since fit began), since_launch_s (since `dtrain launch` started)
     startup  once per launch: startup_s, from `dtrain launch` to this process's first step
 
 Rows written by dtrain 0.1.0 carry no kind; `kind` tells them apart the way that release wrote them.
@@ -27,8 +31,8 @@ from typing import Any
 
 from dtrain.errors import UsageError
 
-TRAIN, EPOCH, STARTUP = "train", "epoch", "startup"
-KINDS = (TRAIN, EPOCH, STARTUP)
+TRAIN, EPOCH, EVAL, TARGET, STARTUP = "train", "epoch", "eval", "target", "startup"
+KINDS = (TRAIN, EPOCH, EVAL, TARGET, STARTUP)
 META = ("step", "time", "kind")  # what a row says about itself; every other key is a series
 FILE = "metrics.jsonl"
 

@@ -64,6 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data-dir", default=os.environ.get("DTRAIN_DATA_DIR", "./data"))
     parser.add_argument("--limit-train-batches", type=int, default=None, help="batches per epoch, per process")
     parser.add_argument("--log-every", type=int, default=50, help="log the training loss every N steps")
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help="evaluate every N optimizer steps too (default: at each epoch's end only)")
+    parser.add_argument("--stop-at", default=None,
+                        help="stop at the first evaluation that reaches this, e.g. eval/accuracy>=0.99")
     parser.add_argument("--loader", choices=("memory", "dataloader"), default="memory",
                         help="memory: decode once, keep tensors on the device; dataloader: torch DataLoader")
     parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
@@ -91,7 +95,7 @@ def main() -> None:
     train_set, test_set = load_mnist(ctx, args.data_dir, args.loader)
     model, optimizer = build(args)
     trainer = Trainer(ctx, model, optimizer, nn.CrossEntropyLoss(), batch_size=args.batch_size,
-                      log_every=args.log_every)
+                      log_every=args.log_every, eval_every=args.eval_every, stop_at=args.stop_at)
     trainer.fit(train_set, test_set, epochs=args.epochs, limit_train_batches=args.limit_train_batches)
     trainer.save_model()
     ctx.close()

@@ -2,7 +2,9 @@
 
 The corpus needs no download: every Python installation carries it. A stack of
 `TransformerEncoderLayer` blocks with a causal mask is a model where sharding (--strategy fsdp,
-zero2, zero3) and --activation-checkpointing matter; its blocks are declared to dtrain.
+zero2, zero3) and --activation-checkpointing matter; its blocks are declared to dtrain. Batches
+are dicts (`input_ids`, `labels`), the loss is the recipe's `compute_loss`, the learning rate warms
+up and decays (cosine) every optimizer step, and evaluation reports perplexity.
 
     dtrain launch recipes/tiny_gpt.py --cpu --nproc 2 --strategy fsdp -- --epochs 1
     dtrain launch recipes/tiny_gpt.py --cpu --nproc 2 --activation-checkpointing -- --max-chars 200000
@@ -18,9 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import TensorDataset
 
-from dtrain.runtime import Context, Trainer, setup
+from dtrain.runtime import Context, TensorDictDataset, Trainer, setup
+from dtrain.runtime.schedules import warmup_cosine
 
 VOCAB = [chr(c) for c in range(32, 127)] + ["\n", "\t"]  # printable ASCII; anything else reads as "?"
 INDEX = {c: i for i, c in enumerate(VOCAB)}
@@ -40,15 +42,16 @@ def corpus(max_chars: int) -> str:
     return "".join(parts)[:max_chars]
 
 
-def windows(ids: torch.Tensor, block: int, stride: int) -> TensorDataset:
-    """(input, next-character target) pairs of `block` characters, starting every `stride` characters."""
+def windows(ids: torch.Tensor, block: int, stride: int) -> TensorDictDataset:
+    """Windows of `block` characters (`input_ids`) and the next character at each place (`labels`),
+    starting every `stride` characters."""
     starts = torch.arange(0, len(ids) - block - 1, stride)
     index = starts[:, None] + torch.arange(block + 1)
     chunks = ids[index]
-    return TensorDataset(chunks[:, :-1], chunks[:, 1:])
+    return TensorDictDataset(input_ids=chunks[:, :-1], labels=chunks[:, 1:])
 
 
-def datasets(max_chars: int, block: int, held_out: float = 0.1) -> tuple[TensorDataset, TensorDataset]:
+def datasets(max_chars: int, block: int, held_out: float = 0.1) -> tuple[TensorDictDataset, TensorDictDataset]:
     """Train on the first 90% of the corpus, validate on the rest (non-overlapping windows)."""
     text = corpus(max_chars)
     ids = torch.tensor([INDEX.get(c, UNKNOWN) for c in text], dtype=torch.long)
@@ -81,29 +84,13 @@ def next_char_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
-class LanguageModelTrainer(Trainer):
-    """Evaluation of a language model: mean next-character loss and perplexity over all ranks."""
+def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(batch["input_ids"])
+    return next_char_loss(logits, batch["labels"]), logits
 
-    @torch.no_grad()
-    def evaluate(self, eval_set: TensorDataset) -> dict[str, float]:
-        self.model.eval()
-        loader = self.ctx.loader(eval_set, self.eval_batch_size, shuffle=False, train=True)  # equal batches per rank
-        loader.set_epoch(0)
-        totals = torch.zeros(2, device=self.ctx.device)
-        for x, y in loader:
-            with self.ctx.autocast():
-                logits = self.model(x)
-            totals += torch.stack([next_char_loss(logits, y) * y.numel(), torch.tensor(y.numel(), device=y.device)])
-        totals = self.ctx.all_reduce(totals)
-        self.model.train()
-        loss = (totals[0] / totals[1]).item()
-        return {"loss": loss, "perplexity": math.exp(loss)}
 
-    def evaluation_metrics(self, result: dict[str, float]) -> dict[str, float]:
-        return dict(result)
-
-    def evaluation_text(self, result: dict[str, float]) -> str:
-        return f" | Val Loss: {result['loss']:.4f} | Val PPL: {result['perplexity']:.2f}"
+def perplexity(result: dict[str, float]) -> float:
+    return math.exp(result["loss"])
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -114,7 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--dropout", type=float, default=0.0)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=3e-3, help="the peak learning rate, after the warm-up")
+    parser.add_argument("--warmup-steps", type=int, default=30)
     parser.add_argument("--max-chars", type=int, default=1_000_000, help="size of the corpus")
     parser.add_argument("--limit-train-batches", type=int, default=None, help="batches per epoch, per process")
     parser.add_argument("--log-every", type=int, default=20)
@@ -127,9 +115,12 @@ def main() -> None:
     train_set, val_set = datasets(args.max_chars, args.block)
     model = TinyGPT(len(VOCAB), args.block, args.d_model, args.layers, dropout=args.dropout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    trainer = LanguageModelTrainer(ctx, model, optimizer, next_char_loss, batch_size=args.batch_size,
-                                   eval_batch_size=64, log_every=args.log_every,
-                                   blocks=[nn.TransformerEncoderLayer])
+    batches = args.limit_train_batches or math.ceil(len(train_set) / (args.batch_size * ctx.world_size))
+    steps = args.epochs * math.ceil(batches / ctx.env.grad_accum)  # optimizer steps of the whole run
+    scheduler = warmup_cosine(optimizer, min(args.warmup_steps, steps // 2), steps)
+    trainer = Trainer(ctx, model, optimizer, compute_loss=compute_loss, scheduler=scheduler, scheduler_interval="step",
+                      metrics={"perplexity": perplexity}, batch_size=args.batch_size, eval_batch_size=64,
+                      log_every=args.log_every, blocks=[nn.TransformerEncoderLayer])
     trainer.fit(train_set, val_set, epochs=args.epochs, limit_train_batches=args.limit_train_batches)
     trainer.save_model()
     ctx.close()

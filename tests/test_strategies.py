@@ -110,7 +110,7 @@ def test_tiny_gpt_learns_under_sharding_with_activation_checkpointing(tmp_path, 
     out = launch(tmp_path / "run", "--launcher", launcher, "--strategy", strategy, "--activation-checkpointing",
                  "--checkpoint-every", "never", "--", *TINY_GPT, "--limit-train-batches", "150",
                  recipe="recipes/tiny_gpt.py")
-    val_loss = float(re.search(r"Val Loss: ([\d.]+)", out.stdout).group(1))
+    val_loss = float(re.search(r"Eval Loss: ([\d.]+)", out.stdout).group(1))
     assert val_loss < TINY_GPT_VAL_LOSS, out.stdout
     state = load_model(tmp_path / "run")
     assert state["head.weight"].shape == (len(tiny_gpt.VOCAB), 64)  # the whole model, gathered

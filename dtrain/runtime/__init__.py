@@ -2,6 +2,7 @@
 
 from dtrain.runtime.checkpoint import TrainState
 from dtrain.runtime.context import Context, setup
+from dtrain.runtime.data import TensorDictDataset
 from dtrain.runtime.trainer import Trainer
 
-__all__ = ["Context", "TrainState", "Trainer", "setup"]
+__all__ = ["Context", "TensorDictDataset", "TrainState", "Trainer", "setup"]

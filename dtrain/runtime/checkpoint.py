@@ -19,6 +19,7 @@ and DCP's non-tensor values through `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import json
@@ -29,6 +30,7 @@ import shutil
 import signal
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -293,6 +295,18 @@ def restore_rng(state: dict[str, Any]) -> None:
         import numpy
         kind, keys, pos, has_gauss, gauss = state["numpy"]
         numpy.random.set_state((kind, numpy.array(keys, dtype=numpy.uint32), pos, has_gauss, gauss))
+
+
+@contextlib.contextmanager
+def rng_unchanged() -> Iterator[None]:
+    """Whatever runs inside draws no number that the code after it would have drawn: evaluation (a
+    DataLoader draws a seed when its iterator is made) leaves training's random numbers, and so a
+    resumed run, as they would have been without it."""
+    state = capture_rng()
+    try:
+        yield
+    finally:
+        restore_rng(state)
 
 
 def _jsonable(value: Any) -> Any:

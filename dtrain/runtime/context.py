@@ -164,10 +164,15 @@ class Context:
         self.optimizers.extend(optimizers)
         return (model, *optimizers) if optimizers else model
 
-    def loader(self, dataset, batch_size: int, *, shuffle: bool = True, train: bool = True, num_workers: int = 0):
-        """This rank's batches, on the device; call `set_epoch(epoch)` on it before each epoch."""
+    def loader(self, dataset, batch_size: int, *, shuffle: bool = True, train: bool = True, num_workers: int = 0,
+               collate_fn=None):
+        """This rank's batches of `dataset` (a map-style or an iterable one), on the device, in any structure
+        the dataset and `collate_fn` give; call `set_epoch(epoch)` on it before each epoch. `train`: every rank
+        the same number of batches (padding by wrap-around, or whole rounds of a stream); otherwise each sample
+        once over all ranks (evaluation)."""
         return make_loader(dataset, batch_size, rank=self.rank, world_size=self.world_size, device=self.device,
-                           shuffle=shuffle, seed=self.env.seed, train=train, num_workers=num_workers)
+                           shuffle=shuffle, seed=self.env.seed, train=train, num_workers=num_workers,
+                           collate_fn=collate_fn)
 
     def autocast(self):
         return self.precision.autocast()

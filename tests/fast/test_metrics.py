@@ -17,8 +17,8 @@ def test_rows_state_their_kind_and_keep_their_own_fields_apart():
     row = metrics.row(40, metrics.TRAIN, {"train/loss": 0.5})
     assert (row["step"], row["kind"], row["train/loss"]) == (40, "train", 0.5) and row["time"] > 0
     assert metrics.series(row) == {"train/loss": 0.5}
-    with pytest.raises(UsageError, match="kind is one of train, epoch, startup"):
-        metrics.row(1, "eval", {})
+    with pytest.raises(UsageError, match="kind is one of train, epoch, eval, target, startup"):
+        metrics.row(1, "bogus", {})
     with pytest.raises(UsageError, match="'step' names a metrics row's own field"):
         metrics.row(1, metrics.TRAIN, {"step": 3})
 
