@@ -81,6 +81,34 @@ def train_30_steps(run_dir: Path, data_dir: str, *options: str, devices: tuple[s
     return train_loss_at(run_dir, 30)
 
 
+def gradients_and_saved_bytes(make_model, loss_of, checkpointed: tuple[str, ...]) -> tuple[dict, int]:
+    """One forward and backward of `make_model()` (seeded) with `checkpointed` block classes under
+    activation checkpointing: the gradients by parameter name, and the bytes kept for backward (those
+    autograd saves outside checkpointed blocks plus the block inputs that checkpointing keeps instead)."""
+    import torch
+
+    from dtrain.runtime import activation_checkpointing
+
+    torch.manual_seed(0)
+    model = make_model()
+    activation_checkpointing.apply(model, checkpointed)
+    saved: dict[tuple, int] = {}
+
+    def pack(tensor):
+        saved[(tensor.data_ptr(), tensor.shape)] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    block_inputs = []
+    for block in activation_checkpointing.blocks_of(model, checkpointed):
+        block.register_forward_pre_hook(lambda _m, args, kwargs: block_inputs.append(
+            next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)).nbytes), with_kwargs=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = loss_of(model)
+    loss.backward()
+    names = {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in model.named_parameters()}
+    return names, sum(saved.values()) + sum(block_inputs)
+
+
 def processes_with_env(key: str, value: str) -> list[int]:
     """PIDs of live processes whose environment has key=value (workers and launchers inherit it)."""
     needle = f"{key}={value}".encode()

@@ -41,14 +41,6 @@ def epoch_accuracy(out) -> float:
     return float(match.group(1))
 
 
-def test_an_unknown_class_for_activation_checkpointing_is_one_sentence(tmp_path, data_dir):
-    out = run_dtrain("launch", "recipes/mnist_cnn.py", "--cpu", "--run-dir", str(tmp_path / "run"),
-                     "--activation-checkpointing", "TransformerBlock", "--", "--data-dir", data_dir)
-    assert out.returncode != 0
-    assert "names TransformerBlock, but the model has no module of that class; its classes are" in out.stderr
-    assert "Traceback" not in out.stderr
-
-
 # --- launchers: one job of the world size asked for ------------------------------------------------
 
 def test_accelerate_trains_as_one_job_of_world_size_2(tmp_path):

@@ -85,10 +85,11 @@ class Context:
         rank_nodes = self._gather(env.node_name)
         self.logger: RunLogger | None = None
         self.progress: Progress | None = None
+        self.run_config: dict[str, Any] = {}
         if self.is_main:
-            run_config = self.describe(config, rank_nodes)
-            write_config(self.run_dir / "config.yaml", run_config)
-            self.logger = RunLogger(self.run_dir, env, run_config)
+            self.run_config = self.describe(config, rank_nodes)
+            write_config(self.run_dir / "config.yaml", self.run_config)
+            self.logger = RunLogger(self.run_dir, env, self.run_config)
             self.progress = Progress(env.tty)
         self.checkpointer = checkpoint.Checkpointer(self.run_dir, env.rank, env.world_size, keep_last=env.keep_last,
                                                     async_save=env.async_checkpoint, strategy=env.strategy)
@@ -151,10 +152,18 @@ class Context:
         """Move the model to this rank's device and wrap it for the --strategy (DDP, FSDP2 or a ZeRO engine).
 
         `blocks` are the model's repeated blocks (classes or class names): FSDP shards each, and
-        `--activation-checkpointing` without names checkpoints them. `batch_size` (per process)
-        fills DeepSpeed's micro-batch size. Pass the optimizers here (ZeRO needs its one).
+        `--activation-checkpointing` without names checkpoints them. Without them, the model's own
+        `_no_split_modules` (how Hugging Face models name their blocks) serve; config.yaml says which.
+        `batch_size` (per process) fills DeepSpeed's micro-batch size. Pass the optimizers here (ZeRO
+        needs its one).
         """
         recipe_blocks = tuple(b if isinstance(b, str) else b.__name__ for b in blocks)
+        source = "the recipe (ctx.prepare(blocks=...))"
+        if not recipe_blocks and getattr(model, "_no_split_modules", None):
+            recipe_blocks, source = tuple(sorted(model._no_split_modules)), "the model's _no_split_modules"
+        if recipe_blocks and self.is_main:
+            self.run_config["blocks"] = {"classes": list(recipe_blocks), "from": source}
+            write_config(self.run_dir / "config.yaml", self.run_config)
         if self.env.activation_checkpointing:
             checkpointed = activation_checkpointing.checkpointed_classes(self.env.activation_checkpointing,
                                                                          recipe_blocks, model)
@@ -201,7 +210,9 @@ class Context:
         self.strategy.backward(self._model(), loss, self.precision, self.env.grad_accum)
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """Clip the prepared model's gradients by total norm, after undoing fp16 loss scaling."""
+        """Clip the prepared model's gradients by total norm, after undoing fp16 loss scaling; returns the
+        total norm before clipping. Under ZeRO the engine clips inside `step()`: the returned tensor
+        holds the norm once `ctx.step()` has run (read it after the step under every strategy)."""
         return self.strategy.clip_grad_norm(self._model(), self.optimizers, self.precision, max_norm)
 
     def step(self, measure_grad_norm: bool = False) -> torch.Tensor | None:

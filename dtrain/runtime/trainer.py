@@ -45,6 +45,8 @@ class Trainer:
       mapping's "labels").
     - `scheduler` is stepped after every optimizer step (`scheduler_interval="step"`) or after
       every complete epoch ("epoch", the default).
+    - `clip_grad_norm`: clip the gradients to this total norm before each step (under every strategy;
+      the norm logged as grad_norm is then the one measured before clipping).
     - `metrics`: named objects with `update(outputs, targets)`, `compute()`, `reset()` that gather
       across ranks in `compute()` (torchmetrics' do), or functions of the evaluation's result
       (`lambda result: math.exp(result["loss"])`). Logged as `eval/<name>`.
@@ -59,7 +61,7 @@ class Trainer:
     def __init__(self, ctx: Context, model: nn.Module, optimizer: torch.optim.Optimizer,
                  loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, *,
                  compute_loss: Callable[[nn.Module, Any], Any] | None = None, scheduler=None,
-                 scheduler_interval: str = "epoch", metrics: Mapping[str, Any] | None = None,
+                 scheduler_interval: str = "epoch", clip_grad_norm: float | None = None, metrics: Mapping[str, Any] | None = None,
                  eval_every: int | None = None, stop_at: str | None = None, callbacks: Sequence[Any] = (),
                  batch_size: int = 64, eval_batch_size: int | None = None, log_every: int = 50,
                  blocks: Sequence[type | str] = (), collate_fn: Callable | None = None):
@@ -73,6 +75,7 @@ class Trainer:
         self.model, self.optimizer = ctx.prepare(model, optimizer, blocks=blocks, batch_size=batch_size)
         self.loss_fn, self.compute_loss = loss_fn, compute_loss
         self.scheduler, self.scheduler_interval = scheduler, scheduler_interval
+        self.clip = clip_grad_norm
         self.eval_metrics = dict(metrics or {})
         self.eval_every = eval_every
         self.target = parse_target(stop_at) if stop_at else None
@@ -163,7 +166,10 @@ class Trainer:
             if not self.ctx.sync_gradients:
                 continue
             logging_step = (self.step + 1) % self.log_every == 0
-            grad_norm = self.ctx.step(measure_grad_norm=logging_step)
+            clipped = self.ctx.clip_grad_norm(self.clip) if self.clip is not None else None
+            grad_norm = self.ctx.step(measure_grad_norm=logging_step and clipped is None)
+            if clipped is not None:
+                grad_norm = clipped
             self.step += 1
             if self.scheduler is not None and self.scheduler_interval == "step":
                 self.scheduler.step()

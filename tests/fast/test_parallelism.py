@@ -17,7 +17,7 @@ from dtrain.launchers import accelerate, deepspeed
 from dtrain.spec import launch_files
 from dtrain.spec import resolve as resolve_spec
 
-from conftest import ROOT, run_dtrain
+from conftest import ROOT, gradients_and_saved_bytes, run_dtrain
 
 sys.path.insert(0, str(ROOT / "recipes"))
 import tiny_gpt
@@ -122,36 +122,17 @@ def test_dry_run_shows_each_launcher_and_its_files(tmp_path):
 
 # --- activation checkpointing: in process ----------------------------------------------------------
 
-def gradients_and_saved_bytes(checkpointing: bool) -> tuple[dict[str, torch.Tensor], int]:
-    """One forward and backward of a 4-block tiny_gpt; the bytes kept for backward: those autograd
-    saves outside checkpointed blocks plus the block inputs that checkpointing keeps instead."""
-    from dtrain.runtime import activation_checkpointing
-
-    torch.manual_seed(0)
-    model = tiny_gpt.TinyGPT(len(tiny_gpt.VOCAB), block=64, d_model=64, layers=4)
-    if checkpointing:
-        activation_checkpointing.apply(model, ("TransformerEncoderLayer",))
-    ids = torch.randint(len(tiny_gpt.VOCAB), (8, 65), generator=torch.Generator().manual_seed(1))
-    saved: dict[tuple, int] = {}
-
-    def pack(tensor):
-        saved[(tensor.data_ptr(), tensor.shape)] = tensor.numel() * tensor.element_size()
-        return tensor
-
-    block_inputs = []
-    if checkpointing:
-        for block in activation_checkpointing.blocks_of(model, ("TransformerEncoderLayer",)):
-            block.register_forward_pre_hook(lambda _m, args: block_inputs.append(args[0].numel() * 4))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = tiny_gpt.next_char_loss(model(ids[:, :-1]), ids[:, 1:])
-    loss.backward()
-    names = {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in model.named_parameters()}
-    return names, sum(saved.values()) + sum(block_inputs)
-
-
 def test_activation_checkpointing_keeps_the_gradients_and_saves_at_least_half_the_memory():
-    plain, plain_bytes = gradients_and_saved_bytes(False)
-    checkpointed, checkpointed_bytes = gradients_and_saved_bytes(True)
+    ids = torch.randint(len(tiny_gpt.VOCAB), (8, 65), generator=torch.Generator().manual_seed(1))
+
+    def model():
+        return tiny_gpt.TinyGPT(len(tiny_gpt.VOCAB), block=64, d_model=64, layers=4)
+
+    def loss(module):
+        return tiny_gpt.next_char_loss(module(ids[:, :-1]), ids[:, 1:])
+
+    plain, plain_bytes = gradients_and_saved_bytes(model, loss, ())
+    checkpointed, checkpointed_bytes = gradients_and_saved_bytes(model, loss, ("TransformerEncoderLayer",))
     assert max_difference(plain, checkpointed) < 1e-6
     assert checkpointed_bytes <= 0.5 * plain_bytes, (checkpointed_bytes, plain_bytes)
 

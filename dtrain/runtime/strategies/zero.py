@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,13 @@ from dtrain.runtime.shared_memory import SHM_DIR
 from dtrain.runtime.strategies.base import StrategyRuntime, make_parameters_contiguous
 
 ENGINE_FOLDER = "deepspeed"  # where in a checkpoint the engine writes its own files (its "tag")
+# DeepSpeed's own use of a torch API that torch now deprecates: not the recipe's to act on.
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor` is deprecated", category=FutureWarning)
 
 
 class DeepSpeedZero(StrategyRuntime):
     sharded = True
+    _norm_to_fill: torch.Tensor | None = None  # what ctx.clip_grad_norm returned, until the step measures it
 
     def wrap(self, model: nn.Module, block_classes: tuple[str, ...], optimizers: Sequence[torch.optim.Optimizer],
              batch_size: int | None) -> nn.Module:
@@ -82,15 +86,24 @@ class DeepSpeedZero(StrategyRuntime):
     def backward(self, model: nn.Module, loss: torch.Tensor, precision: Precision, grad_accum: int) -> None:
         model.backward(loss)
 
-    def clip_grad_norm(self, model, optimizers, precision, max_norm):
-        raise UsageError(f"under --strategy {self.name} DeepSpeed clips gradients itself: set \"gradient_clipping\" "
-                         "in the DeepSpeed config (--deepspeed-config) instead of calling ctx.clip_grad_norm.")
+    def clip_grad_norm(self, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], precision: Precision,
+                       max_norm: float) -> torch.Tensor:
+        """ZeRO's optimizers clip inside the step, by the value they hold: the recipe's goes there now. The
+        total norm (before clipping, as DDP's) is the one that step measures: the tensor returned here
+        receives it when `ctx.step()` has run."""
+        model.optimizer.clip_grad = float(max_norm)
+        self._norm_to_fill = torch.full((), float("nan"))
+        return self._norm_to_fill
 
     def step(self, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], precision: Precision,
              measure_grad_norm: bool, is_main: bool) -> torch.Tensor | None:
         model.step()
-        norm = model.get_global_grad_norm() if measure_grad_norm and is_main else None
-        return None if norm is None else torch.as_tensor(float(norm))
+        measured = model.get_global_grad_norm()  # None when the step was skipped (an fp16 overflow)
+        norm = torch.as_tensor(float("nan") if measured is None else float(measured))
+        if self._norm_to_fill is not None:
+            self._norm_to_fill.copy_(norm)
+            self._norm_to_fill = None
+        return norm if measure_grad_norm and is_main else None
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return getattr(model, "module", model)

@@ -1,0 +1,119 @@
+"""One recipe under every strategy, launcher and precision: the portability matrix, with real processes.
+
+Every recipe x strategy under torchrun in fp32 trains a few steps and its loss goes down; once per
+strategy a run stops and resumes; bf16 under ddp and fsdp, and the accelerate and deepspeed
+launchers, on one recipe each. Then: ctx.clip_grad_norm means the same under ZeRO as under DDP,
+an HF model's blocks come from the model, and a refused combination is one sentence from rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, TEST_RECIPES, gradients_and_saved_bytes, launch, metrics, run_dtrain
+
+STEPS = 20
+# Each recipe's arguments for a short run: STEPS optimizer steps, the loss logged every 5.
+RECIPES = {
+    "mnist_cnn": ["--epochs", "1", "--limit-train-batches", str(STEPS), "--log-every", "5"],
+    "mnist_mlp": ["--epochs", "1", "--limit-train-batches", str(STEPS), "--log-every", "5"],
+    "tiny_gpt": ["--d-model", "32", "--block", "32", "--layers", "2", "--batch-size", "8", "--max-chars", "60000",
+                 "--limit-train-batches", str(STEPS), "--log-every", "5", "--warmup-steps", "5"],
+    "hf_causal_lm": ["--block", "32", "--n-embd", "32", "--batch-size", "8", "--max-chars", "60000",
+                     "--limit-train-batches", str(STEPS), "--log-every", "5", "--warmup-steps", "5"],
+}
+STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+RESUMED = {"ddp": "mnist_cnn", "fsdp": "tiny_gpt", "zero1": "mnist_mlp", "zero2": "hf_causal_lm", "zero3": "tiny_gpt"}
+
+
+def recipe_args(recipe: str, data_dir: str) -> list[str]:
+    return RECIPES[recipe] + (["--data-dir", data_dir] if recipe.startswith("mnist") else [])
+
+
+def train(run_dir, recipe: str, data_dir: str, *options: str):
+    return launch(run_dir, "--checkpoint-every", "5", *options, "--", *recipe_args(recipe, data_dir),
+                  recipe=f"recipes/{recipe}.py")
+
+
+def losses(run_dir) -> list[float]:
+    return [row["train/loss"] for row in metrics(run_dir, "train")]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_every_recipe_learns_under_every_strategy(tmp_path, data_dir, recipe, strategy):
+    run_dir = tmp_path / "run"
+    if RESUMED[strategy] == recipe:  # this strategy's save-and-resume
+        train(run_dir, recipe, data_dir, "--strategy", strategy, "--max-steps", str(STEPS // 2))
+        out = train(run_dir, recipe, data_dir, "--strategy", strategy)
+        assert f"(step {STEPS // 2}," in out.stdout and "resuming from" in out.stdout, out.stdout
+    else:
+        train(run_dir, recipe, data_dir, "--strategy", strategy)
+    rows = metrics(run_dir, "train")
+    assert [row["step"] for row in rows] == list(range(5, STEPS + 1, 5))
+    assert rows[-1]["train/loss"] < rows[0]["train/loss"], losses(run_dir)
+
+
+@pytest.mark.parametrize("options", [("--strategy", "ddp", "--precision", "bf16"),
+                                     ("--strategy", "fsdp", "--precision", "bf16"),
+                                     ("--launcher", "accelerate"),
+                                     ("--launcher", "deepspeed", "--strategy", "zero2")],
+                         ids=["ddp-bf16", "fsdp-bf16", "accelerate", "deepspeed-launcher"])
+def test_precisions_and_launchers_on_one_recipe(tmp_path, data_dir, options):
+    recipe = "tiny_gpt" if "deepspeed" in options else "mnist_mlp"
+    train(tmp_path / "run", recipe, data_dir, *options)
+    assert losses(tmp_path / "run")[-1] < losses(tmp_path / "run")[0]
+
+
+@pytest.fixture(scope="module")
+def ddp_clipped(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("clip") / "ddp"
+    launch(run_dir, recipe=str(TEST_RECIPES / "clip_norm.py"))
+    return run_dir
+
+
+@pytest.mark.parametrize("strategy", ["zero1", "zero2", "zero3"])
+def test_clip_grad_norm_under_zero_clips_and_returns_what_ddp_does(tmp_path, ddp_clipped, strategy):
+    run_dir = tmp_path / strategy
+    launch(run_dir, "--strategy", strategy, recipe=str(TEST_RECIPES / "clip_norm.py"))
+    expected, got = (json.loads((d / "norms.json").read_text()) for d in (ddp_clipped, run_dir))
+    assert min(expected) > 0.05 * 10  # every step clips hard
+    assert got == pytest.approx(expected, rel=1e-5)
+    ddp, zero = (torch.load(d / "model.pth", weights_only=True) for d in (ddp_clipped, run_dir))
+    assert all(torch.allclose(ddp[k], zero[k], atol=1e-6) for k in ddp)  # the same clipped steps
+
+
+def test_an_hf_models_blocks_come_from_the_model_and_checkpointing_them_saves_memory():
+    """GPT-2 names no block class to dtrain: `_no_split_modules` does (GPT2Block), and checkpointing
+    those keeps at least half of the activations out of memory, as it does for tiny_gpt's blocks."""
+    sys.path.insert(0, str(ROOT / "recipes"))
+    import hf_causal_lm
+
+    args = hf_causal_lm.parse_args(["--n-layer", "4", "--max-chars", "1000"])
+    blocks = tuple(hf_causal_lm.build(args)[0]._no_split_modules)
+    assert blocks == ("GPT2Block",)
+    ids = torch.randint(len(hf_causal_lm.VOCAB), (8, 64), generator=torch.Generator().manual_seed(1))
+
+    def model():
+        return hf_causal_lm.build(args)[0]
+
+    def loss(module):
+        return hf_causal_lm.compute_loss(module, {"input_ids": ids, "labels": ids})[0]
+
+    plain, plain_bytes = gradients_and_saved_bytes(model, loss, ())
+    checkpointed, checkpointed_bytes = gradients_and_saved_bytes(model, loss, blocks)
+    assert max((plain[k] - checkpointed[k]).abs().max().item() for k in plain) < 1e-6
+    assert checkpointed_bytes <= 0.5 * plain_bytes, (checkpointed_bytes, plain_bytes)
+
+
+def test_a_refused_combination_is_one_sentence_from_rank_0(tmp_path, data_dir):
+    out = run_dtrain("launch", "recipes/mnist_cnn.py", "--cpu", "--nproc", "2", "--run-dir", str(tmp_path / "run"),
+                     "--activation-checkpointing", "TransformerBlock", "--", "--data-dir", data_dir)
+    assert out.returncode == 1
+    console = out.stdout + out.stderr
+    assert console.count("names TransformerBlock, but the model has no module of that class") == 1, console
+    assert "[rank1]" not in console and "Traceback" not in console
