@@ -30,8 +30,17 @@ PARTIAL = ".partial"
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
 
 
+FORMAT = "dtrain-checkpoint-1"  # what this release writes into a manifest, and the formats it reads:
+FORMATS_READ = (FORMAT,)
+
+
 class CheckpointError(UsageError):
     """A checkpoint that cannot be used; the message names the file and what is wrong with it."""
+
+
+class FormatError(CheckpointError):
+    """A checkpoint of a format this release does not read (a newer dtrain's): not damage, so
+    `--resume auto` stops at it rather than falling back to an older one."""
 
 
 def step_dir_name(step: int) -> str:
@@ -86,6 +95,11 @@ def read_manifest(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {path}: {MANIFEST} is unreadable ({exc}).") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise CheckpointError(f"checkpoint {path}: {MANIFEST} does not list the checkpoint's files.")
+    if manifest.get("format") not in FORMATS_READ:
+        from dtrain import __version__
+
+        raise FormatError(f"checkpoint {path} is of format {manifest.get('format')!r}, and dtrain {__version__} "
+                          f"reads {', '.join(FORMATS_READ)}; resume it with the dtrain that wrote it (or a newer one).")
     return manifest
 
 
@@ -99,6 +113,23 @@ def check_committed(path: Path) -> None:
         raise CheckpointError(f"checkpoint {path} has no {MARKER} marker: its save did not finish.")
 
 
+def damaged_files(path: Path, manifest: dict, checksums: bool = True) -> list[str]:
+    """Every file of a checkpoint that does not match its manifest, each in one sentence."""
+    problems = []
+    for name, expected in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            problems.append(f"checkpoint file {file} is missing.")
+            continue
+        size = file.stat().st_size
+        if size != expected["size"]:
+            problems.append(f"checkpoint file {file} has {size} bytes, the manifest says {expected['size']}: "
+                            "it is truncated or was changed.")
+        elif checksums and file_digest(file)[1] != expected["sha256"]:
+            problems.append(f"checkpoint file {file} does not match its checksum: it is corrupt.")
+    return problems
+
+
 def verify(path: Path, inspect: Callable[[Path], object] | None = None, checksums: bool = True) -> dict:
     """Check a checkpoint against its manifest; return the manifest or raise CheckpointError.
 
@@ -107,16 +138,9 @@ def verify(path: Path, inspect: Callable[[Path], object] | None = None, checksum
     """
     check_committed(path)
     manifest = read_manifest(path)
-    for name, expected in manifest["files"].items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"checkpoint file {file} is missing.")
-        size = file.stat().st_size
-        if size != expected["size"]:
-            raise CheckpointError(f"checkpoint file {file} has {size} bytes, the manifest says {expected['size']}: "
-                                  "it is truncated or was changed.")
-        if checksums and file_digest(file)[1] != expected["sha256"]:
-            raise CheckpointError(f"checkpoint file {file} does not match its checksum: it is corrupt.")
+    problems = damaged_files(path, manifest, checksums)
+    if problems:
+        raise CheckpointError(problems[0])
     if inspect is not None:
         inspect(path)
     return manifest
@@ -149,6 +173,8 @@ def choose_for_resume(run_dir: str | os.PathLike, resume: str,
     for path in step_dirs(root):
         try:
             verify(path, inspect)
+        except FormatError:
+            raise
         except CheckpointError as exc:
             notes.append(f"{exc} Falling back to an earlier checkpoint.")
             continue
@@ -166,19 +192,27 @@ def retention_victims(root: Path, keep_last: int | None) -> list[Path]:
     return [p for p in committed(root)[keep_last:] if p.name != latest]
 
 
-def describe(root: Path) -> list[dict]:
-    """One row per checkpoint folder for `dtrain ckpt ls` (sizes checked, checksums not: it stays fast)."""
+def describe(root: Path, checksums: bool = False) -> list[dict]:
+    """One row per checkpoint folder for `dtrain ckpt ls` and `ckpt verify`: its manifest's fields, its
+    state (committed, or with `checksums` verified; damaged; uncommitted; a format of another release)
+    and its problems. Without `checksums` only sizes are compared: it reads no data and stays fast."""
     latest = read_latest(root)
     rows = []
     for path in step_dirs(root):
-        row = {"name": path.name, "latest": path.name == latest, "state": "committed"}
+        row = {"name": path.name, "latest": path.name == latest, "state": "verified" if checksums else "committed",
+               "problems": []}
         try:
+            check_committed(path)
             manifest = read_manifest(path)
             row.update({k: manifest.get(k) for k in ("step", "epoch", "batch", "time", "metrics")})
             row["size"] = sum(f["size"] for f in manifest["files"].values())
-            verify(path, checksums=False)
-        except CheckpointError:
-            row["state"] = "damaged" if (path / MARKER).is_file() else "uncommitted"
+            row["problems"] = damaged_files(path, manifest, checksums)
+            if row["problems"]:
+                row["state"] = "damaged"
+        except FormatError as exc:
+            row.update(state="other format", problems=[str(exc)])
+        except CheckpointError as exc:
+            row.update(state="damaged" if (path / MARKER).is_file() else "uncommitted", problems=[str(exc)])
         rows.append(row)
     return rows
 

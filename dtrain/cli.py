@@ -106,8 +106,9 @@ def launch(ctx: click.Context, profile: str | None, dry_run: bool | None, spec: 
     env[contract.LAUNCH_TIME] = f"{STARTED:.3f}"
     if launch_spec.device == "cpu" and spec is None and not given.get("cpu"):
         click.echo("dtrain: no GPU is visible; running 1 CPU process (use --cpu --nproc N for more).", err=True)
-    from dtrain.job import run_job, write_files
+    from dtrain.job import probe_run_dir, run_job, write_files
 
+    probe_run_dir(launch_spec.run_dir)
     write_files(files)
     return run_job(launch_spec, argv, env, started=STARTED)
 
@@ -271,15 +272,38 @@ def ckpt() -> None:
 
 @ckpt.command("ls")
 @click.argument("run_dir", type=click.Path(file_okay=False))
-def ckpt_ls(run_dir: str) -> int:
+@click.option("--verify", is_flag=True, help="Re-hash every file against its manifest (reads all the data).")
+def ckpt_ls(run_dir: str, verify: bool) -> int:
     """List RUN_DIR's checkpoints: step, epoch, time, size, state and the metrics at that step."""
     from dtrain import checkpoints
 
-    rows = checkpoints.describe(checkpoints.checkpoint_root(run_dir))
+    rows = checkpoints.describe(checkpoints.checkpoint_root(run_dir), checksums=verify)
     if not rows:
         raise UsageError(f"{run_dir} has no checkpoints (looked in {checkpoints.checkpoint_root(run_dir)}).")
     click.echo(checkpoints.format_table(rows))
     return 0
+
+
+@ckpt.command("verify")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("checkpoint", required=False)
+def ckpt_verify(run_dir: str, checkpoint: str | None) -> int:
+    """Re-hash every file of RUN_DIR's checkpoints (or of CHECKPOINT, a step_N name) against its manifest;
+    name each damaged file, and exit 1 if any is."""
+    from dtrain import checkpoints
+
+    rows = checkpoints.describe(checkpoints.checkpoint_root(run_dir), checksums=True)
+    if checkpoint is not None:
+        rows = [row for row in rows if row["name"] == Path(checkpoint).name]
+        if not rows:
+            raise UsageError(f"{run_dir} has no checkpoint {checkpoint}; `dtrain ckpt ls {run_dir}` lists them.")
+    if not rows:
+        raise UsageError(f"{run_dir} has no checkpoints (looked in {checkpoints.checkpoint_root(run_dir)}).")
+    for row in rows:
+        click.echo(f"{row['name']}: {row['state']}")
+        for problem in row["problems"]:
+            click.echo(f"  {problem}")
+    return 1 if any(row["state"] != "verified" for row in rows) else 0
 
 
 @ckpt.command("export")

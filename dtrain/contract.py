@@ -26,6 +26,7 @@ WORLD_SIZE = "DTRAIN_WORLD_SIZE"
 DEEPSPEED_CONFIG = "DTRAIN_DEEPSPEED_CONFIG"
 LAUNCH_TIME = "DTRAIN_LAUNCH_TIME"
 TTY = "DTRAIN_TTY"
+ERROR_SPOOL = "DTRAIN_ERROR_SPOOL"
 
 # The variables the launch derives (not options): name -> (set by, meaning), for the documented table.
 DERIVED = {
@@ -35,6 +36,8 @@ DERIVED = {
     DEEPSPEED_CONFIG: ("ZeRO strategies", "`<run_dir>/deepspeed.json`: the merged DeepSpeed config"),
     LAUNCH_TIME: ("`dtrain launch` (not `--dry-run`)", "Unix time it started: `Trainer` logs `startup_s` once"),
     TTY: ("`dtrain launch`, when its stdout is a terminal", "where rank 0 draws its progress bar"),
+    ERROR_SPOOL: ("`dtrain launch` (not `--dry-run`)", "a folder of this node's, off the run directory's disk, where a "
+                  "failed rank leaves its error record"),
 }
 
 
@@ -55,6 +58,7 @@ class WorkerEnv:
     launch_time: float | None
     tty: str | None
     deepspeed_config: str | None
+    error_spool: str | None
     options: Mapping[str, Any]
 
     def __getattr__(self, name: str) -> Any:
@@ -87,6 +91,7 @@ def read_env(environ: Mapping[str, str] | None = None) -> WorkerEnv:
         launch_time=float(environ[LAUNCH_TIME]) if environ.get(LAUNCH_TIME) else None,
         tty=environ.get(TTY) or None,
         deepspeed_config=environ.get(DEEPSPEED_CONFIG) or None,
+        error_spool=environ.get(ERROR_SPOOL) or None,
         options=options,
     )
 
@@ -107,10 +112,11 @@ def worker_env(spec: LaunchSpec, cpus: int, base: Mapping[str, str]) -> dict[str
     return env
 
 
-def error_record(run_dir: str, rank: int) -> str:
-    """Where a worker records the exception that stopped it (`dtrain.runtime.dist` writes it, whatever
-    the launcher; `dtrain.job` reads it to name the rank that failed first)."""
-    return os.path.join(run_dir, "logs", "errors", f"rank{rank}.json")
+def error_record(folder: str, rank: int) -> str:
+    """Where a worker records the exception that stopped it, in the error spool or the run directory
+    (`dtrain.runtime.dist` writes both, whatever the launcher; `dtrain.job` reads them to name the rank
+    that failed first: the spool is there when the run directory's disk is full)."""
+    return os.path.join(folder, "logs", "errors", f"rank{rank}.json")
 
 
 def markdown_table() -> str:

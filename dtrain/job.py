@@ -5,18 +5,23 @@ SIGTERM to dtrain becomes one SIGTERM to the launcher, which stops every rank. I
 dies, the kernel sends the launcher SIGTERM (PR_SET_PDEATHSIG), so no rank is left behind. Of
 launchers that tag lines with their rank, the console shows rank 0's lines and the other ranks'
 errors; the launcher's own chatter (and its long traceback) goes to `logs/launcher.log`, and
-dtrain names the rank that failed first instead.
+dtrain names the rank that failed first instead. The supervisor never dies of its own I/O: when
+the run directory's disk is full it says so once and goes on, and the workers' error records
+reach it through a spool of this node's, off that disk.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,7 +29,8 @@ from pathlib import Path
 from typing import IO
 
 from dtrain import launchers
-from dtrain.contract import error_record
+from dtrain.contract import ERROR_SPOOL, error_record
+from dtrain.errors import UsageError
 from dtrain.launchers import ExitStatus
 from dtrain.spec import LaunchSpec
 
@@ -45,10 +51,78 @@ class RankFailure:
 def write_files(files: Mapping[str, str]) -> None:
     """The launcher's input files, each replaced atomically (every node of a job may write the same one)."""
     for path, text in files.items():
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(f"{path}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(f"{path}.{os.getpid()}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise UsageError(f"cannot write {path} ({exc.strerror or exc}); free space in the run directory or "
+                             "pass another --run-dir.") from None
+
+
+def probe_run_dir(run_dir: str) -> None:
+    """Refuse a run directory that cannot be written before any process starts: write, sync and remove a
+    file there (a read-only mount stops root too, which permission bits do not)."""
+    probe = Path(run_dir) / f".dtrain-probe-{os.getpid()}"
+    try:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        with open(probe, "w") as fh:
+            fh.write("probe")
+            fh.flush()
+            os.fsync(fh.fileno())
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"run directory {run_dir} cannot be written ({exc.strerror or exc}); pass another --run-dir "
+                         "(or --name), or make it writable.") from None
+
+
+class LauncherLog:
+    """The launcher's own lines: appended to `logs/launcher.log` while its disk allows (said once when it
+    stops allowing), and the last of them kept in memory, where its account of a failure is read from."""
+
+    KEPT = 4000
+
+    def __init__(self, path: str):
+        self.path = path
+        self.tail: collections.deque[str] = collections.deque(maxlen=self.KEPT)
+        self._lock = threading.Lock()
+        self._file: IO[str] | None = None
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a", buffering=1)
+        except OSError as exc:
+            self._give_up(exc)
+
+    def write(self, line: str) -> None:
+        with self._lock:
+            self.tail.append(line)
+            if self._file is not None:
+                try:
+                    self._file.write(line)
+                except OSError as exc:
+                    self._give_up(exc)
+
+    def text(self) -> str:
+        with self._lock:
+            return "".join(self.tail)
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _give_up(self, exc: OSError) -> None:
+        self._close()
+        print(f"dtrain: cannot write {self.path} ({exc.strerror or exc}); going on without it.", file=sys.stderr,
+              flush=True)
+
+    def _close(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
 
 
 def run_job(spec: LaunchSpec, argv: Sequence[str], env: Mapping[str, str], started: float) -> int:
@@ -60,8 +134,11 @@ def run_job(spec: LaunchSpec, argv: Sequence[str], env: Mapping[str, str], start
     """
     launcher = launchers.get(spec.launcher)
     preempt = getattr(signal, f"SIG{spec.preempt_signal}")
-    Path(spec.log_dir).mkdir(parents=True, exist_ok=True)
-    with open(spec.launcher_log, "a", buffering=1) as launcher_log:
+    spool = _error_spool()
+    if spool:
+        env = {**env, ERROR_SPOOL: spool}
+    launcher_log = LauncherLog(spec.launcher_log)
+    try:
         proc = subprocess.Popen(
             list(argv), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, bufsize=1, start_new_session=True, preexec_fn=lambda: _prepare_launcher(preempt),
@@ -95,13 +172,27 @@ def run_job(spec: LaunchSpec, argv: Sequence[str], env: Mapping[str, str], start
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-    if received:
-        return 128 + received[0]
-    if returncode == 0:
-        return 0
-    status = launcher.implementation().exit_status(Path(spec.launcher_log).read_text(errors="replace"), returncode)
-    report_failure(status, first_failure(spec.run_dir, spec.world_size, started), spec.log_dir)
-    return status.code
+        if received:
+            return 128 + received[0]
+        if returncode == 0:
+            return 0
+        status = launcher.implementation().exit_status(launcher_log.text(), returncode)
+        failures = [first_failure(folder, spec.world_size, started) for folder in (spool, spec.run_dir) if folder]
+        report_failure(status, next((f for f in failures if f is not None), None), spec.log_dir)
+        return status.code
+    finally:
+        launcher_log.close()
+        if spool:
+            shutil.rmtree(spool, ignore_errors=True)
+
+
+def _error_spool() -> str | None:
+    """A folder of this node's, in memory where it can be, for the workers' error records: the run
+    directory's disk may be the full one."""
+    try:
+        return tempfile.mkdtemp(prefix="dtrain-errors-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    except OSError:
+        return None
 
 
 def _prepare_launcher(preempt: signal.Signals) -> None:
@@ -141,7 +232,7 @@ def _signal_quietly(pid: int, signum: int) -> None:
 _RANK_PREFIX = re.compile(r"^(\[rank(\d+)\]: )+")
 
 
-def _pump(source: IO[str], console: IO[str], launcher_log: IO[str], stderr: bool, rank_prefixes: bool) -> None:
+def _pump(source: IO[str], console: IO[str], launcher_log: LauncherLog, stderr: bool, rank_prefixes: bool) -> None:
     for line in source:
         shown = console_text(line, stderr) if rank_prefixes else line
         if shown is None or not rank_prefixes:
@@ -175,21 +266,20 @@ def report_failure(status: ExitStatus, failure: RankFailure | None, logs: str) -
     elif failure is None:
         print(f"dtrain: the job failed with exit code {status.code}; see {logs}/launcher.log and the per-rank logs "
               f"under {logs}.", file=sys.stderr)
-    elif failure.usage:  # one sentence; rank 0 printed its own, the others' are shown here
-        if failure.rank != 0:
-            print(f"dtrain: error: {failure.message}", file=sys.stderr)
+    elif failure.usage:  # one sentence, shown here once, whichever ranks made it
+        print(f"dtrain: error: {failure.message}", file=sys.stderr)
     else:
         print(f"dtrain: rank {failure.rank} failed first ({failure.message}); the job stopped with exit code "
               f"{status.code}. Per-rank logs: {logs}.", file=sys.stderr)
 
 
-def first_failure(run_dir: str, world_size: int, since: float) -> RankFailure | None:
-    """The earliest error recorded by a worker of the newest attempt since `since`; a usage error of
-    rank 0 first, since that is what the console showed."""
-    failures = [f for f in (read_error_record(error_record(run_dir, rank)) for rank in range(world_size))
+def first_failure(folder: str, world_size: int, since: float) -> RankFailure | None:
+    """The earliest error recorded in `folder` (the spool or the run directory) by a worker of the newest
+    attempt since `since`; a usage error first: its sentence says what to do."""
+    failures = [f for f in (read_error_record(error_record(folder, rank)) for rank in range(world_size))
                 if f is not None and f.time >= since]
     newest = [f for f in failures if f.attempt == max((f.attempt for f in failures), default=0)]
-    return min(newest, key=lambda f: (not (f.usage and f.rank == 0), f.time), default=None)
+    return min(newest, key=lambda f: (not f.usage, f.time), default=None)
 
 
 def read_error_record(path: str) -> RankFailure | None:

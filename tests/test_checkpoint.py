@@ -308,3 +308,17 @@ def test_the_custom_loop_recipe_resumes_bit_exact_with_its_scheduler(tmp_path, d
     assert second.returncode == 0, second.stderr
     assert "resuming from" in second.stdout and "LR: 2.50e-04" in second.stdout  # StepLR state came back
     assert_bit_equal(weights(straight / "model.pth"), weights(resumed / "model.pth"))
+
+
+def test_a_checkpoint_of_a_newer_format_stops_the_run_in_one_sentence(tmp_path, data_dir, two_checkpoints):
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run_dir)
+    manifest_path = run_dir / "checkpoints" / "step_0000020" / "manifest.json"
+    manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), "format": "dtrain-checkpoint-9"}))
+    before = snapshot(run_dir)
+    out = launch(run_dir, data_dir, nproc=1, recipe_args=["--epochs", "1", *FAST])
+    assert out.returncode == 1
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "is of format 'dtrain-checkpoint-9', and dtrain 0.1.0 reads dtrain-checkpoint-1" \
+        in lines[0], out.stderr
+    assert snapshot(run_dir) == before

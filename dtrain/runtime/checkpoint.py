@@ -30,14 +30,14 @@ import shutil
 import signal
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter, StorageWriter
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
@@ -45,6 +45,7 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from dtrain import strategies
 from dtrain.checkpoints import (
+    FORMAT,
     LATEST,
     MANIFEST,
     MARKER,
@@ -52,8 +53,10 @@ from dtrain.checkpoints import (
     CheckpointError,
     checkpoint_root,
     choose_for_resume,
+    committed,
     file_digest,
     partials,
+    read_latest,
     read_manifest,
     retention_victims,
     step_dir_name,
@@ -92,13 +95,45 @@ class TrainState:
         return self.batch * self.world_size * self.batch_size // (world_size * batch_size)
 
 
+FULL_BYTES = 1 << 20  # a disk with less free is full, for a checkpoint
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return FULL_BYTES
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint that could not be written: one sentence, on every rank, and the job stops."""
+
+
+class _NoRoom(Exception):
+    """A save that would not fit in the free space."""
+
+
+def _complete(path: Path) -> bool:
+    try:
+        verify(path, checksums=False)
+    except CheckpointError:
+        return False
+    return True
+
+
+def file_storage(folder: Path) -> StorageWriter:
+    """DCP's file-system writer, which fsyncs every file it writes."""
+    return FileSystemWriter(folder, sync_files=True)
+
+
 class Checkpointer:
     def __init__(self, run_dir: str | os.PathLike, rank: int, world_size: int, *, keep_last: int | None,
-                 async_save: bool, strategy: str):
-        """`strategy` is recorded in each manifest, for `dtrain ckpt export`."""
+                 async_save: bool, strategy: str, storage: Callable[[Path], StorageWriter] = file_storage):
+        """`strategy` is recorded in each manifest, for `dtrain ckpt export`; `storage` makes the DCP
+        StorageWriter of a checkpoint's folder."""
         self.root = checkpoint_root(run_dir)
         self.rank, self.world_size = rank, world_size
-        self.strategy = strategy
+        self.strategy, self.storage = strategy, storage
         self.keep_last = keep_last
         self.async_save = async_save
         # An async save on the default group hangs once DDP traffic resumes: give it its own.
@@ -112,32 +147,46 @@ class Checkpointer:
 
     def save(self, state: TrainState, parts: Checkpointable, extras: dict[str, Any],
              metrics: dict[str, float] | None = None) -> None:
-        """Write checkpoint `step_<state.step>`; with async saves, only start it (see `wait`)."""
+        """Write checkpoint `step_<state.step>`; with async saves, only start it (see `wait`).
+
+        A save that fails on any rank (a full or failing disk), or that will not fit (less free space
+        than the newest checkpoint takes), stops every rank together with one sentence naming the
+        rank, the checkpoint, the folder and what is safe: nothing is committed, LATEST still names
+        the last complete checkpoint, and the partial folder is removed.
+        """
         self.wait()
         name = step_dir_name(state.step)
         if state.step in self._current:
             return
-        if (self.root / name).exists() and self.rank == 0:
-            self._set_aside(self.root / name)
-        self._saves += 1
         partial = self.root / (name + PARTIAL)
-        if self.rank == 0:
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-        _barrier()
+
+        def prepare() -> None:
+            if self.rank == 0:
+                self._check_room(name)
+                if (self.root / name).exists():
+                    self._set_aside(self.root / name)
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir(parents=True)
+
+        self._together(name, partial, prepare)
+        self._saves += 1
         written = [partial / _rng_file(self.rank)]
-        _write_json(written[0], capture_rng())
-        self._crash_point("started")
-        if self.rank == 0:
-            _write_json(partial / TRAINER_STATE, dataclasses.asdict(state))
+
+        def write_own() -> None:
+            _write_json(written[0], capture_rng())
+            self._crash_point("started")
+            if self.rank == 0:
+                _write_json(partial / TRAINER_STATE, dataclasses.asdict(state))
+
+        self._together(name, partial, write_own)
         written += parts.write_files(partial)
         state_dict = {**parts.state_dict(), "extras": extras}
-        writer = FileSystemWriter(partial, sync_files=True)
+        writer = self.storage(partial)
         if self.async_save:
             future = dcp.async_save(state_dict, storage_writer=writer, process_group=self._group)
             self._pending = (future, partial, state, dict(metrics or {}), written)
         else:
-            dcp.save(state_dict, storage_writer=writer)
+            self._dcp(name, partial, lambda: dcp.save(state_dict, storage_writer=writer))
             self._commit(partial, state, dict(metrics or {}), written)
 
     def wait(self) -> None:
@@ -146,7 +195,7 @@ class Checkpointer:
             return
         future, partial, state, metrics, written = self._pending
         self._pending = None
-        future.result()
+        self._dcp(step_dir_name(state.step), partial, future.result)
         self._commit(partial, state, metrics, written)
 
     def _commit(self, partial: Path, state: TrainState, metrics: dict, written: list[Path]) -> None:
@@ -159,11 +208,14 @@ class Checkpointer:
             dist.all_gather_object(gathered, digests)
         else:
             gathered = [digests]
-        if self.rank == 0:
+
+        def commit() -> None:
+            if self.rank != 0:
+                return
             self._crash_point("gathered")
             files = {name: info for part in gathered for name, info in part.items()}
             files.update(_digests(partial, [p for p in _files(partial) if str(p.relative_to(partial)) not in files]))
-            manifest = {"format": "dtrain-checkpoint-1", **dataclasses.asdict(state), "strategy": self.strategy,
+            manifest = {"format": FORMAT, **dataclasses.asdict(state), "strategy": self.strategy,
                         "time": round(time.time(), 3), "metrics": metrics, "files": dict(sorted(files.items()))}
             _write_json(partial / MANIFEST, manifest)
             self._crash_point("manifest")
@@ -180,8 +232,67 @@ class Checkpointer:
             self._crash_point("latest")
             for old in retention_victims(self.root, self.keep_last):
                 shutil.rmtree(old)
+
+        self._together(step_dir_name(state.step), partial, commit)
         self._current.add(state.step)
-        _barrier()
+
+    # --- failures: every rank stops together, in one sentence ----------------------------------------
+
+    def _together(self, name: str, partial: Path, action: Callable[[], None]) -> None:
+        """Run `action` on every rank; if it failed on any (OSError, or a save that will not fit),
+        every rank stops with that rank's failure. A collective: it is also the barrier after `action`."""
+        try:
+            action()
+            failure = None
+        except OSError as exc:
+            failure = f"could not write checkpoint {name} into {self.root}: {exc.strerror or exc}"
+        except _NoRoom as exc:
+            failure = str(exc)
+        failures: list[Any] = [failure]
+        if self.world_size > 1:
+            failures = [None] * self.world_size
+            dist.all_gather_object(failures, failure)
+        first = next(((rank, f) for rank, f in enumerate(failures) if f is not None), None)
+        if first is not None:
+            raise self._stopped(partial, *first)
+
+    def _dcp(self, name: str, partial: Path, save: Callable[[], Any]) -> None:
+        """A DCP save: its failure on any rank reaches every rank (DCP gathers them), as one sentence."""
+        try:
+            save()
+        except CheckpointException as exc:
+            rank = min(exc.failures)
+            error = exc.failures[rank][0]
+            if isinstance(error, OSError) and error.strerror:
+                what = error.strerror
+            elif _free_bytes(self.root) < FULL_BYTES:  # torch.save's zip writer reports a full disk as a RuntimeError
+                what = f"No space left on device ({_free_bytes(self.root)} bytes free)"
+            else:
+                what = f"{type(error).__name__}: {error}"
+            raise self._stopped(partial, rank, f"could not write checkpoint {name} into {self.root}: {what}") from None
+
+    def _stopped(self, partial: Path, rank: int, failure: str) -> CheckpointWriteError:
+        if self.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # frees its space now; the next start would remove it too
+        latest = read_latest(self.root)
+        safe = f"LATEST names {latest}, complete" if latest and _complete(self.root / latest) else \
+            "no complete checkpoint was written yet"
+        return CheckpointWriteError(f"rank {rank} {failure}; {safe}. Free space (or fix the disk) and run the same "
+                                    "command to resume.")
+
+    def _check_room(self, name: str) -> None:
+        """A save takes about what the newest one took: refuse it now if the disk has less free."""
+        newest = next(iter(committed(self.root)), None)
+        if newest is None:
+            return
+        try:
+            size = sum(f["size"] for f in read_manifest(newest)["files"].values())
+        except CheckpointError:  # a damaged one is resume's concern, not a measure of this save
+            return
+        free = _free_bytes(self.root)
+        if free < size:
+            raise _NoRoom(f"could not start checkpoint {name}: it needs about {size / 1e6:.1f} MB (as {newest.name} "
+                          f"took) and {self.root} has {free / 1e6:.1f} MB free")
 
     def _set_aside(self, path: Path) -> None:
         """A `step_N` from an earlier life of the run (damaged, or from a timeline resume left) is
@@ -416,7 +527,3 @@ def fsync_dir(path: Path) -> None:
     finally:
         os.close(fd)
 
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()

@@ -128,7 +128,7 @@ class Context:
             "git": _git_commit(Path(sys.argv[0]).resolve().parent),
             "launch": {k: list(v) if isinstance(v, tuple) else v
                        for k, v in {**dataclasses.asdict(self.env), **self.env.options}.items()
-                       if k not in ("rank", "local_rank", "node_name", "tty", "options")},
+                       if k not in ("rank", "local_rank", "node_name", "tty", "error_spool", "options")},
             "precision": self.env.precision,
             "seed": self.env.seed,
             "run_dir": str(self.run_dir),
@@ -252,12 +252,21 @@ class Context:
         """Write the plain `state_dict` (no `module.` prefix) that `model.load_state_dict` takes."""
         path = Path(path) if path is not None else self.run_dir / "model.pth"
         state = self.strategy.full_state_dict(model)  # a collective for sharded strategies
+        failure = [None]
         if self.is_main:
-            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, path)
-        self.barrier()
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(state, tmp)
+                os.replace(tmp, path)
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                failure = [f"rank 0 could not write {path} ({exc.strerror or exc}); free space and write it from the "
+                           f"newest checkpoint with `dtrain ckpt export {self.run_dir} --out {path}`."]
+        if self.world_size > 1:  # also the barrier: no rank goes on before the file is there, or all stop
+            dist.broadcast_object_list(failure, src=0)
+        if failure[0] is not None:
+            raise UsageError(failure[0])
         return path
 
     def barrier(self) -> None:

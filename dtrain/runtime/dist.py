@@ -95,9 +95,10 @@ def install_error_hook(env: WorkerEnv) -> None:
     """Record an uncaught exception where `dtrain launch` (and torchrun) look for it.
 
     The record names the rank that failed first. A rank that only fails because a peer died prints
-    one line instead of a second traceback, and a `UsageError` (a recipe's mistake, a bad checkpoint)
-    is one sentence, never a traceback: printed by rank 0, or by `dtrain launch` from the record
-    when another rank alone made it, so that it is shown once.
+    one line instead of a second traceback, and a `UsageError` (a recipe's mistake, a bad checkpoint,
+    a full disk) is one sentence, never a traceback: `dtrain launch` prints it from the records, once
+    whichever ranks made it, and a rank prints it itself only when no record reaches `dtrain launch`
+    (plain torchrun, or nowhere to write one).
     """
     previous = sys.excepthook
     rank = env.rank
@@ -105,14 +106,17 @@ def install_error_hook(env: WorkerEnv) -> None:
     def hook(exc_type, exc, tb):
         usage = issubclass(exc_type, UsageError)
         text = str(exc) if usage else "".join(traceback.format_exception(exc_type, exc, tb))
-        _write_error_records(env, str(exc) if usage else f"{exc_type.__name__}: {exc}", text, usage)
-        if usage:
-            if rank == 0 or env.launched_world_size is None:
-                print(f"dtrain: error: {exc}", file=sys.stderr)
-        elif issubclass(exc_type, dist.DistBackendError) or _peer_vanished(exc):
-            print(f"rank {rank}: stopped because another rank failed ({exc_type.__name__}).", file=sys.stderr)
-        else:
-            previous(exc_type, exc, tb)
+        recorded = _write_error_records(env, str(exc) if usage else f"{exc_type.__name__}: {exc}", text, usage)
+        try:
+            if usage:
+                if not recorded:
+                    print(f"dtrain: error: {exc}", file=sys.stderr)
+            elif issubclass(exc_type, dist.DistBackendError) or _peer_vanished(exc):
+                print(f"rank {rank}: stopped because another rank failed ({exc_type.__name__}).", file=sys.stderr)
+            else:
+                previous(exc_type, exc, tb)
+        except OSError:  # stderr is a file on a full disk: the record is what remains
+            pass
         for callback in _failure_callbacks:
             callback()
         if dist.is_initialized():
@@ -145,23 +149,30 @@ def _peer_vanished(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("Connection closed by peer" in text or "Connection reset by peer" in text)
 
 
-def _write_error_records(env: WorkerEnv, message: str, text: str, usage: bool) -> None:
-    """dtrain's record (the contract's `error_record`), and torchelastic's error file where the launcher
-    asks for one (TORCHELASTIC_ERROR_FILE: its failure summary then names the right root cause)."""
+def _write_error_records(env: WorkerEnv, message: str, text: str, usage: bool) -> bool:
+    """dtrain's record (the contract's `error_record`: in `dtrain launch`'s spool on this node, and in the
+    run directory for the other nodes), and torchelastic's error file where the launcher asks for one
+    (TORCHELASTIC_ERROR_FILE: its failure summary then names the right root cause). Whether one of
+    dtrain's records was written."""
     now = time.time()
-    records = {}
-    if env.launched_world_size is not None:  # launched by dtrain, which reads it
-        records[error_record(env.run_dir, env.rank)] = {
-            "rank": env.rank, "message": message, "time": now, "usage": usage,
-            "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)}
+    record = {"rank": env.rank, "message": message, "time": now, "usage": usage,
+              "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)}
+    ours = [error_record(folder, env.rank) for folder in (env.error_spool, env.run_dir) if folder] \
+        if env.launched_world_size is not None else []  # launched by dtrain, which reads them
+    written = [path for path in ours if _write_atomically(path, record)]
     if os.environ.get("TORCHELASTIC_ERROR_FILE"):
-        records[os.environ["TORCHELASTIC_ERROR_FILE"]] = {
-            "message": {"message": message, "extraInfo": {"py_callstack": text, "timestamp": str(int(now))}}}
-    for path, record in records.items():
-        try:  # atomically: the launcher may read the file while a rank it is stopping still writes it
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(f"{path}.tmp", "w") as fh:
-                json.dump(record, fh)
-            os.replace(f"{path}.tmp", path)
-        except OSError:
-            pass
+        _write_atomically(os.environ["TORCHELASTIC_ERROR_FILE"], {
+            "message": {"message": message, "extraInfo": {"py_callstack": text, "timestamp": str(int(now))}}})
+    return bool(written)
+
+
+def _write_atomically(path: str, record: dict) -> bool:
+    """The launcher may read the file while a rank it is stopping still writes it: write, then rename."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(f"{path}.tmp", "w") as fh:
+            json.dump(record, fh)
+        os.replace(f"{path}.tmp", path)
+        return True
+    except OSError:
+        return False

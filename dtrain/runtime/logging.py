@@ -18,7 +18,7 @@ import string
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,23 +32,54 @@ from dtrain.wandb_mode import wandb_mode
 PROGRESS_LINE_EVERY_S = 10.0  # plain progress lines (no terminal): at most one per this many seconds
 
 
+def written(path: Path, write: Callable[[], Any]) -> bool:
+    """Run `write`; if the disk refuses (full, failing), say so once per file and go on: rank 0's records
+    are worth losing rather than the run (a checkpoint that cannot be written stops it)."""
+    try:
+        write()
+        return True
+    except OSError as exc:
+        if path not in _unwritable:
+            _unwritable.add(path)
+            with contextlib.suppress(OSError):  # stderr may be a file on that same disk
+                print(f"dtrain: cannot write {path} ({exc.strerror or exc}); training goes on without it.",
+                      file=sys.stderr, flush=True)
+        return False
+
+
+_unwritable: set[Path] = set()
+
+
 class MetricsWriter:
-    """Appends rows to `<run_dir>/metrics.jsonl` (`dtrain.metrics` is its schema; resumes continue it)."""
+    """Appends rows to `<run_dir>/metrics.jsonl` (`dtrain.metrics` is its schema; resumes continue it).
+    Once a row cannot be written it writes no more, so that no row is cut in the middle of the file."""
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "a", buffering=1)
+        self.path = path
+        self._file: IO[str] | None = None
+
+        def open_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a", buffering=1)
+
+        written(path, open_file)
 
     def write(self, row: Mapping[str, Any]) -> None:
-        self._file.write(json.dumps(row) + "\n")
+        if self._file is not None and not written(self.path, lambda: self._file.write(json.dumps(row) + "\n")):
+            self.close()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            written(self.path, self._file.close)
+            self._file = None
 
 
 def write_config(path: Path, config: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
+    def write():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
+
+    written(path, write)
 
 
 def wandb_run_id(run_dir: Path) -> str:
@@ -58,10 +89,14 @@ def wandb_run_id(run_dir: Path) -> str:
     if existing:
         return existing
     run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("run-id.tmp")
-    tmp.write_text(run_id + "\n")
-    os.replace(tmp, path)
+
+    def write():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name("run-id.tmp")
+        tmp.write_text(run_id + "\n")
+        os.replace(tmp, path)
+
+    written(path, write)
     return run_id
 
 
@@ -96,9 +131,13 @@ class RunLogger:
     def log_evaluation(self, step: int, epoch: int, result: Mapping[str, Any]) -> Path:
         """Write the report and confusion matrix to `eval/epoch_NNN.json`; log them to W&B as tables."""
         path = self.run_dir / "eval" / f"epoch_{epoch:03d}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
         record = {"step": step, "epoch": epoch, **result}
-        path.write_text(json.dumps(record, indent=1))
+
+        def write():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(record, indent=1))
+
+        written(path, write)
         if self.wandb is not None:
             self.wandb.send({"step": step, "evaluation": dict(result)})
         return path

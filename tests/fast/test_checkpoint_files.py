@@ -17,7 +17,7 @@ def make(root: Path, step: int, *, marker: bool = True, damage: bool = False) ->
     payload = b"x" * 100
     (path / "__0_0.distcp").write_bytes(payload[:50] if damage else payload)
     size, digest = checkpoints.file_digest(path / "__0_0.distcp")
-    manifest = {"step": step, "epoch": 0, "batch": step, "time": 0,
+    manifest = {"format": checkpoints.FORMAT, "step": step, "epoch": 0, "batch": step, "time": 0,
                 "files": {"__0_0.distcp": {"size": 100, "sha256": digest if not damage else "0" * 64}}}
     (path / checkpoints.MANIFEST).write_text(json.dumps(manifest))
     if marker:
@@ -78,3 +78,41 @@ def test_listing_marks_latest_and_damage(tmp_path):
     rows = {row["name"]: row for row in checkpoints.describe(root)}
     assert rows["step_0000010"]["latest"] and rows["step_0000010"]["state"] == "committed"
     assert rows["step_0000020"]["state"] == "damaged"
+
+
+def test_ckpt_verify_names_every_damaged_file(tmp_path):
+    from conftest import run_dtrain
+
+    root = tmp_path / "checkpoints"
+    good = make(root, 10)
+    bad = make(root, 20)
+    for name in ("b.bin", "c.bin"):
+        (bad / name).write_bytes(b"z" * 64)
+    manifest = json.loads((bad / checkpoints.MANIFEST).read_text())
+    manifest["files"].update({name: {"size": 64, "sha256": checkpoints.file_digest(bad / name)[1]}
+                              for name in ("b.bin", "c.bin")})
+    (bad / checkpoints.MANIFEST).write_text(json.dumps(manifest))
+    flipped = bytearray((bad / "__0_0.distcp").read_bytes())
+    flipped[7] ^= 0x01
+    (bad / "__0_0.distcp").write_bytes(bytes(flipped))  # one bit
+    (bad / "b.bin").write_bytes(b"z" * 10)  # truncated
+    (bad / "c.bin").unlink()  # missing
+    out = run_dtrain("ckpt", "verify", str(tmp_path))
+    assert out.returncode == 1, out.stderr
+    assert out.stdout.splitlines()[0] == "step_0000020: damaged"
+    assert f"{bad / '__0_0.distcp'} does not match its checksum" in out.stdout
+    assert f"{bad / 'b.bin'} has 10 bytes, the manifest says 64" in out.stdout
+    assert f"{bad / 'c.bin'} is missing" in out.stdout
+    assert "step_0000010: verified" in out.stdout
+    assert run_dtrain("ckpt", "verify", str(tmp_path), "step_0000010").returncode == 0
+    listing = run_dtrain("ckpt", "ls", str(tmp_path), "--verify").stdout
+    assert "damaged" in listing and "verified" in listing and good.name in listing
+
+
+def test_a_checkpoint_of_a_newer_format_is_refused_naming_both(tmp_path):
+    path = make(tmp_path / "checkpoints", 10)
+    manifest = json.loads((path / checkpoints.MANIFEST).read_text())
+    (path / checkpoints.MANIFEST).write_text(json.dumps({**manifest, "format": "dtrain-checkpoint-2"}))
+    with pytest.raises(checkpoints.FormatError, match="is of format 'dtrain-checkpoint-2', and dtrain .* reads "
+                                                      "dtrain-checkpoint-1"):
+        checkpoints.choose_for_resume(tmp_path, "auto")  # not passed over as damage: auto stops there too

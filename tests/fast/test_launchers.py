@@ -65,8 +65,23 @@ def test_the_first_failure_of_this_launch_and_its_newest_attempt_is_named(tmp_pa
     assert first_failure(str(tmp_path), 2, since=200.0).rank == 0
 
 
-def test_rank_0s_usage_error_is_the_one_shown(tmp_path):
-    record(tmp_path, 1, time=201.0, usage=True, message="bad")
+def test_a_usage_error_is_the_one_shown(tmp_path):
+    """A rank that stopped because a peer did may record its error first; the sentence that says what
+    to do is the one to show."""
+    record(tmp_path, 1, time=201.0, message="RuntimeError: Connection closed by peer")
     record(tmp_path, 0, time=201.5, usage=True, message="bad")
     failure = first_failure(str(tmp_path), 2, since=200.0)
-    assert (failure.rank, failure.usage) == (0, True)
+    assert (failure.rank, failure.usage, failure.message) == (0, True, "bad")
+
+
+def test_the_launchers_own_log_goes_on_in_memory_when_its_disk_refuses(capsys):
+    """/dev/full refuses every write with ENOSPC, as a full disk does."""
+    from dtrain.job import LauncherLog
+
+    log = LauncherLog("/dev/full")
+    for line in ("rank : 1 (local_rank: 1)\n", "exitcode : -9 (pid: 7)\n", "third\n"):
+        log.write(line)
+    log.close()
+    assert log.text() == "rank : 1 (local_rank: 1)\nexitcode : -9 (pid: 7)\nthird\n"
+    err = capsys.readouterr().err
+    assert err == "dtrain: cannot write /dev/full (No space left on device); going on without it.\n"
