@@ -79,7 +79,8 @@ def launch(ctx: click.Context, profile: str | None, dry_run: bool | None, spec: 
             given = {**given, **{k: v for k, v in implied.items() if given.get(k) is None}}
         gpus_available = 0 if given.get("cpu") else hardware.visible_gpus()
         capability = hardware.min_compute_capability() if gpus_available and given.get("precision") == "bf16" else None
-        launch_spec = resolve(given, gpus_available, hardware.free_port(), compute_capability=capability)
+        launch_spec = resolve(given, gpus_available, hardware.free_port(), compute_capability=capability,
+                              route=hardware.route_to)
 
     if allocation is not None and not allocation.in_step:
         # In an allocation (salloc, or an sbatch script) but not in a step: one task per node via srun.
@@ -126,7 +127,7 @@ def _submitted_spec(ctx: click.Context, path: str, allocation: slurm.Allocation 
                          "into the run directory's slurm/ folder.") from None
     launch_spec = LaunchSpec.from_json(text, path)
     if allocation is not None and allocation.in_step:
-        launch_spec = slurm.place(launch_spec, allocation)
+        launch_spec = slurm.place(launch_spec, allocation, route=hardware.route_to)
     if launch_spec.device == "cuda" and hardware.visible_gpus() < launch_spec.nproc:
         raise UsageError(f"this node sees {hardware.visible_gpus()} GPU(s), but the job runs {launch_spec.nproc} "
                          "processes on each; ask SLURM for them (--gpus-per-node).")

@@ -27,6 +27,7 @@ DEEPSPEED_CONFIG = "DTRAIN_DEEPSPEED_CONFIG"
 LAUNCH_TIME = "DTRAIN_LAUNCH_TIME"
 TTY = "DTRAIN_TTY"
 ERROR_SPOOL = "DTRAIN_ERROR_SPOOL"
+NETWORK_INTERFACES = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")  # set for a multi-node job, unless set already
 
 # The variables the launch derives (not options): name -> (set by, meaning), for the documented table.
 DERIVED = {
@@ -109,6 +110,9 @@ def worker_env(spec: LaunchSpec, cpus: int, base: Mapping[str, str]) -> dict[str
             env[key] = value
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("OMP_NUM_THREADS", str(max(1, cpus // spec.nproc)))
+    if spec.network:  # the interface toward node 0, unless the user named one
+        for name in NETWORK_INTERFACES:
+            env.setdefault(name, spec.network["interface"])
     return env
 
 

@@ -90,3 +90,32 @@ def is_local_address(host: str) -> bool:
         return False
     names = {socket.gethostname(), socket.getfqdn()}
     return address.startswith("127.") or host in names
+
+
+def route_to(host: str) -> tuple[str, str] | None:
+    """(this machine's address toward `host`, the interface that holds it), or None when `host` does not
+    resolve or no interface holds that address. What a node of a multi-node job advertises, and the
+    interface gloo and NCCL must use: the host name may resolve to 127.0.0.1 (as /etc/hosts has it on
+    many Debian and Ubuntu machines), and a machine may have several interfaces. A UDP socket
+    "connected" to `host` sends nothing; the kernel's route picks its source address."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((socket.gethostbyname(host), 9))
+            address = probe.getsockname()[0]
+    except OSError:
+        return None
+    interface = next((name for _, name in socket.if_nameindex() if interface_address(name) == address), None)
+    return (address, interface) if interface else None
+
+
+def interface_address(name: str) -> str | None:
+    """An interface's IPv4 address (Linux: the SIOCGIFADDR ioctl), or None."""
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            packed = fcntl.ioctl(sock.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))
+        except OSError:
+            return None
+    return socket.inet_ntoa(packed[20:24])

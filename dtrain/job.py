@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +139,8 @@ def run_job(spec: LaunchSpec, argv: Sequence[str], env: Mapping[str, str], start
     if spool:
         env = {**env, ERROR_SPOOL: spool}
     launcher_log = LauncherLog(spec.launcher_log)
+    if spec.nodes > 1:
+        _announce_node(spec)
     try:
         proc = subprocess.Popen(
             list(argv), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -177,6 +180,9 @@ def run_job(spec: LaunchSpec, argv: Sequence[str], env: Mapping[str, str], start
         if returncode == 0:
             return 0
         status = launcher.implementation().exit_status(launcher_log.text(), returncode)
+        if status.rendezvous_timeout:
+            print(f"dtrain: {rendezvous_failure(spec, arrived_nodes(spec, started))}", file=sys.stderr)
+            return status.code
         failures = [first_failure(folder, spec.world_size, started) for folder in (spool, spec.run_dir) if folder]
         report_failure(status, next((f for f in failures if f is not None), None), spec.log_dir)
         return status.code
@@ -184,6 +190,44 @@ def run_job(spec: LaunchSpec, argv: Sequence[str], env: Mapping[str, str], start
         launcher_log.close()
         if spool:
             shutil.rmtree(spool, ignore_errors=True)
+
+
+def _node_file(spec: LaunchSpec, node_rank: int) -> Path:
+    return Path(spec.log_dir) / "nodes" / f"node{node_rank}.json"
+
+
+def _announce_node(spec: LaunchSpec) -> None:
+    """Say in the (shared) run directory that this node has come, so that a rendezvous that times out
+    can say which nodes did."""
+    record = {"node_rank": spec.node_rank, "host": os.uname().nodename, "time": time.time(),
+              "address": (spec.network or {}).get("address")}
+    path = _node_file(spec, spec.node_rank)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record))
+    except OSError:
+        pass  # only the message of a failed rendezvous misses it
+
+
+def arrived_nodes(spec: LaunchSpec, started: float) -> list[int]:
+    """The node ranks that came to this launch's rendezvous, as far as the run directory shows (all of
+    them on a shared file system; this one alone on a node's own disk)."""
+    arrived = {spec.node_rank}
+    for node_rank in range(spec.nodes):
+        try:
+            if json.loads(_node_file(spec, node_rank).read_text())["time"] >= started - spec.rdzv_timeout:
+                arrived.add(node_rank)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return sorted(arrived)
+
+
+def rendezvous_failure(spec: LaunchSpec, arrived: list[int]) -> str:
+    missing = [n for n in range(spec.nodes) if n not in arrived]
+    return (f"the rendezvous at {spec.master_addr}:{spec.master_port} timed out after {spec.rdzv_timeout} s: "
+            f"{len(arrived)} of {spec.nodes} nodes came (node {', '.join(map(str, arrived))}), node "
+            f"{', '.join(map(str, missing)) or '?'} did not; start `dtrain launch` on every node with the same --name, "
+            f"--nodes, --master-addr and --master-port, or give them more time with --rdzv-timeout.")
 
 
 def _error_spool() -> str | None:

@@ -13,14 +13,14 @@ import dataclasses
 import re
 import shlex
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from dtrain import options, profiles
 from dtrain.errors import UsageError
-from dtrain.spec import LaunchSpec
+from dtrain.spec import LaunchSpec, toward
 
 TEMPLATE = resources.files("dtrain") / "defaults" / "job.sbatch"
 OUTPUT_PATTERN = "slurm-%j.out"
@@ -241,13 +241,16 @@ def launch_defaults(where: Allocation, recipe: str) -> dict[str, Any]:
     }
 
 
-def place(spec: LaunchSpec, where: Allocation) -> LaunchSpec:
-    """A submitted spec on this node of the job: everything as submitted, but the placement."""
+def place(spec: LaunchSpec, where: Allocation,
+          route: Callable[[str], tuple[str, str] | None] = lambda host: None) -> LaunchSpec:
+    """A submitted spec on this node of the job: everything as submitted, but the placement (and, for
+    many nodes, this node's address and interface toward the first one: `route`, as `spec.resolve`)."""
     if where.nodes != spec.nodes:
         raise UsageError(f"the job step runs on {where.nodes} node(s), but {spec.run_dir} was submitted for "
                          f"{spec.nodes}; start the step with srun --nodes={spec.nodes}.")
     return spec.replace(node_rank=where.node_rank, master_addr=where.first_host,
                         master_port=rendezvous_port(where.job_id),
+                        network=toward(where.first_host, route) if spec.nodes > 1 else None,
                         wandb_group=spec.wandb_group or f"slurm-{where.job_id}")
 
 

@@ -44,6 +44,7 @@ class LaunchSpec:
     run_dir: str
     options: Mapping[str, Any]
     deepspeed_config: Mapping[str, Any] | None = None  # merged, for the ZeRO strategies
+    network: Mapping[str, str] | None = None  # a multi-node job: this node's {"address", "interface"} toward node 0
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -100,12 +101,15 @@ def installed(package: str) -> bool:
 
 
 def resolve(options: Mapping[str, Any], gpus_available: int, free_port: int,
-            is_installed: Callable[[str], bool] = installed, compute_capability: float | None = None) -> LaunchSpec:
+            is_installed: Callable[[str], bool] = installed, compute_capability: float | None = None,
+            route: Callable[[str], tuple[str, str] | None] = lambda host: None) -> LaunchSpec:
     """Turn merged CLI/profile options into a LaunchSpec, or raise UsageError saying what to fix.
 
-    Options not given are None. Steps: 1. the device and processes per node, 2. the nodes and
-    rendezvous, 3. the run directory, 4. launcher, strategy, precision and the DeepSpeed config,
-    checked together against the registries, 5. every other option, from its row's default and check.
+    Options not given are None; `route(host)` is this machine's (address, interface) toward a host
+    (`hardware.route_to`). Steps: 1. the device and processes per node, 2. the nodes and rendezvous
+    (and, for many nodes, the address and interface toward node 0), 3. the run directory, 4. launcher,
+    strategy, precision and the DeepSpeed config, checked together against the registries, 5. every
+    other option, from its row's default and check.
     """
     recipe = options["recipe"]
     if not Path(recipe).is_file():
@@ -120,6 +124,7 @@ def resolve(options: Mapping[str, Any], gpus_available: int, free_port: int,
     if not 0 <= node_rank < nodes:
         raise UsageError(f"--node-rank must be between 0 and {nodes - 1} for {nodes} node(s), got {node_rank}.")
     master_port = value("master_port", free_port if nodes == 1 else DEFAULT_MASTER_PORT)
+    network = toward(value("master_addr"), route) if nodes > 1 else None
     name, run_dir = _run_dir(options, recipe, nodes)  # 3.
     parallel, merged = _parallelism(options, value, device, is_installed, compute_capability)  # 4.
     resolved = {**parallel, "wandb_group": value("wandb_group", name if nodes > 1 else None)}
@@ -128,7 +133,13 @@ def resolve(options: Mapping[str, Any], gpus_available: int, free_port: int,
     return LaunchSpec(
         recipe=recipe, recipe_args=tuple(options.get("recipe_args") or ()), device=device, nproc=nproc,
         nodes=nodes, node_rank=node_rank, master_addr=value("master_addr"), master_port=master_port, name=name,
-        run_dir=run_dir, options=resolved, deepspeed_config=merged)
+        run_dir=run_dir, options=resolved, deepspeed_config=merged, network=network)
+
+
+def toward(master_addr: str, route: Callable[[str], tuple[str, str] | None]) -> dict[str, str] | None:
+    """This node's address and interface toward node 0, which the node advertises and gloo and NCCL use."""
+    found = route(master_addr)
+    return {"address": found[0], "interface": found[1]} if found else None
 
 
 def _parallelism(options: Mapping[str, Any], value: Callable[..., Any], device: str, is_installed: Callable[[str], bool],

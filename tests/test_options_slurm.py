@@ -17,8 +17,10 @@ from conftest import ROOT, TEST_RECIPES, run_dtrain, submit, wait_for
 
 GROUPS = sorted({option.group for option in OPTIONS if option.group}) or [None]
 # The variables that legitimately differ between the two runs: each run's own directory, its start
-# time, the terminal (neither has one), and files inside the run directory (compared relative).
-DIFFER = {contract.RUN_DIR: "run directory", contract.LAUNCH_TIME: "start time", contract.TTY: "terminal"}
+# time, the terminal (neither has one), each launch's error spool (a temporary folder of its node), and
+# files inside the run directory (compared relative).
+DIFFER = {contract.RUN_DIR: "run directory", contract.LAUNCH_TIME: "start time", contract.TTY: "terminal",
+          contract.ERROR_SPOOL: "this launch's temporary folder"}
 IN_RUN_DIR = {contract.DEEPSPEED_CONFIG}
 
 

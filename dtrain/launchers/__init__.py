@@ -47,6 +47,7 @@ class ExitStatus:
     code: int  # the failed worker's exit code, as a shell reports it: 128 + N when killed by signal N
     signal: int | None = None  # a worker was killed by this signal (it left no error record) ...
     rank: int | None = None  # ... and this was its rank, when the launcher says
+    rendezvous_timeout: bool = False  # the nodes never met: no worker started
 
 
 def get(name: str) -> Launcher:

@@ -26,7 +26,9 @@ _MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
 def config_path(spec: LaunchSpec) -> str:
-    return str(Path(spec.run_dir) / "accelerate.yaml")
+    """One file per node (it holds the node's rank), since nodes may share the run directory."""
+    name = "accelerate.yaml" if spec.node_rank == 0 else f"accelerate-node{spec.node_rank}.yaml"
+    return str(Path(spec.run_dir) / name)
 
 
 def accelerate_config(spec: LaunchSpec) -> dict[str, Any]:

@@ -25,7 +25,8 @@ def build_command(spec: LaunchSpec, cpus: int, base_env: Mapping[str, str],
                   python: str = sys.executable) -> tuple[list[str], dict[str, str]]:
     """Every rank's stdout/stderr is written under `<run_dir>/logs/` and teed (`--tee 3`); `job.py` shows
     rank 0's output and only the other ranks' stderr. Rendezvous is c10d in every case: on one node at a
-    free local port, on many at MASTER_ADDR:MASTER_PORT with node rank 0 hosting the store."""
+    free local port, on many at MASTER_ADDR:MASTER_PORT with node rank 0 hosting the store, each node
+    advertising its address toward node 0 (`--local-addr`: torchrun would publish its host name)."""
     argv = [
         python, "-m", "torch.distributed.run",
         "--nnodes", str(spec.nodes),
@@ -36,6 +37,7 @@ def build_command(spec: LaunchSpec, cpus: int, base_env: Mapping[str, str],
         "--rdzv-id", spec.name,
         "--rdzv-conf", f"is_host={1 if spec.node_rank == 0 else 0},join_timeout={spec.rdzv_timeout}",
         "--max-restarts", str(spec.max_restarts),
+        *(("--local-addr", spec.network["address"]) if spec.network else ()),
         "--log-dir", spec.log_dir,
         "--tee", "3",
         spec.recipe,
@@ -53,8 +55,11 @@ def exit_status(launcher_log: str, launcher_code: int) -> ExitStatus:
 
     A worker killed by a signal left no error record, and its peers' errors ("connection reset") are
     only the consequence: it is the cause. SIGTERM does not count: torchrun sends it to the survivors
-    when it tears down.
+    when it tears down. Before any worker: the nodes never met (the rendezvous, or accelerate's static
+    store, timed out).
     """
+    if "RendezvousTimeoutError" in launcher_log or "client socket has timed out" in launcher_log:
+        return ExitStatus(launcher_code, rendezvous_timeout=True)
     summary = [(int(rank), int(code)) for rank, code in _SUMMARY_FAILURE.findall(launcher_log)]
     for rank, code in summary:
         if code < 0 and -code != signal.SIGTERM:

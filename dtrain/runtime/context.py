@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 import dtrain
-from dtrain.contract import WorkerEnv, read_env
+from dtrain.contract import NETWORK_INTERFACES, WorkerEnv, read_env
 from dtrain.errors import UsageError
 from dtrain.metrics import TRAIN
 from dtrain.options import parse_checkpoint_every
@@ -129,6 +129,8 @@ class Context:
             "launch": {k: list(v) if isinstance(v, tuple) else v
                        for k, v in {**dataclasses.asdict(self.env), **self.env.options}.items()
                        if k not in ("rank", "local_rank", "node_name", "tty", "error_spool", "options")},
+            "network": {name: os.environ.get(name) for name in ("MASTER_ADDR", *NETWORK_INTERFACES)}
+            if self.world_size > 1 else None,
             "precision": self.env.precision,
             "seed": self.env.seed,
             "run_dir": str(self.run_dir),

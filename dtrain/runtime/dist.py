@@ -152,18 +152,18 @@ def _peer_vanished(exc: BaseException) -> bool:
 def _write_error_records(env: WorkerEnv, message: str, text: str, usage: bool) -> bool:
     """dtrain's record (the contract's `error_record`: in `dtrain launch`'s spool on this node, and in the
     run directory for the other nodes), and torchelastic's error file where the launcher asks for one
-    (TORCHELASTIC_ERROR_FILE: its failure summary then names the right root cause). Whether one of
-    dtrain's records was written."""
+    (TORCHELASTIC_ERROR_FILE: its failure summary then names the right root cause). Whether the spool's
+    was written, that is, whether `dtrain launch` will show it."""
     now = time.time()
     record = {"rank": env.rank, "message": message, "time": now, "usage": usage,
               "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)}
-    ours = [error_record(folder, env.rank) for folder in (env.error_spool, env.run_dir) if folder] \
-        if env.launched_world_size is not None else []  # launched by dtrain, which reads them
-    written = [path for path in ours if _write_atomically(path, record)]
+    shown = env.error_spool is not None and _write_atomically(error_record(env.error_spool, env.rank), record)
+    if env.launched_world_size is not None:
+        _write_atomically(error_record(env.run_dir, env.rank), record)
     if os.environ.get("TORCHELASTIC_ERROR_FILE"):
         _write_atomically(os.environ["TORCHELASTIC_ERROR_FILE"], {
             "message": {"message": message, "extraInfo": {"py_callstack": text, "timestamp": str(int(now))}}})
-    return bool(written)
+    return shown
 
 
 def _write_atomically(path: str, record: dict) -> bool:

@@ -169,3 +169,22 @@ def test_a_spec_travels_as_json_unchanged(tmp_path):
     assert spec.LaunchSpec.from_json(launch_spec.to_json(), "spec.json") == launch_spec
     with pytest.raises(UsageError, match="not a launch spec that this dtrain wrote"):
         spec.LaunchSpec.from_json('{"format": "dtrain-spec-0"}', "old.json")
+
+
+def test_a_multi_node_launch_advertises_and_uses_the_interface_toward_node_0():
+    def route(host):
+        return ("198.18.0.2", "veth1") if host == "node-a" else None
+
+    two_nodes = spec.resolve({"recipe": RECIPE, "cpu": True, "nodes": 2, "node_rank": 1, "master_addr": "node-a",
+                              "name": "big"}, gpus_available=0, free_port=1, route=route)
+    assert two_nodes.network == {"address": "198.18.0.2", "interface": "veth1"}
+    argv, env = torchrun.build_command(two_nodes, cpus=2, base_env={"NCCL_SOCKET_IFNAME": "ib0"}, python="python")
+    assert argv[argv.index("--local-addr") + 1] == "198.18.0.2"  # not the host name, which may mean 127.0.0.1
+    assert (env["GLOO_SOCKET_IFNAME"], env["NCCL_SOCKET_IFNAME"]) == ("veth1", "ib0")  # the user's choice stays
+    one_node = resolve(cpu=True, name="small")
+    assert one_node.network is None and "--local-addr" not in torchrun.build_command(one_node, 2, {}, "python")[0]
+
+
+def test_this_machine_routes_to_its_own_loopback_through_lo():
+    assert hardware.route_to("127.0.0.1") == ("127.0.0.1", "lo")
+    assert hardware.route_to("name.invalid") is None

@@ -1,0 +1,88 @@
+"""Two nodes that share no loopback: two network namespaces joined by a veth pair, each "node" with
+its own address from the 198.18.0.0/15 test range (../shared/notes/multi-node-netns.md). Every
+node's `dtrain launch` finds the interface that routes to node 0 (for gloo and NCCL) and the address
+it advertises; the namespaces are made once for this module and removed after it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import uuid
+
+import pytest
+import yaml
+
+from conftest import DTRAIN, ROOT, metrics
+
+ADDRESSES = ("198.18.0.1", "198.18.0.2")
+
+
+def ip(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def namespaces():
+    """(namespace, veth) of node 0 and node 1."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 to make network namespaces")
+    tag = uuid.uuid4().hex[:6]
+    nodes = [(f"dtrain-{tag}-{i}", f"dtv{tag}{i}") for i in (0, 1)]
+    made = []
+    try:
+        for namespace, _ in nodes:
+            if ip("netns", "add", namespace).returncode:
+                pytest.skip("network namespaces cannot be made here")
+            made.append(namespace)
+        steps = [("link", "add", nodes[0][1], "type", "veth", "peer", "name", nodes[1][1])]
+        for (namespace, veth), address in zip(nodes, ADDRESSES):
+            steps += [("link", "set", veth, "netns", namespace), ("-n", namespace, "addr", "add", f"{address}/24",
+                      "dev", veth), ("-n", namespace, "link", "set", "lo", "up"),
+                      ("-n", namespace, "link", "set", veth, "up")]
+        for step in steps:
+            result = ip(*step)
+            assert result.returncode == 0, (step, result.stderr)
+        yield nodes
+    finally:
+        for namespace in made:
+            ip("netns", "del", namespace)  # its end of the veth pair goes with it
+
+
+def start(namespaces, node: int, run_dir, *args: str) -> subprocess.Popen:
+    """`dtrain launch` node `node` of 2 in its namespace; `args`: launch options, then `--` and the recipe's."""
+    cut = args.index("--") if "--" in args else len(args)
+    return subprocess.Popen(["ip", "netns", "exec", namespaces[node][0], DTRAIN, "launch", *args[:cut], "--nodes", "2",
+                             "--node-rank", str(node), "--master-addr", ADDRESSES[0], "--run-dir", str(run_dir),
+                             "--wandb", "disabled", *args[cut:]],
+                            cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate", "deepspeed"])
+def test_two_nodes_on_a_network_train_together(namespaces, tmp_path, data_dir, launcher):
+    run_dir = tmp_path / "run"
+    port = str(29600 + ["torchrun", "accelerate", "deepspeed"].index(launcher))
+    args = ("recipes/mnist_cnn.py", "--cpu", "--nproc", "1", "--launcher", launcher, "--name", f"net-{launcher}",
+            "--master-port", port, "--timeout", "60", "--rdzv-timeout", "60", "--checkpoint-every", "never", "--",
+            "--epochs", "1", "--limit-train-batches", "20", "--log-every", "10", "--data-dir", data_dir)
+    nodes = [start(namespaces, node, run_dir, *args) for node in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert [r["step"] for r in metrics(run_dir, "train")] == [10, 20]
+    network = yaml.safe_load((run_dir / "config.yaml").read_text())["network"]
+    assert network["MASTER_ADDR"] == ADDRESSES[0]
+    assert network["GLOO_SOCKET_IFNAME"] in {veth for _, veth in namespaces}  # rank 0's node's veth, not lo
+
+
+def test_a_node_that_never_comes_ends_the_rendezvous_in_one_sentence(namespaces, tmp_path):
+    begun = time.monotonic()
+    node = start(namespaces, 0, tmp_path / "run", "recipes/mnist_cnn.py", "--cpu", "--name", "alone",
+                 "--master-port", "29610", "--rdzv-timeout", "10")
+    stdout, stderr = node.communicate(timeout=120)
+    assert node.returncode == 1 and time.monotonic() - begun < 10 + 30
+    assert stderr.strip().splitlines()[-1] == (
+        f"dtrain: the rendezvous at {ADDRESSES[0]}:29610 timed out after 10 s: 1 of 2 nodes came (node 0), node 1 "
+        "did not; start `dtrain launch` on every node with the same --name, --nodes, --master-addr and "
+        "--master-port, or give them more time with --rdzv-timeout.")
+    assert "Traceback" not in stdout + stderr
