@@ -119,3 +119,15 @@ def interface_address(name: str) -> str | None:
         except OSError:
             return None
     return socket.inet_ntoa(packed[20:24])
+
+
+def answers(address: str, timeout: float = 3.0) -> bool:
+    """Whether a host answers on the network: a TCP connection to its discard port is refused at once by
+    a host that is there, and goes unanswered (or unreachable) when it is not."""
+    try:
+        with socket.create_connection((address, 9), timeout=timeout):
+            return True
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False

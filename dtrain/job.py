@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from dtrain import launchers
+from dtrain import hardware, launchers
 from dtrain.contract import ERROR_SPOOL, error_record
 from dtrain.errors import UsageError
 from dtrain.launchers import ExitStatus
@@ -184,7 +184,13 @@ def run_job(spec: LaunchSpec, argv: Sequence[str], env: Mapping[str, str], start
             print(f"dtrain: {rendezvous_failure(spec, arrived_nodes(spec, started))}", file=sys.stderr)
             return status.code
         failures = [first_failure(folder, spec.world_size, started) for folder in (spool, spec.run_dir) if folder]
-        report_failure(status, next((f for f in failures if f is not None), None), spec.log_dir)
+        failure = next((f for f in failures if f is not None), None)
+        report_failure(status, failure, spec.log_dir)
+        if failure is not None and not failure.usage and spec.nodes > 1 and timed_out(failure.message):
+            silent = silent_nodes(spec, started, hardware.answers)
+            if silent:
+                print(f"dtrain: {', '.join(f'node {n} ({a})' for n, a in silent)} did not answer on the network when "
+                      "the collective timed out: it dropped off, and the others waited for it.", file=sys.stderr)
         return status.code
     finally:
         launcher_log.close()
@@ -209,17 +215,36 @@ def _announce_node(spec: LaunchSpec) -> None:
         pass  # only the message of a failed rendezvous misses it
 
 
-def arrived_nodes(spec: LaunchSpec, started: float) -> list[int]:
-    """The node ranks that came to this launch's rendezvous, as far as the run directory shows (all of
-    them on a shared file system; this one alone on a node's own disk)."""
-    arrived = {spec.node_rank}
+def node_records(spec: LaunchSpec, started: float) -> dict[int, dict]:
+    """What the nodes of this launch announced when they came (`_announce_node`), by node rank, as far
+    as the run directory shows (every node on a shared file system; this one alone on a node's own disk)."""
+    records = {}
     for node_rank in range(spec.nodes):
         try:
-            if json.loads(_node_file(spec, node_rank).read_text())["time"] >= started - spec.rdzv_timeout:
-                arrived.add(node_rank)
+            record = json.loads(_node_file(spec, node_rank).read_text())
+            if record["time"] >= started - spec.rdzv_timeout:
+                records[node_rank] = record
         except (OSError, ValueError, KeyError, TypeError):
             continue
-    return sorted(arrived)
+    return records
+
+
+def arrived_nodes(spec: LaunchSpec, started: float) -> list[int]:
+    """The node ranks that came to this launch's rendezvous."""
+    return sorted({spec.node_rank, *node_records(spec, started)})
+
+
+def timed_out(message: str) -> bool:
+    """A rank's error is a collective that waited out --timeout (gloo's and NCCL's words for it)."""
+    lowered = message.lower()
+    return "timed out waiting" in lowered or ("timed out" in lowered and "collective" in lowered)
+
+
+def silent_nodes(spec: LaunchSpec, started: float, answers) -> list[tuple[int, str]]:
+    """(node rank, address) of the other nodes of this launch that do not answer on the network
+    (`answers(address)`, e.g. `hardware.answers`), from the addresses they announced."""
+    return [(node_rank, record["address"]) for node_rank, record in node_records(spec, started).items()
+            if node_rank != spec.node_rank and record.get("address") and not answers(record["address"])]
 
 
 def rendezvous_failure(spec: LaunchSpec, arrived: list[int]) -> str:

@@ -50,6 +50,20 @@ def namespaces():
             ip("netns", "del", namespace)  # its end of the veth pair goes with it
 
 
+@pytest.fixture(autouse=True)
+def nothing_left(namespaces):
+    """After each test: no process left in either namespace, both links up."""
+    yield
+    for namespace, veth in namespaces:
+        for pid in namespace_pids(namespace):
+            os.kill(pid, 9)
+        ip("-n", namespace, "link", "set", veth, "up")
+
+
+def namespace_pids(namespace: str) -> list[int]:
+    return [int(pid) for pid in ip("netns", "pids", namespace).stdout.split()]
+
+
 def start(namespaces, node: int, run_dir, *args: str) -> subprocess.Popen:
     """`dtrain launch` node `node` of 2 in its namespace; `args`: launch options, then `--` and the recipe's."""
     cut = args.index("--") if "--" in args else len(args)
@@ -64,8 +78,8 @@ def test_two_nodes_on_a_network_train_together(namespaces, tmp_path, data_dir, l
     run_dir = tmp_path / "run"
     port = str(29600 + ["torchrun", "accelerate", "deepspeed"].index(launcher))
     args = ("recipes/mnist_cnn.py", "--cpu", "--nproc", "1", "--launcher", launcher, "--name", f"net-{launcher}",
-            "--master-port", port, "--timeout", "60", "--rdzv-timeout", "60", "--checkpoint-every", "never", "--",
-            "--epochs", "1", "--limit-train-batches", "20", "--log-every", "10", "--data-dir", data_dir)
+            "--master-port", port, "--timeout", "60", "--rdzv-timeout", "60", "--checkpoint-every", "never",
+            "--max-steps", "20", "--", "--epochs", "1", "--log-every", "10", "--data-dir", data_dir)
     nodes = [start(namespaces, node, run_dir, *args) for node in (0, 1)]
     outputs = [node.communicate(timeout=300) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs
@@ -86,3 +100,53 @@ def test_a_node_that_never_comes_ends_the_rendezvous_in_one_sentence(namespaces,
         "did not; start `dtrain launch` on every node with the same --name, --nodes, --master-addr and "
         "--master-port, or give them more time with --rdzv-timeout.")
     assert "Traceback" not in stdout + stderr
+
+
+def parent(pid: int) -> int:
+    return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+
+
+def cmdline(pid: int) -> bytes:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read()
+
+
+def wait_for_step(run_dir, step: int, nodes, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not ((run_dir / "metrics.jsonl").exists() and any(r["step"] >= step for r in metrics(run_dir, "train"))):
+        assert time.monotonic() < deadline and all(node.poll() is None for node in nodes), "training did not start"
+        time.sleep(0.2)
+
+
+def test_a_node_that_drops_off_the_network_is_named_within_the_collective_time_out(namespaces, tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    args = ("recipes/mnist_cnn.py", "--cpu", "--nproc", "1", "--name", "drop", "--master-port", "29611", "--timeout",
+            "20", "--checkpoint-every", "never", "--", "--epochs", "1", "--log-every", "10", "--data-dir", data_dir)
+    nodes = [start(namespaces, node, run_dir, *args) for node in (0, 1)]
+    wait_for_step(run_dir, 20, nodes)
+    ip("-n", namespaces[1][0], "link", "set", namespaces[1][1], "down")
+    dropped = time.monotonic()
+    stdout, stderr = nodes[0].communicate(timeout=120)
+    assert nodes[0].returncode == 1 and time.monotonic() - dropped < 20 + 30, stderr
+    rank_line, node_line = stderr.strip().splitlines()[-2:]
+    assert rank_line.startswith("dtrain: rank 0 failed first (RuntimeError: ") and "Timed out waiting" in rank_line
+    assert node_line.startswith(f"dtrain: node 1 ({ADDRESSES[1]}) did not answer on the network when the collective "
+                                "timed out")
+    assert namespace_pids(namespaces[0][0]) == []  # nothing of node 0 is left (node 1, cut off, is the fixture's)
+
+
+def test_a_node_whose_workers_die_restarts_with_the_other_and_resumes(namespaces, tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    args = ("recipes/mnist_cnn.py", "--cpu", "--nproc", "1", "--name", "restart", "--master-port", "29612",
+            "--max-restarts", "1", "--checkpoint-every", "10", "--timeout", "60", "--rdzv-timeout", "60",
+            "--max-steps", "60", "--",
+            "--epochs", "1", "--log-every", "10", "--data-dir", data_dir)
+    nodes = [start(namespaces, node, run_dir, *args) for node in (0, 1)]
+    wait_for_step(run_dir, 20, nodes)
+    workers = [pid for pid in namespace_pids(namespaces[1][0]) if b"torch.distributed.run" in cmdline(parent(pid))]
+    assert len(workers) == 1, "node 1's one worker is running"
+    os.kill(workers[0], 9)
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert "resuming from" in outputs[0][0] + outputs[1][0]
+    assert [r["step"] for r in metrics(run_dir, "train")][-1] == 60
