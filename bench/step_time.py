@@ -62,7 +62,7 @@ def main() -> None:
     no_sync = model.no_sync if ctx.world_size > 1 else nullcontext
     grads = torch.zeros(sum(p.numel() for p in model.parameters()), device=ctx.device)
     # What DDP's backward uses here: shared memory between CPU ranks of one host, else the process group.
-    shared = shared_memory.for_ddp(ctx.rank, ctx.world_size, ctx.device, [grads.numel()])
+    shared = shared_memory.for_ddp(ctx.rank, ctx.world_size, ctx.device, [grads.numel()], ctx.env.timeout)
     all_reduce = shared.average if shared is not None else ctx.all_reduce
 
     def compute():

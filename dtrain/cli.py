@@ -164,6 +164,23 @@ def report(run_dir: str) -> int:
     return 0
 
 
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+def stack(run_dir: str) -> int:
+    """Print the Python stacks of every rank of RUN_DIR's job that runs on this node, without stopping it."""
+    from dtrain import hangs
+
+    if not hangs.live_ranks(run_dir):
+        raise UsageError(f"no rank has announced itself in {Path(run_dir) / hangs.DEBUG}; give the run directory of a "
+                         "job that dtrain started (runs/NAME).")
+    stacks, notes = hangs.dump_live_stacks(run_dir)
+    for rank, text in sorted(stacks.items()):
+        click.echo(f"=== rank {rank}\n{text.rstrip()}\n")
+    for note in notes:
+        click.echo(f"dtrain: {note}", err=True)
+    return 0 if stacks else 1
+
+
 @cli.group("slurm")
 def slurm_group() -> None:
     """Submit a recipe as a SLURM job, and follow, inspect or cancel it."""

@@ -32,6 +32,7 @@ from typing import IO
 from dtrain import hardware, launchers
 from dtrain.contract import ERROR_SPOOL, error_record
 from dtrain.errors import UsageError
+from dtrain.hangs import hang_report, read_states, timed_out
 from dtrain.launchers import ExitStatus
 from dtrain.spec import LaunchSpec
 
@@ -186,7 +187,11 @@ def run_job(spec: LaunchSpec, argv: Sequence[str], env: Mapping[str, str], start
         failures = [first_failure(folder, spec.world_size, started) for folder in (spool, spec.run_dir) if folder]
         failure = next((f for f in failures if f is not None), None)
         report_failure(status, failure, spec.log_dir)
-        if failure is not None and not failure.usage and spec.nodes > 1 and timed_out(failure.message):
+        if failure is None or failure.usage or not timed_out(failure.message):
+            return status.code
+        for line in hang_report(read_states(spec.run_dir, started), spec.run_dir):
+            print(line, file=sys.stderr)
+        if spec.nodes > 1:
             silent = silent_nodes(spec, started, hardware.answers)
             if silent:
                 print(f"dtrain: {', '.join(f'node {n} ({a})' for n, a in silent)} did not answer on the network when "
@@ -232,12 +237,6 @@ def node_records(spec: LaunchSpec, started: float) -> dict[int, dict]:
 def arrived_nodes(spec: LaunchSpec, started: float) -> list[int]:
     """The node ranks that came to this launch's rendezvous."""
     return sorted({spec.node_rank, *node_records(spec, started)})
-
-
-def timed_out(message: str) -> bool:
-    """A rank's error is a collective that waited out --timeout (gloo's and NCCL's words for it)."""
-    lowered = message.lower()
-    return "timed out waiting" in lowered or ("timed out" in lowered and "collective" in lowered)
 
 
 def silent_nodes(spec: LaunchSpec, started: float, answers) -> list[tuple[int, str]]:

@@ -38,7 +38,7 @@ from dtrain.contract import NETWORK_INTERFACES, WorkerEnv, read_env
 from dtrain.errors import UsageError
 from dtrain.metrics import TRAIN
 from dtrain.options import parse_checkpoint_every
-from dtrain.runtime import activation_checkpointing, checkpoint
+from dtrain.runtime import activation_checkpointing, checkpoint, stacks
 from dtrain.runtime import dist as dist_utils
 from dtrain.runtime.checkpoint import TrainState
 from dtrain.runtime.data import make_loader
@@ -55,6 +55,7 @@ def setup(config: Mapping[str, Any] | None = None) -> Context:
     dist_utils.install_error_hook(env)
     device = dist_utils.pick_device(env)
     dist_utils.check_world(env)
+    stacks.enable_flight_recorder(env.run_dir)
     dist_utils.init_process_group(env, device)
     return Context(env, device, config or {})
 
@@ -79,6 +80,10 @@ class Context:
         self._accumulated = 0  # micro-batches since the last optimizer step
         self._sync = True  # whether the current micro-batch ends an accumulation window
         self._accumulating = False  # whether the loop uses `accumulate` (needed with --grad-accum > 1)
+        self.steps = 0  # optimizer steps taken: "the step" of every record and report
+        self.watch = stacks.StackWatch(env, lambda: self.steps)
+        self.watch.start()
+        dist_utils.on_uncaught_error(self.watch.after_error)
         self.run_dir = Path(env.run_dir)
         self.models: list[nn.Module] = []
         self.optimizers: list[torch.optim.Optimizer] = []
@@ -229,6 +234,7 @@ class Context:
             return None
         norm = self.strategy.step(self._model(), self.optimizers, self.precision, measure_grad_norm, self.is_main)
         self._accumulated = 0
+        self.steps += 1
         return norm
 
     def all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
@@ -305,6 +311,7 @@ class Context:
             self.print(f"dtrain: {note}")
         if path is None:
             return None
+        self.steps = state.step
         if scheduler is not None:
             scheduler.load_state_dict(extras["scheduler"])
         if self.precision.scaler is not None:
@@ -357,6 +364,7 @@ class Context:
             self.logger.close()
         for model in self.models:
             self.strategy.close(model)
+        self.watch.close()
         dist_utils.destroy_process_group()
 
 

@@ -118,7 +118,7 @@ def install_error_hook(env: WorkerEnv) -> None:
         except OSError:  # stderr is a file on a full disk: the record is what remains
             pass
         for callback in _failure_callbacks:
-            callback()
+            callback(exc)
         if dist.is_initialized():
             atexit.register(_exit_without_teardown)
 
@@ -136,11 +136,12 @@ def _exit_without_teardown() -> None:
     os._exit(1)
 
 
-_failure_callbacks: list[Callable[[], None]] = []
+_failure_callbacks: list[Callable[[BaseException], None]] = []
 
 
-def on_uncaught_error(callback: Callable[[], None]) -> None:
-    """Run `callback` after the error hook has reported an uncaught exception (e.g. mark a W&B run failed)."""
+def on_uncaught_error(callback: Callable[[BaseException], None]) -> None:
+    """Run `callback(exc)` after the error hook has reported an uncaught exception (e.g. mark a W&B run
+    failed, ask every rank for its stacks)."""
     _failure_callbacks.append(callback)
 
 

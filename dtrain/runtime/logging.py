@@ -116,7 +116,7 @@ class RunLogger:
                 name=run_dir.name, config=dict(run_config)))
             dist_utils.on_uncaught_error(self._mark_failed)
 
-    def _mark_failed(self) -> None:
+    def _mark_failed(self, _exc: BaseException) -> None:
         """After an uncaught exception: end the W&B run as failed, not finished."""
         if self.wandb is not None:
             self.wandb.finish(exit_code=1)

@@ -23,7 +23,6 @@ HEADER = 64  # int64 words: a token that proves every rank mapped the same file,
 PATH_BYTES = 256
 DDP_BUCKET_NUMEL = 25 * 2**20 // 4  # DDP's default bucket_cap_mb (25) in float32s; a bucket exceeds it by one tensor at most
 SPIN_S, SLEEP_S = 0.002, 0.00005
-WAIT_LIMIT_S = 1800.0  # gloo's default timeout: a rank that never arrives is an error, not a hang
 
 
 def slot_numel(parameter_numels: list[int]) -> int:
@@ -50,25 +49,26 @@ def reserved_file(nbytes: int) -> str:
         os.close(fd)
 
 
-def for_ddp(rank: int, world_size: int, device: torch.device,
-            parameter_numels: list[int]) -> "SharedMemoryAllReduce | None":
+def for_ddp(rank: int, world_size: int, device: torch.device, parameter_numels: list[int],
+            timeout_s: float) -> "SharedMemoryAllReduce | None":
     """Collective: the buffer DDP's CPU ranks average their gradients through, or None where DDP keeps
-    its process group (GPUs, a world of one, ranks that do not share a host)."""
+    its process group (GPUs, a world of one, ranks that do not share a host). A rank that waits
+    `timeout_s` for the others fails as a timed-out collective of the process group would."""
     if device.type != "cpu" or world_size == 1:
         return None
-    return SharedMemoryAllReduce.create(rank, world_size, slot_numel(parameter_numels))
+    return SharedMemoryAllReduce.create(rank, world_size, slot_numel(parameter_numels), timeout_s)
 
 
 class SharedMemoryAllReduce:
     """The DDP comm hook's state: a shared buffer with room for `numel` float32s per rank and slot set."""
 
-    def __init__(self, buffer: torch.Tensor, rank: int, world_size: int, numel: int):
+    def __init__(self, buffer: torch.Tensor, rank: int, world_size: int, numel: int, timeout_s: float):
         self.sequence = buffer[:HEADER * 2].view(torch.int64)[1:1 + world_size]
         self.slots = buffer[HEADER * 2:].view(2, world_size, numel)
-        self.rank, self.world_size, self.last = rank, world_size, 0
+        self.rank, self.world_size, self.timeout_s, self.last = rank, world_size, timeout_s, 0
 
     @classmethod
-    def create(cls, rank: int, world_size: int, numel: int) -> "SharedMemoryAllReduce | None":
+    def create(cls, rank: int, world_size: int, numel: int, timeout_s: float) -> "SharedMemoryAllReduce | None":
         """Collective: the shared buffer if every rank can map the one that rank 0 made, else None.
 
         Only on x86-64, whose stores become visible to other cores in program order: a rank that
@@ -90,7 +90,7 @@ class SharedMemoryAllReduce:
         dist.all_reduce(seen, op=dist.ReduceOp.MIN)
         if rank == 0 and name:
             os.unlink(name)  # the mappings keep it; nothing is left behind, however the job ends
-        return cls(buffer, rank, world_size, numel) if int(seen) else None
+        return cls(buffer, rank, world_size, numel, timeout_s) if int(seen) else None
 
     def average(self, tensor: torch.Tensor) -> torch.Tensor:
         """The mean of `tensor` (float32, at most `numel` elements) over all ranks, in place."""
@@ -102,9 +102,9 @@ class SharedMemoryAllReduce:
         start = time.monotonic()
         while int(self.sequence.min()) < self.last:
             waited = time.monotonic() - start
-            if waited > WAIT_LIMIT_S:
-                raise RuntimeError(f"rank {self.rank}: another rank did not reach gradient all-reduce "
-                                   f"{self.last} within {WAIT_LIMIT_S:.0f} s")
+            if waited > self.timeout_s:  # gloo's words, which dtrain's hang report recognises
+                raise RuntimeError(f"Timed out waiting {self.timeout_s * 1000:.0f}ms for the other ranks in shared-"
+                                   f"memory gradient all-reduce {self.last}")
             # Spin briefly (the others are usually close), then sleep: with more ranks than cores a
             # spinning rank would take the core that the rank it waits for needs.
             if waited < SPIN_S:

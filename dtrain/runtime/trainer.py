@@ -86,7 +86,6 @@ class Trainer:
         self.eval_batch_size = eval_batch_size or batch_size
         self.collate_fn = collate_fn
         self.log_every = log_every
-        self.step = 0
         self.epoch = 0
         self.metrics: dict[str, float] = {}
         self.reached: dict[str, float] | None = None  # the evaluation that reached `stop_at`
@@ -101,7 +100,6 @@ class Trainer:
         state = self.ctx.resume(self.scheduler)
         start_epoch, start_batch = 0, 0
         if state is not None:
-            self.step = state.step
             start_epoch, start_batch = state.epoch, state.batch_on(self.ctx.world_size, self.batch_size)
         for epoch in range(start_epoch, epochs):
             if self.stopped:
@@ -127,6 +125,11 @@ class Trainer:
             if self.ctx.checkpointing and (due or self.stopped):
                 self.save_checkpoint(*((epoch + 1, 0) if complete else (epoch, done)))
         return self.metrics
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken (`ctx.steps`, restored on resume)."""
+        return self.ctx.steps
 
     @property
     def stopped(self) -> bool:
@@ -170,7 +173,6 @@ class Trainer:
             grad_norm = self.ctx.step(measure_grad_norm=logging_step and clipped is None)
             if clipped is not None:
                 grad_norm = clipped
-            self.step += 1
             if self.scheduler is not None and self.scheduler_interval == "step":
                 self.scheduler.step()
             if self.startup_pending:

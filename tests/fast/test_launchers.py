@@ -89,7 +89,7 @@ def test_the_launchers_own_log_goes_on_in_memory_when_its_disk_refuses(capsys):
 
 def test_after_a_collective_time_out_the_nodes_that_do_not_answer_are_named(tmp_path):
     from dtrain import spec
-    from dtrain.job import arrived_nodes, silent_nodes, timed_out
+    from dtrain.job import arrived_nodes, silent_nodes
 
     two_nodes = spec.resolve({"recipe": "recipes/mnist_cnn.py", "cpu": True, "nodes": 3, "node_rank": 0,
                               "master_addr": "198.18.0.1", "run_dir": str(tmp_path), "rdzv_timeout": 60},
@@ -102,10 +102,6 @@ def test_after_a_collective_time_out_the_nodes_that_do_not_answer_are_named(tmp_
     assert arrived_nodes(two_nodes, started=1010.0) == [0, 1]
     assert silent_nodes(two_nodes, 1010.0, answers=lambda address: address != "198.18.0.2") == [(1, "198.18.0.2")]
     assert silent_nodes(two_nodes, 1010.0, answers=lambda address: True) == []
-    assert timed_out("RuntimeError: [../gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 20000ms for recv")
-    assert timed_out("Watchdog caught collective operation timeout: WorkNCCL(SeqNum=5, OpType=ALLREDUCE) ran for "
-                     "600010 milliseconds before timing out. ... collective timed out")
-    assert not timed_out("RuntimeError: Connection closed by peer [198.18.0.2]:20142")
 
 
 def test_a_host_that_is_there_answers_though_nothing_listens():

@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.nn.parallel import DistributedDataParallel
 
-from dtrain.runtime import shared_memory
+from dtrain.runtime import shared_memory, stacks
 from dtrain.runtime.precision import Precision
 from dtrain.runtime.strategies.base import StrategyRuntime, total_norm, whole
 
@@ -31,9 +31,10 @@ class DataParallel(StrategyRuntime):
             return DistributedDataParallel(model, device_ids=[self.device.index])
         model = DistributedDataParallel(model)
         shared = shared_memory.for_ddp(self.env.rank, self.env.world_size, self.device,
-                                       [p.numel() for p in model.parameters() if p.requires_grad])
+                                       [p.numel() for p in model.parameters() if p.requires_grad], self.env.timeout)
         if shared is not None:  # every rank on this host: faster than gloo (see shared_memory)
             model.register_comm_hook(shared, shared_memory.comm_hook)
+            stacks.count_collectives("shared-memory gradient all-reduce", lambda: shared.last)
         return model
 
     def set_gradient_sync(self, model: nn.Module, enabled: bool) -> None:
