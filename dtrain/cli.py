@@ -33,8 +33,8 @@ def _click_option(option: Option) -> Callable[[Callable], Callable]:
         kwargs.update(is_flag=False, flag_value=option.flag_value)
     if option.choices:
         kwargs["type"] = click.Choice(option.choices)
-    elif option.kind is int:
-        kwargs["type"] = int
+    elif option.kind in (int, float):
+        kwargs["type"] = option.kind
     if option.metavar:
         kwargs["metavar"] = option.metavar
     return click.option(option.flag, option.name, **kwargs)
@@ -179,6 +179,27 @@ def stack(run_dir: str) -> int:
     for note in notes:
         click.echo(f"dtrain: {note}", err=True)
     return 0 if stacks else 1
+
+
+@cli.command()
+@click.option("--nproc", type=int, help="Also run the preflight on N CPU processes.")
+@click.option("--gpus", type=int, help="Also run the preflight on N GPUs.")
+@click.option("--runs", default="runs", show_default=True, help="The folder runs are written to (its free space).")
+def doctor(nproc: int | None, gpus: int | None, runs: str) -> int:
+    """Versions, GPUs and their topology, network, SLURM and free space; with --nproc or --gpus, a preflight
+    (a matmul on every rank, an all-reduce) that names ranks slower than the others. Exit 1 if it names one."""
+    from dtrain import doctor as checks
+
+    if nproc is not None and gpus is not None:
+        raise UsageError("--nproc (CPU processes) and --gpus contradict each other; pass one of them.")
+    for label, text in checks.versions() + checks.gpus() + checks.network() + checks.slurm() + checks.disk(runs):
+        click.echo(f"{label:<12} {text}")
+    if nproc is None and gpus is None:
+        return 0
+    lines, slow = checks.preflight_lines(checks.run_preflight(["--cpu", "--nproc", str(nproc)] if nproc is not None
+                                                              else ["--gpus", str(gpus)]))
+    click.echo("\n".join(lines))
+    return 1 if slow else 0
 
 
 @cli.group("slurm")

@@ -121,6 +121,29 @@ def interface_address(name: str) -> str | None:
     return socket.inet_ntoa(packed[20:24])
 
 
+# Dense peak TFLOP/s per device: tensor cores for bf16/fp16, plain FP32 for fp32 (no TF32); vendors'
+# data sheets, SXM parts unless the name says PCIe. The first row whose pattern is in the name wins.
+PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 51.2}),
+    ("H100", {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9}),
+    ("H200", {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9}),
+    ("H800", {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9}),
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
+    ("A800", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
+    ("L40S", {"bf16": 362.1, "fp16": 362.1, "fp32": 91.6}),
+    ("A10G", {"bf16": 70.0, "fp16": 70.0, "fp32": 31.2}),
+    ("V100", {"fp16": 125.0, "fp32": 15.7}),
+)
+
+
+def peak_tflops(device_name: str, precision: str) -> float | None:
+    """The table's dense peak for this device and precision, or None (unknown: no MFU)."""
+    for pattern, peaks in PEAK_TFLOPS:
+        if pattern in device_name:
+            return peaks.get(precision)
+    return None
+
+
 def answers(address: str, timeout: float = 3.0) -> bool:
     """Whether a host answers on the network: a TCP connection to its discard port is refused at once by
     a host that is there, and goes unanswered (or unreachable) when it is not."""

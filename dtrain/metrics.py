@@ -16,6 +16,11 @@ other key is one series, and a series' name means one thing in every row that ho
     target   the evaluation that reached Trainer's stop_at: stop_at (the target), the value,
              time_to_target_s (since fit began), since_launch_s (since `dtrain launch` started)
     startup  once per launch: startup_s, from `dtrain launch` to this process's first step
+    system   every log interval (and at `ctx.close()`), over all ranks: compute_s, data_wait_s and
+             comm_wait_s (seconds per step; /min, /median, /max), slowest_rank (the longest
+             compute), memory/* (the highest rank's; CPU: rss_gb, peak_rss_gb; GPU, since the process
+             began: max_allocated_gb, max_reserved_gb, and over all ranks alloc_retries, ooms), tflops
+             (per device) and mfu where FLOPs and a peak are known
 
 Rows written by dtrain 0.1.0 carry no kind; `kind` tells them apart the way that release wrote them.
 No torch here: the launch side reads it too.
@@ -31,8 +36,8 @@ from typing import Any
 
 from dtrain.errors import UsageError
 
-TRAIN, EPOCH, EVAL, TARGET, STARTUP = "train", "epoch", "eval", "target", "startup"
-KINDS = (TRAIN, EPOCH, EVAL, TARGET, STARTUP)
+TRAIN, EPOCH, EVAL, TARGET, STARTUP, SYSTEM = "train", "epoch", "eval", "target", "startup", "system"
+KINDS = (TRAIN, EPOCH, EVAL, TARGET, STARTUP, SYSTEM)
 META = ("step", "time", "kind")  # what a row says about itself; every other key is a series
 FILE = "metrics.jsonl"
 

@@ -110,6 +110,34 @@ def at_least(minimum: int, fix: str = "") -> Callable[[str, int], int]:
     return check
 
 
+def positive(flag: str, value: float) -> float:
+    if not value > 0:
+        raise UsageError(f"{flag} must be a positive number, got {value}.")
+    return value
+
+
+def parse_trace(text: str) -> tuple[int, int, int]:
+    """`WAIT,WARMUP,ACTIVE` -> steps to skip, to warm up (traced, then dropped) and to keep, as in
+    torch.profiler.schedule."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) != 3 or not all(p.isdigit() for p in parts) or int(parts[2]) < 1:
+        raise UsageError(f"--trace {text!r} is not a window of steps; give WAIT,WARMUP,ACTIVE step counts, as in "
+                         "--trace 10,2,3 (skip 10, warm up 2, trace 3).")
+    wait, warmup, active = map(int, parts)
+    return wait, warmup, active
+
+
+def trace(flag: str, value: str) -> str:
+    parse_trace(value)
+    return value
+
+
+def rank_numbers(flag: str, value: tuple[str, ...]) -> tuple[str, ...]:
+    if not all(word.isdigit() for word in value):
+        raise UsageError(f"{flag} takes rank numbers, comma-separated, as in 0,1; got {','.join(value)!r}.")
+    return value
+
+
 def signal_name(flag: str, text: str) -> str:
     """`USR2`, `SIGUSR2` or `12` -> `USR2`: a signal a process can catch."""
     name = str(text).strip().upper().removeprefix("SIG")
@@ -224,6 +252,16 @@ OPTIONS: tuple[Option, ...] = (
            metavar="JSON", example="launch/deepspeed/zero1.json", group="zero"),
     Option("timeout", int, "Collective time-out in seconds (default 600): a collective that waits longer fails.",
            default=600, env="DTRAIN_TIMEOUT_S", check=at_least(1), example=120),
+    Option("trace", str, "Trace a window of steps with torch.profiler: WAIT,WARMUP,ACTIVE steps (e.g. 10,2,3); one "
+           "Chrome trace per rank in runs/NAME/traces/.", env="DTRAIN_TRACE", check=trace, example="1,1,2",
+           metavar="WAIT,WARMUP,ACTIVE"),
+    Option("trace_ranks", tuple, "The ranks that --trace traces, comma-separated (default 0).", default=(),
+           env="DTRAIN_TRACE_RANKS", check=rank_numbers, example="0,1"),
+    Option("memory_snapshot", bool, "With --trace on GPUs: a CUDA memory snapshot of the traced steps "
+           "(traces/memory-rank<R>.pickle, for pytorch.org/memory_viz).", default=False,
+           env="DTRAIN_MEMORY_SNAPSHOT", example=True),
+    Option("peak_tflops", float, "The device's dense peak TFLOP/s at this precision, for MFU (default: from dtrain's "
+           "table of GPUs; none on CPU).", env="DTRAIN_PEAK_TFLOPS", check=positive, example=100.0),
     # How the processes start: the commands that use a launcher.
     Option("launcher", str, "What starts the processes: torchrun (default), accelerate launch, or the deepspeed "
            "launcher.", "launcher", default="torchrun", commands=JOB, choices=tuple(launchers.LAUNCHERS)),

@@ -7,7 +7,9 @@ matrix, which is also what the runtime uses after gathering one across ranks.
 
 from __future__ import annotations
 
+import collections
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,14 @@ def summary(run_dir: Path, records: list[dict], evaluations: list[dict]) -> str:
         lines.append(f"  train loss {train[0]['train/loss']:.4f} (step {train[0]['step']}) -> "
                      f"{train[-1]['train/loss']:.4f} (step {train[-1]['step']})"
                      + (f", median {sorted(speed)[len(speed) // 2]:,.0f} samples/s" if speed else ""))
+    system = [r for r in records if r["kind"] == metrics.SYSTEM]
+    if system:
+        slowest = collections.Counter(r["slowest_rank"] for r in system).most_common(1)[0]
+        compute = sorted(r["compute_s/max"] / max(r["compute_s/median"], 1e-12) for r in system)
+        lines.append(f"  slowest rank {slowest[0]:.0f} in {slowest[1]} of {len(system)} intervals; its compute per step "
+                     f"{compute[len(compute) // 2]:.2f}x the median rank's (median over intervals)"
+                     + (f"; {statistics.median(r['tflops'] for r in system if 'tflops' in r):.3g} TFLOP/s per device"
+                        if any("tflops" in r for r in system) else ""))
     if evaluations:
         best = max(evaluations, key=lambda e: e["accuracy"])
         last = evaluations[-1]
@@ -90,7 +100,8 @@ def summary(run_dir: Path, records: list[dict], evaluations: list[dict]) -> str:
 
 
 def plot(run_dir: Path, records: list[dict], evaluations: list[dict]) -> list[Path]:
-    """Loss and learning rate per step, accuracy per epoch, the last confusion matrix: PNG files."""
+    """Loss and learning rate per step, accuracy per epoch, the last confusion matrix, and the ranks' compute,
+    memory and TFLOP/s (the `system` rows): PNG files."""
     try:
         import matplotlib
     except ImportError:
@@ -113,6 +124,9 @@ def plot(run_dir: Path, records: list[dict], evaluations: list[dict]) -> list[Pa
         lr_ax.set_xlabel("step")
         fig.suptitle(f"{run_dir.name}: training")
         written.append(_save(fig, out / "loss_lr.png"))
+    system = [r for r in records if r["kind"] == metrics.SYSTEM]
+    if system:
+        written.append(_save(_system_figure(plt, run_dir.name, system), out / "system.png"))
     if evaluations:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([e["epoch"] for e in evaluations], [100 * e["accuracy"] for e in evaluations], marker="o")
@@ -137,6 +151,33 @@ def plot(run_dir: Path, records: list[dict], evaluations: list[dict]) -> list[Pa
         ax.set_title(f"confusion matrix, epoch {last['epoch']}")
         written.append(_save(fig, out / "confusion_matrix.png"))
     return written
+
+
+def _system_figure(plt: Any, name: str, system: list[dict]) -> Any:
+    """Compute per step over the ranks (min to max, median), memory, and TFLOP/s where counted."""
+    steps = [r["step"] for r in system]
+    memory = [key for key in ("memory/max_allocated_gb", "memory/rss_gb") if key in system[-1]][:1]
+    panels = 1 + len(memory) + any("tflops" in r for r in system)
+    fig, axes = plt.subplots(panels, 1, figsize=(8, 2.6 * panels), sharex=True, squeeze=False)
+    axes = list(axes[:, 0])
+    compute = axes.pop(0)
+    compute.fill_between(steps, [r["compute_s/min"] for r in system], [r["compute_s/max"] for r in system],
+                         alpha=0.3, label="min to max over ranks")
+    compute.plot(steps, [r["compute_s/median"] for r in system], label="median rank")
+    compute.set_ylabel("compute s / step")
+    compute.legend(loc="upper right")
+    for key in memory:
+        ax = axes.pop(0)
+        ax.plot(steps, [r[key] for r in system], color="tab:green")
+        ax.set_ylim(bottom=0)
+        ax.set_ylabel(key.removeprefix("memory/").replace("_gb", " GB"))
+    if axes:
+        with_flops = [r for r in system if "tflops" in r]
+        axes[0].plot([r["step"] for r in with_flops], [r["tflops"] for r in with_flops], color="tab:red")
+        axes[0].set_ylabel("TFLOP/s per device")
+    fig.axes[-1].set_xlabel("step")
+    fig.suptitle(f"{name}: system")
+    return fig
 
 
 def _save(fig: Any, path: Path) -> Path:

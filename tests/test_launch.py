@@ -42,7 +42,7 @@ def test_two_cpu_processes_train_mnist_to_98_percent(tmp_path, data_dir):
     print(out.stdout)
     line = out.stdout.strip().splitlines()[-1]
     assert line.startswith("Epoch 1/1 | Train Loss: ") and " | Test Acc: " in line and " | Eval Loss: " in line
-    final = metrics(run_dir)[-1]
+    final = metrics(run_dir, "epoch")[-1]
     assert final["eval/accuracy"] >= 0.98
     assert f"Test Acc: {100 * final['eval/accuracy']:.2f}%" in line
 

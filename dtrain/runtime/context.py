@@ -25,6 +25,7 @@ import platform
 import random
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -36,9 +37,10 @@ from torch import nn
 import dtrain
 from dtrain.contract import NETWORK_INTERFACES, WorkerEnv, read_env
 from dtrain.errors import UsageError
-from dtrain.metrics import TRAIN
+from dtrain.hardware import peak_tflops
+from dtrain.metrics import SYSTEM, TRAIN
 from dtrain.options import parse_checkpoint_every
-from dtrain.runtime import activation_checkpointing, checkpoint, stacks
+from dtrain.runtime import activation_checkpointing, checkpoint, performance, stacks, tracing
 from dtrain.runtime import dist as dist_utils
 from dtrain.runtime.checkpoint import TrainState
 from dtrain.runtime.data import make_loader
@@ -81,6 +83,11 @@ class Context:
         self._sync = True  # whether the current micro-batch ends an accumulation window
         self._accumulating = False  # whether the loop uses `accumulate` (needed with --grad-accum > 1)
         self.steps = 0  # optimizer steps taken: "the step" of every record and report
+        self.log_every = 50  # steps per `system` row (Trainer sets its log_every here)
+        peak = env.peak_tflops or (peak_tflops(torch.cuda.get_device_name(device), env.precision)
+                                   if device.type == "cuda" else None)
+        self.monitor = performance.Monitor(device, env.rank, env.world_size, peak)
+        self.tracer = tracing.Tracer(env, device)
         self.watch = stacks.StackWatch(env, lambda: self.steps)
         self.watch.start()
         dist_utils.on_uncaught_error(self.watch.after_error)
@@ -186,11 +193,16 @@ class Context:
         the dataset and `collate_fn` give; call `set_epoch(epoch)` on it before each epoch. `train`: every rank
         the same number of batches (padding by wrap-around, or whole rounds of a stream); otherwise each sample
         once over all ranks (evaluation)."""
-        return make_loader(dataset, batch_size, rank=self.rank, world_size=self.world_size, device=self.device,
-                           shuffle=shuffle, seed=self.env.seed, train=train, num_workers=num_workers,
-                           collate_fn=collate_fn)
+        loader = make_loader(dataset, batch_size, rank=self.rank, world_size=self.world_size, device=self.device,
+                             shuffle=shuffle, seed=self.env.seed, train=train, num_workers=num_workers,
+                             collate_fn=collate_fn)
+        return performance.timed(loader, self.monitor.clock) if train else loader
 
     def autocast(self):
+        """Around the forward pass (this process's first training step's FLOPs are counted from here to
+        `backward`)."""
+        if self.env.strategy == "ddp" and self.models and self.models[0].training:
+            self.monitor.flops.start()
         return self.precision.autocast()
 
     @contextlib.contextmanager
@@ -215,6 +227,12 @@ class Context:
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of the loss, averaged over the accumulation window (scaled for fp16)."""
         self.strategy.backward(self._model(), loss, self.precision, self.env.grad_accum)
+        self._end_flop_count()
+
+    def _end_flop_count(self) -> None:
+        if self.monitor.flops.stop(self.monitor.clock.last_batch_size) and self.is_main:
+            self.run_config["flops_per_sample"] = self.monitor.flops.per_sample
+            write_config(self.run_dir / "config.yaml", self.run_config)
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip the prepared model's gradients by total norm, after undoing fp16 loss scaling; returns the
@@ -230,16 +248,30 @@ class Context:
         if self.env.grad_accum > 1 and not self._accumulating:
             raise UsageError("--grad-accum needs a loop that wraps each micro-batch in `with ctx.accumulate(...)`; "
                              "use Trainer, or add it to the recipe's loop.")
+        self._end_flop_count()  # a loop that calls loss.backward() itself
         if not self._sync:
             return None
         norm = self.strategy.step(self._model(), self.optimizers, self.precision, measure_grad_norm, self.is_main)
         self._accumulated = 0
         self.steps += 1
+        self.monitor.clock.steps += 1
+        self.tracer.step()
+        if self.steps % self.log_every == 0:
+            self._log_system()
         return norm
+
+    def _log_system(self) -> None:
+        """Collective: the interval's `system` row (dtrain.runtime.performance), logged by rank 0."""
+        row, warning = self.monitor.row()
+        if warning:
+            self.print(f"dtrain: {warning}")
+        self.log(self.steps, row, kind=SYSTEM)
 
     def all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
         if self.world_size > 1:
+            began = time.perf_counter()
             dist.all_reduce(tensor, op=op)
+            self.monitor.clock.comm_s += time.perf_counter() - began
         return tensor
 
     def log(self, step: int, values: Mapping[str, Any], kind: str = TRAIN) -> None:
@@ -359,6 +391,9 @@ class Context:
         return extras
 
     def close(self) -> None:
+        if self.monitor.clock.steps:  # the last, shorter interval, with the run's memory peaks
+            self._log_system()
+        self.tracer.close()
         self.checkpointer.wait()
         if self.logger is not None:
             self.logger.close()

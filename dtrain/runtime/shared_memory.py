@@ -66,6 +66,7 @@ class SharedMemoryAllReduce:
         self.sequence = buffer[:HEADER * 2].view(torch.int64)[1:1 + world_size]
         self.slots = buffer[HEADER * 2:].view(2, world_size, numel)
         self.rank, self.world_size, self.timeout_s, self.last = rank, world_size, timeout_s, 0
+        self.waited_s = 0.0  # for the time each rank spends waiting for the others (dtrain.runtime.performance)
 
     @classmethod
     def create(cls, rank: int, world_size: int, numel: int, timeout_s: float) -> "SharedMemoryAllReduce | None":
@@ -111,6 +112,7 @@ class SharedMemoryAllReduce:
                 os.sched_yield()
             else:
                 time.sleep(SLEEP_S)
+        self.waited_s += time.monotonic() - start
         torch.sum(slots, dim=0, out=tensor.view(-1))
         return tensor.div_(self.world_size)
 

@@ -85,7 +85,7 @@ class Trainer:
         # (10,000 MNIST samples: 3.3 s in batches of 1000, 1.3 s in batches of 64; bench/RESULTS.md).
         self.eval_batch_size = eval_batch_size or batch_size
         self.collate_fn = collate_fn
-        self.log_every = log_every
+        self.log_every = ctx.log_every = log_every
         self.epoch = 0
         self.metrics: dict[str, float] = {}
         self.reached: dict[str, float] | None = None  # the evaluation that reached `stop_at`
