@@ -187,8 +187,8 @@ def run_job(spec: LaunchSpec, argv: Sequence[str], env: Mapping[str, str], start
         failures = [first_failure(folder, spec.world_size, started) for folder in (spool, spec.run_dir) if folder]
         failure = next((f for f in failures if f is not None), None)
         report_failure(status, failure, spec.log_dir)
-        if failure is None or failure.usage or not timed_out(failure.message):
-            return status.code
+        if failure is not None and (failure.usage or not timed_out(failure.message)):
+            return status.code  # not a hang (a rank killed outright, as NCCL's watchdog does, may be one)
         for line in hang_report(read_states(spec.run_dir, started), spec.run_dir):
             print(line, file=sys.stderr)
         if spec.nodes > 1:

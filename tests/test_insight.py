@@ -37,6 +37,7 @@ def test_a_rank_that_hangs_is_named_with_its_step_and_line_once_the_collective_t
         assert state["step"] == 20
         stacks = (run_dir / "debug" / f"rank{rank}-stacks.txt").read_text()
         assert f'hang.py", line {sleep_line if rank else sleep_line + 2}' in stacks, stacks
+        assert "--- step 20" in stacks and ": no step for 2" in stacks  # unasked, at 80% of the time-out
 
 
 def test_dtrain_stack_prints_every_ranks_stacks_and_the_job_goes_on(tmp_path):

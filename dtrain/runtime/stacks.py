@@ -6,6 +6,8 @@ Two ways in, because a hung rank's main thread may sit in C code for ever:
 - A collective that times out on one rank: its error hook sets a key in the job's store and
   writes its own dump; every rank's watcher thread looks for that key once a second and writes its
   dump, before the launcher stops the job. The rank that failed waits that long before it exits.
+- No step for most of --timeout: the watcher writes the rank's dump without being asked, again
+  while the stall lasts, so that a rank the NCCL watchdog aborts (no error hook runs) leaves one.
 
 On NCCL, torch's Flight Recorder also dumps its own trace on a time-out (`TORCH_FR_DUMP_TEMP_FILE`
 under debug/); on every backend it records each collective a rank entered, which is how the
@@ -35,6 +37,7 @@ from dtrain.hangs import DEBUG, DUMP_SIGNAL, stacks_header, stacks_path, state_p
 
 FLIGHT_RECORDER_ENTRIES = 2000
 POLL_S = 1.0
+STALL = 0.8  # of --timeout without a step: the stacks are written before the collective's time-out ends the job
 DUMP_KEY = "dtrain/debug/dump"
 _NOT_THE_RECIPE = tuple(str(Path(p).resolve()) + os.sep for p in
                         {sysconfig.get_paths()["stdlib"], os.path.dirname(torch.__file__), os.path.dirname(dtrain.__file__)})
@@ -60,6 +63,7 @@ class StackWatch:
 
     def __init__(self, env: WorkerEnv, step: Callable[[], int]):
         self.rank, self.run_dir, self.step = env.rank, env.run_dir, step
+        self.stall_s = STALL * env.timeout
         self._file = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -81,6 +85,9 @@ class StackWatch:
             self._thread.start()
 
     def _watch(self, store) -> None:
+        """Dump when another rank asks; and while no step is taken for STALL of --timeout, every quarter of
+        it (a rank that NCCL's watchdog will abort never reaches its error hook: its last dump is the report)."""
+        last_step, progressed, dumped = self.step(), time.monotonic(), 0.0
         while not self._stop.wait(POLL_S):
             try:
                 requested = store.check([DUMP_KEY])
@@ -89,6 +96,12 @@ class StackWatch:
             if requested:
                 self.dump("another rank's collective timed out")
                 return
+            now = time.monotonic()
+            if self.step() != last_step:
+                last_step, progressed = self.step(), now
+            elif now - progressed > self.stall_s and now - dumped > self.stall_s / 4:
+                self.dump(f"no step for {now - progressed:.0f} s")
+                dumped = now
 
     def after_error(self, exc: BaseException) -> None:
         """From the error hook: a timed-out collective asks every rank for its stacks, then gives them
