@@ -187,17 +187,18 @@ def stack(run_dir: str) -> int:
 @click.option("--runs", default="runs", show_default=True, help="The folder runs are written to (its free space).")
 def doctor(nproc: int | None, gpus: int | None, runs: str) -> int:
     """Versions, GPUs and their topology, network, SLURM and free space; with --nproc or --gpus, a preflight
-    (a matmul on every rank, an all-reduce) that names ranks slower than the others. Exit 1 if it names one."""
+    (a matmul on every rank, an all-reduce; on every node of a SLURM job run from its batch script) that names
+    ranks slower than the others. Exit 1 if it names one."""
     from dtrain import doctor as checks
 
     if nproc is not None and gpus is not None:
         raise UsageError("--nproc (CPU processes) and --gpus contradict each other; pass one of them.")
-    for label, text in checks.versions() + checks.gpus() + checks.network() + checks.slurm() + checks.disk(runs):
+    for label, text in checks.versions() + checks.gpus() + checks.network() + checks.slurm_facts() + checks.disk(runs):
         click.echo(f"{label:<12} {text}")
     if nproc is None and gpus is None:
         return 0
-    lines, slow = checks.preflight_lines(checks.run_preflight(["--cpu", "--nproc", str(nproc)] if nproc is not None
-                                                              else ["--gpus", str(gpus)]))
+    devices = ["--cpu", "--nproc", str(nproc)] if nproc is not None else ["--gpus", str(gpus)]
+    lines, slow = checks.preflight_lines(checks.run_preflight(devices, runs))
     click.echo("\n".join(lines))
     return 1 if slow else 0
 

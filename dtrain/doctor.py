@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dtrain import hardware
+from dtrain import hardware, slurm
 from dtrain.errors import UsageError
 
 SLOW = 1.5  # a rank whose matmul takes this many times the other ranks' median is named
@@ -75,7 +75,7 @@ def network() -> list[tuple[str, str]]:
     return [("network", ", ".join(described))]
 
 
-def slurm(environ: dict[str, str] | None = None) -> list[tuple[str, str]]:
+def slurm_facts(environ: dict[str, str] | None = None) -> list[tuple[str, str]]:
     environ = os.environ if environ is None else environ
     version = _run(["sinfo", "--version"])
     if version is None:
@@ -127,13 +127,18 @@ def preflight_lines(result: dict) -> tuple[list[str], list[tuple[int, float]]]:
     return lines, sorted(slow.items())
 
 
-def run_preflight(devices: list[str]) -> dict:
+def run_preflight(devices: list[str], runs: str, environ: dict[str, str] | None = None) -> dict:
     """`dtrain launch` the preflight on `devices` (--cpu --nproc N, or --gpus N) in a run directory of its own,
-    and read its result."""
-    with tempfile.TemporaryDirectory(prefix="dtrain-doctor-") as run_dir:
+    and read its result. In a SLURM job of several nodes `dtrain launch` runs on every node, so the folder
+    is one under `runs` that every node sees (rank 0 may be on any of them)."""
+    where = slurm.allocation(os.environ if environ is None else environ)
+    every_node = where is not None and where.nodes > 1
+    if every_node:
+        Path(runs).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".doctor-", dir=runs if every_node else None) as run_dir:
         out = subprocess.run([sys.executable, "-m", "dtrain.cli", "launch", str(PREFLIGHT), *devices, "--run-dir",
                               run_dir, "--wandb", "disabled", "--checkpoint-every", "never", "--timeout", "120"],
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, env=environ)
         try:
             return json.loads((Path(run_dir) / "preflight.json").read_text())
         except (OSError, ValueError):

@@ -130,6 +130,19 @@ def test_dtrain_launch_in_a_hand_written_batch_script_spreads_over_the_nodes(slu
     assert len(logs) == 2 and "rank=0 world=2" in "".join(logs) and "rank=1 world=2" in "".join(logs)
 
 
+def test_the_doctors_preflight_in_a_batch_script_runs_on_every_node(slurm_env, tmp_path):
+    out = tmp_path / "out.txt"
+    job_id = slurm_cmd(slurm_env, "sbatch", "--parsable", "--nodes=2", f"--output={out}", f"--chdir={tmp_path}",
+                       "--wrap", f"{DTRAIN} doctor --nproc 1 --runs {tmp_path / 'runs'}").strip()
+    fields = wait_for(slurm_env, job_id, ("COMPLETED", "FAILED", "CANCELLED"))
+    report = out.read_text()
+    assert fields["JobState"] == "COMPLETED", report
+    assert f"; in job {job_id} (2 node(s), this one n1)" in report
+    assert "preflight: 2 process(es) on cpu" in report and "  rank 1 (" in report
+    assert report.strip().splitlines()[-1] == "dtrain: no rank is slower than the others by more than 50%."
+    assert list((tmp_path / "runs").iterdir()) == []  # its run directory is gone
+
+
 def test_submit_to_a_controller_that_does_not_answer(slurm_env, tmp_path):
     conf = Path(slurm_env["SLURM_CONF"]).read_text()
     dead = tmp_path / "dead.conf"
