@@ -52,7 +52,7 @@ def init_process_group(env: WorkerEnv, device: torch.device) -> None:
     os.environ.setdefault("MASTER_PORT", "29500")
     timeout = datetime.timedelta(seconds=env.timeout)
     dist.init_process_group(
-        store=_attempt_store(env.world_size, timeout),
+        store=_attempt_store(env.rank, env.world_size, timeout),
         backend="nccl" if device.type == "cuda" else "gloo",
         rank=env.rank,
         world_size=env.world_size,
@@ -61,17 +61,20 @@ def init_process_group(env: WorkerEnv, device: torch.device) -> None:
     )
 
 
-def _attempt_store(world_size: int, timeout: datetime.timedelta) -> dist.Store | None:
+def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store | None:
     """Under torchrun, a store namespace of this restart attempt's own.
 
     torchrun hands every attempt the same agent store, so after a restart (--max-restarts) the
     new workers read the dead workers' addresses and fail to connect (pytorch/pytorch#167288).
+    The attempt is counted per global rank in the store (every attempt starts each rank once),
+    not by TORCHELASTIC_RESTART_COUNT: that is each node's own count, and a node restarted because
+    another node's worker died does not count it, so the nodes would wait in different namespaces.
     """
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                           is_master=False, timeout=timeout)
-    return dist.PrefixStore(f"dtrain/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    return dist.PrefixStore(f"dtrain/attempt_{store.add(f'dtrain/starts/rank{rank}', 1)}", store)
 
 
 GLOO_SETTLE_S = 0.05
