@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from conftest import ROOT, TEST_RECIPES, gradients_and_saved_bytes, launch, metrics, run_dtrain
 
@@ -56,6 +57,8 @@ def test_every_recipe_learns_under_every_strategy(tmp_path, data_dir, recipe, st
     rows = metrics(run_dir, "train")
     assert [row["step"] for row in rows] == list(range(5, STEPS + 1, 5))
     assert rows[-1]["train/loss"] < rows[0]["train/loss"], losses(run_dir)
+    flops = yaml.safe_load((run_dir / "config.yaml").read_text()).get("flops_per_sample")
+    assert flops and (recipe != "mnist_cnn" or flops == 24_995_328)  # the same count under every strategy
 
 
 @pytest.mark.parametrize("options", [("--strategy", "ddp", "--precision", "bf16"),

@@ -201,7 +201,7 @@ class Context:
     def autocast(self):
         """Around the forward pass (this process's first training step's FLOPs are counted from here to
         `backward`)."""
-        if self.env.strategy == "ddp" and self.models and self.models[0].training:
+        if self.models and self.models[0].training:
             self.monitor.flops.start()
         return self.precision.autocast()
 
