@@ -52,12 +52,26 @@ def namespaces():
 
 @pytest.fixture(autouse=True)
 def nothing_left(namespaces):
-    """After each test: no process left in either namespace, both links up."""
+    """After each test: no process left in either namespace (nor the error spool of a `dtrain launch` killed
+    there, which its launcher's environment names), both links up."""
     yield
     for namespace, veth in namespaces:
-        for pid in namespace_pids(namespace):
+        pids = namespace_pids(namespace)
+        spools = {value for pid in pids for value in environ(pid, "DTRAIN_ERROR_SPOOL")}
+        for pid in pids:
             os.kill(pid, 9)
+        for spool in spools:
+            shutil.rmtree(spool, ignore_errors=True)
         ip("-n", namespace, "link", "set", veth, "up")
+
+
+def environ(pid: int, name: str) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            entries = fh.read().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+    return [entry.split("=", 1)[1] for entry in entries if entry.startswith(f"{name}=")]
 
 
 def namespace_pids(namespace: str) -> list[int]:
