@@ -192,13 +192,16 @@ def retention_victims(root: Path, keep_last: int | None) -> list[Path]:
     return [p for p in committed(root)[keep_last:] if p.name != latest]
 
 
-def describe(root: Path, checksums: bool = False) -> list[dict]:
-    """One row per checkpoint folder for `dtrain ckpt ls` and `ckpt verify`: its manifest's fields, its
-    state (committed, or with `checksums` verified; damaged; uncommitted; a format of another release)
-    and its problems. Without `checksums` only sizes are compared: it reads no data and stays fast."""
+def describe(root: Path, checksums: bool = False, only: str | None = None) -> list[dict]:
+    """One row per checkpoint folder (or for the one named `only`) for `dtrain ckpt ls` and `ckpt verify`:
+    its manifest's fields, its state (committed, or with `checksums` verified; damaged; uncommitted; a
+    format of another release) and its problems. Without `checksums` only sizes are compared: it reads
+    no data and stays fast."""
     latest = read_latest(root)
     rows = []
     for path in step_dirs(root):
+        if only is not None and path.name != only:
+            continue
         row = {"name": path.name, "latest": path.name == latest, "state": "verified" if checksums else "committed",
                "problems": []}
         try:

@@ -317,11 +317,19 @@ def ckpt_ls(run_dir: str, verify: bool) -> int:
     """List RUN_DIR's checkpoints: step, epoch, time, size, state and the metrics at that step."""
     from dtrain import checkpoints
 
-    rows = checkpoints.describe(checkpoints.checkpoint_root(run_dir), checksums=verify)
+    click.echo(checkpoints.format_table(_checkpoint_rows(run_dir, checksums=verify)))
+    return 0
+
+
+def _checkpoint_rows(run_dir: str, checksums: bool, only: str | None = None) -> list[dict]:
+    from dtrain import checkpoints
+
+    rows = checkpoints.describe(checkpoints.checkpoint_root(run_dir), checksums, only)
+    if only is not None and not rows:
+        raise UsageError(f"{run_dir} has no checkpoint {only}; `dtrain ckpt ls {run_dir}` lists them.")
     if not rows:
         raise UsageError(f"{run_dir} has no checkpoints (looked in {checkpoints.checkpoint_root(run_dir)}).")
-    click.echo(checkpoints.format_table(rows))
-    return 0
+    return rows
 
 
 @ckpt.command("verify")
@@ -330,15 +338,7 @@ def ckpt_ls(run_dir: str, verify: bool) -> int:
 def ckpt_verify(run_dir: str, checkpoint: str | None) -> int:
     """Re-hash every file of RUN_DIR's checkpoints (or of CHECKPOINT, a step_N name) against its manifest;
     name each damaged file, and exit 1 if any is."""
-    from dtrain import checkpoints
-
-    rows = checkpoints.describe(checkpoints.checkpoint_root(run_dir), checksums=True)
-    if checkpoint is not None:
-        rows = [row for row in rows if row["name"] == Path(checkpoint).name]
-        if not rows:
-            raise UsageError(f"{run_dir} has no checkpoint {checkpoint}; `dtrain ckpt ls {run_dir}` lists them.")
-    if not rows:
-        raise UsageError(f"{run_dir} has no checkpoints (looked in {checkpoints.checkpoint_root(run_dir)}).")
+    rows = _checkpoint_rows(run_dir, checksums=True, only=Path(checkpoint).name if checkpoint else None)
     for row in rows:
         click.echo(f"{row['name']}: {row['state']}")
         for problem in row["problems"]:

@@ -127,18 +127,18 @@ def preflight_lines(result: dict) -> tuple[list[str], list[tuple[int, float]]]:
     return lines, sorted(slow.items())
 
 
-def run_preflight(devices: list[str], runs: str, environ: dict[str, str] | None = None) -> dict:
+def run_preflight(devices: list[str], runs: str) -> dict:
     """`dtrain launch` the preflight on `devices` (--cpu --nproc N, or --gpus N) in a run directory of its own,
     and read its result. In a SLURM job of several nodes `dtrain launch` runs on every node, so the folder
     is one under `runs` that every node sees (rank 0 may be on any of them)."""
-    where = slurm.allocation(os.environ if environ is None else environ)
+    where = slurm.allocation(os.environ)
     every_node = where is not None and where.nodes > 1
     if every_node:
         Path(runs).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".doctor-", dir=runs if every_node else None) as run_dir:
         out = subprocess.run([sys.executable, "-m", "dtrain.cli", "launch", str(PREFLIGHT), *devices, "--run-dir",
                               run_dir, "--wandb", "disabled", "--checkpoint-every", "never", "--timeout", "120"],
-                             capture_output=True, text=True, env=environ)
+                             capture_output=True, text=True)
         try:
             return json.loads((Path(run_dir) / "preflight.json").read_text())
         except (OSError, ValueError):

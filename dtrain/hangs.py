@@ -78,10 +78,9 @@ def _where(frame: list | None) -> str:
 
 
 def _relative(filename: str) -> str:
-    try:
-        return os.path.relpath(filename) if not os.path.relpath(filename).startswith("..") else filename
-    except ValueError:
-        return filename
+    """Relative to the working directory when inside it."""
+    relative = os.path.relpath(filename)
+    return filename if relative.startswith("..") else relative
 
 
 def hang_report(states: list[dict], run_dir: str | os.PathLike) -> list[str]:

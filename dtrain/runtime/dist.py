@@ -9,7 +9,7 @@ import os
 import sys
 import time
 import traceback
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.distributed as dist
@@ -70,11 +70,42 @@ def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> d
     not by TORCHELASTIC_RESTART_COUNT: that is each node's own count, and a node restarted because
     another node's worker died does not count it, so the nodes would wait in different namespaces.
     """
+    global _attempt
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                           is_master=False, timeout=timeout)
-    return dist.PrefixStore(f"dtrain/attempt_{store.add(f'dtrain/starts/rank{rank}', 1)}", store)
+    _attempt = store.add(f"dtrain/starts/rank{rank}", 1) - 1
+    return dist.PrefixStore(f"dtrain/attempt_{_attempt}", store)
+
+
+_attempt: int | None = None
+
+
+def attempt() -> int:
+    """This process's restart attempt (0 for the first): the one every node agrees on once the process
+    group exists, before that the launcher's own count."""
+    return _attempt if _attempt is not None else int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+
+
+class OwnCollective(Protocol):
+    """A collective of dtrain's own, outside the process group (the shared-memory gradient all-reduce)."""
+
+    label: str
+    last: int  # how many this rank has entered
+    waited_s: float  # how long this rank has waited in them for the others
+
+
+_own_collectives: list[OwnCollective] = []
+
+
+def count_own_collective(collective: OwnCollective) -> None:
+    """Have the hang report count `collective` and the `system` rows its waits."""
+    _own_collectives.append(collective)
+
+
+def own_collectives() -> list[OwnCollective]:
+    return list(_own_collectives)
 
 
 GLOO_SETTLE_S = 0.05
@@ -159,19 +190,19 @@ def _write_error_records(env: WorkerEnv, message: str, text: str, usage: bool) -
     (TORCHELASTIC_ERROR_FILE: its failure summary then names the right root cause). Whether the spool's
     was written, that is, whether `dtrain launch` will show it."""
     now = time.time()
-    record = {"rank": env.rank, "message": message, "time": now, "usage": usage,
-              "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)}
-    shown = env.error_spool is not None and _write_atomically(error_record(env.error_spool, env.rank), record)
+    record = {"rank": env.rank, "message": message, "time": now, "usage": usage, "attempt": attempt()}
+    shown = env.error_spool is not None and write_json_atomically(error_record(env.error_spool, env.rank), record)
     if env.launched_world_size is not None:
-        _write_atomically(error_record(env.run_dir, env.rank), record)
+        write_json_atomically(error_record(env.run_dir, env.rank), record)
     if os.environ.get("TORCHELASTIC_ERROR_FILE"):
-        _write_atomically(os.environ["TORCHELASTIC_ERROR_FILE"], {
+        write_json_atomically(os.environ["TORCHELASTIC_ERROR_FILE"], {
             "message": {"message": message, "extraInfo": {"py_callstack": text, "timestamp": str(int(now))}}})
     return shown
 
 
-def _write_atomically(path: str, record: dict) -> bool:
-    """The launcher may read the file while a rank it is stopping still writes it: write, then rename."""
+def write_json_atomically(path: str | os.PathLike, record: dict) -> bool:
+    """Whether `record` was written. A reader (the launcher, `dtrain launch`) may read the file while a rank
+    still writes it: write, then rename."""
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(f"{path}.tmp", "w") as fh:

@@ -25,15 +25,15 @@ import torch
 import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
+from dtrain.runtime import dist as dist_utils
 from dtrain.runtime.data import batch_size_of
 
 GB = 1e9
-_waits: list[Callable[[], float]] = []
 
 
-def count_waits(waited_s: Callable[[], float]) -> None:
-    """Report `waited_s()` (seconds waited so far in a collective of dtrain's own) as collective wait."""
-    _waits.append(waited_s)
+def own_waits() -> float:
+    """Seconds this rank has waited so far in dtrain's own collectives (`dist.count_own_collective`)."""
+    return sum(collective.waited_s for collective in dist_utils.own_collectives())
 
 
 def timed(loader, clock: StepClock):
@@ -74,16 +74,10 @@ class SizedTimedLoader(TimedLoader):
 class StepClock:
     """This rank's interval since the last `system` row: steps, samples, data and collective waits."""
 
-    def __init__(self):
-        self.data_s = self.comm_s = 0.0
-        self.samples = self.steps = 0
+    def __init__(self, waited: Callable[[], float] = own_waits):
+        self._waited = waited
         self.last_batch_size = 0
-        self.began = time.perf_counter()
-        self._waited_before = self._waited()
-
-    @staticmethod
-    def _waited() -> float:
-        return sum(waited() for waited in _waits)
+        self.restart()
 
     def restart(self) -> None:
         self.data_s = self.comm_s = 0.0
@@ -191,7 +185,7 @@ class Monitor:
         ranks = gather(self.clock.measure() + memory(self.device), self.rank, self.world_size, self.device)
         row, warning = system_row(ranks, self.device.type, self.flops.per_sample, self.peak_tflops)
         self.clock.restart()
-        if warning and self._warned:
-            warning = None
-        self._warned = self._warned or warning is not None
+        if self._warned:
+            return row, None
+        self._warned = warning is not None
         return row, warning

@@ -62,6 +62,8 @@ def for_ddp(rank: int, world_size: int, device: torch.device, parameter_numels: 
 class SharedMemoryAllReduce:
     """The DDP comm hook's state: a shared buffer with room for `numel` float32s per rank and slot set."""
 
+    label = "shared-memory gradient all-reduce"
+
     def __init__(self, buffer: torch.Tensor, rank: int, world_size: int, numel: int, timeout_s: float):
         self.sequence = buffer[:HEADER * 2].view(torch.int64)[1:1 + world_size]
         self.slots = buffer[HEADER * 2:].view(2, world_size, numel)

@@ -34,6 +34,8 @@ import torch.distributed as dist
 import dtrain
 from dtrain.contract import WorkerEnv
 from dtrain.hangs import DEBUG, DUMP_SIGNAL, stacks_header, stacks_path, state_path, timed_out
+from dtrain.runtime import dist as dist_utils
+from dtrain.runtime.dist import write_json_atomically
 
 FLIGHT_RECORDER_ENTRIES = 2000
 POLL_S = 1.0
@@ -48,14 +50,6 @@ def enable_flight_recorder(run_dir: str) -> None:
     os.environ.setdefault("TORCH_FR_BUFFER_SIZE", str(FLIGHT_RECORDER_ENTRIES))
     os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
     os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", os.path.join(run_dir, DEBUG, "flight-recorder-rank"))
-
-
-_counters: dict[str, Callable[[], int]] = {}
-
-
-def count_collectives(label: str, counter: Callable[[], int]) -> None:
-    """Report `counter()` (collectives of dtrain's own, outside the process group's Flight Recorder)."""
-    _counters[label] = counter
 
 
 class StackWatch:
@@ -119,25 +113,24 @@ class StackWatch:
     def dump(self, reason: str, stack: traceback.StackSummary | None = None) -> None:
         """This rank's state to rank<R>.json and every thread's stack to rank<R>-stacks.txt. `stack`:
         where the main thread was (by default, where it is now)."""
-        main = None
+        failed_at = stack
         if stack is None:
             main = sys._current_frames().get(threading.main_thread().ident)
             stack = traceback.extract_stack(main) if main else traceback.StackSummary()
         frames = [[f.filename, f.lineno, f.name] for f in stack]
         state = {"rank": self.rank, "pid": os.getpid(), "time": time.time(), "reason": reason, "step": self.step(),
                  "frames": frames, "user_frame": next((f for f in reversed(frames) if _in_recipe(f[0])), None),
-                 "collectives": {**flight_recorder_counts(), **{label: [count(), label] for label, count in
-                                                                _counters.items()}}}
+                 "collectives": {**flight_recorder_counts(),
+                                 **{c.label: [c.last, c.label] for c in dist_utils.own_collectives()}}}
+        write_json_atomically(state_path(self.run_dir, self.rank), state)
+        if self._file is None:
+            return
         try:
-            path = state_path(self.run_dir, self.rank)
-            path.with_suffix(".tmp").write_text(json.dumps(state))
-            os.replace(path.with_suffix(".tmp"), path)
-            if self._file is not None:
-                self._file.write(f"--- step {state['step']}, {time.strftime('%H:%M:%S')}: {reason}\n")
-                if main is None:
-                    self._file.write("Where the main thread failed (most recent call last):\n" + "".join(stack.format()))
-                self._file.flush()
-                faulthandler.dump_traceback(self._file, all_threads=True)
+            self._file.write(f"--- step {state['step']}, {time.strftime('%H:%M:%S')}: {reason}\n")
+            if failed_at is not None:
+                self._file.write("Where the main thread failed (most recent call last):\n" + "".join(failed_at.format()))
+            self._file.flush()
+            faulthandler.dump_traceback(self._file, all_threads=True)
         except OSError:
             pass
 

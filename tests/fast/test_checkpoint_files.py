@@ -104,7 +104,10 @@ def test_ckpt_verify_names_every_damaged_file(tmp_path):
     assert f"{bad / 'b.bin'} has 10 bytes, the manifest says 64" in out.stdout
     assert f"{bad / 'c.bin'} is missing" in out.stdout
     assert "step_0000010: verified" in out.stdout
-    assert run_dtrain("ckpt", "verify", str(tmp_path), "step_0000010").returncode == 0
+    one = run_dtrain("ckpt", "verify", str(tmp_path), "step_0000010")  # only that one is read
+    assert one.returncode == 0 and one.stdout.strip() == "step_0000010: verified"
+    unknown = run_dtrain("ckpt", "verify", str(tmp_path), "step_0000030")
+    assert unknown.returncode == 2 and "has no checkpoint step_0000030" in unknown.stderr
     listing = run_dtrain("ckpt", "ls", str(tmp_path), "--verify").stdout
     assert "damaged" in listing and "verified" in listing and good.name in listing
 

@@ -16,7 +16,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.nn.parallel import DistributedDataParallel
 
-from dtrain.runtime import performance, shared_memory, stacks
+from dtrain.runtime import dist as dist_utils
+from dtrain.runtime import shared_memory
 from dtrain.runtime.precision import Precision
 from dtrain.runtime.strategies.base import StrategyRuntime, total_norm, whole
 
@@ -34,8 +35,7 @@ class DataParallel(StrategyRuntime):
                                        [p.numel() for p in model.parameters() if p.requires_grad], self.env.timeout)
         if shared is not None:  # every rank on this host: faster than gloo (see shared_memory)
             model.register_comm_hook(shared, shared_memory.comm_hook)
-            stacks.count_collectives("shared-memory gradient all-reduce", lambda: shared.last)
-            performance.count_waits(lambda: shared.waited_s)
+            dist_utils.count_own_collective(shared)
         return model
 
     def set_gradient_sync(self, model: nn.Module, enabled: bool) -> None:
