@@ -6,6 +6,8 @@ resolves them into a LaunchSpec (`dtrain.spec`) and acts on that spec.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import shlex
 import sys
@@ -18,7 +20,7 @@ from click.core import ParameterSource
 
 from dtrain import __version__, contract, hardware, launchers, options, slurm
 from dtrain.errors import UsageError
-from dtrain.options import DEBUG, LAUNCH, SUBMIT, Option
+from dtrain.options import DEBUG, LAUNCH, SUBMIT, SWEEP, Option
 from dtrain.spec import DEFAULT_MASTER_PORT, LaunchSpec, default_name, resolve
 from dtrain.wandb_mode import wandb_mode
 
@@ -27,6 +29,8 @@ STARTED = time.time()
 
 def _click_option(option: Option) -> Callable[[Callable], Callable]:
     kwargs: dict[str, Any] = {"default": None, "help": option.help}
+    if option.multiple:
+        kwargs["multiple"] = True
     if option.kind is bool:
         kwargs["is_flag"] = True
     elif option.flag_value is not None:
@@ -107,11 +111,16 @@ def launch(ctx: click.Context, profile: str | None, dry_run: bool | None, spec: 
     env[contract.LAUNCH_TIME] = f"{STARTED:.3f}"
     if launch_spec.device == "cpu" and spec is None and not given.get("cpu"):
         click.echo("dtrain: no GPU is visible; running 1 CPU process (use --cpu --nproc N for more).", err=True)
-    from dtrain.job import probe_run_dir, run_job, write_files
+    from dtrain.job import probe_run_dir, record_end, run_job, write_files
 
     probe_run_dir(launch_spec.run_dir)
     write_files(files)
-    return run_job(launch_spec, argv, env, started=STARTED)
+    if launch_spec.node_rank == 0:
+        record_end(launch_spec.run_dir, None)
+    code = run_job(launch_spec, argv, env, started=STARTED)
+    if launch_spec.node_rank == 0:
+        record_end(launch_spec.run_dir, code)
+    return code
 
 
 def _submitted_spec(ctx: click.Context, path: str, allocation: slurm.Allocation | None) -> LaunchSpec:
@@ -128,6 +137,8 @@ def _submitted_spec(ctx: click.Context, path: str, allocation: slurm.Allocation 
     launch_spec = LaunchSpec.from_json(text, path)
     if allocation is not None and allocation.in_step:
         launch_spec = slurm.place(launch_spec, allocation, route=hardware.route_to)
+    elif launch_spec.nodes == 1:  # a sweep's run: its port was free when the sweep began
+        launch_spec = launch_spec.replace(master_port=hardware.free_port())
     if launch_spec.device == "cuda" and hardware.visible_gpus() < launch_spec.nproc:
         raise UsageError(f"this node sees {hardware.visible_gpus()} GPU(s), but the job runs {launch_spec.nproc} "
                          "processes on each; ask SLURM for them (--gpus-per-node).")
@@ -148,6 +159,81 @@ def debug(**given: Any) -> int:
     from dtrain.debug import run_in_process
 
     return run_in_process(launch_spec)
+
+
+@cli.command()
+@_command_options(SWEEP)
+@click.pass_context
+def sweep(ctx: click.Context, profile: str | None, dry_run: bool | None, grid: tuple[str, ...], draw: tuple[str, ...],
+          draws: int | None, sweep_seed: int | None, parallel: int | None, metric: str | None, **given: Any) -> int:
+    """Run RECIPE once per combination of --grid values (and --draws random --draw values), each in its own
+    run directory under runs/NAME/; the same command again skips finished runs and resumes the others.
+
+    \b
+    dtrain sweep recipes/mnist_mlp.py --cpu --grid lr=1e-3,3e-4 --grid batch-size=64,128 --metric eval/accuracy
+    """
+    from dtrain import sweep as sweeps
+
+    if profile is not None:
+        given = _apply_profile(ctx, profile, given)
+    value = options.BY_NAME
+    fixed = tuple(given.get("recipe_args") or ())
+    runs = sweeps.plan(sweeps.parse_grid(grid), sweeps.parse_draws(draw), value["draws"].value(draws),
+                       value["sweep_seed"].value(sweep_seed), fixed)
+    goal = sweeps.parse_metric(metric) if metric else None
+    sweep_dir = Path(given["run_dir"]) if given.get("run_dir") else None
+    name = given.get("name") or (sweep_dir.name if sweep_dir else sweeps.default_name(given["recipe"], runs, fixed))
+    sweep_dir = sweep_dir or Path("runs") / name
+    gpus_available = 0 if given.get("cpu") else hardware.visible_gpus()
+    specs = [resolve({**given, "name": f"{name}-{run.index:03d}", "run_dir": str(sweep_dir / run.name),
+                      "recipe_args": sweeps.recipe_args(run, fixed), "wandb_group": given.get("wandb_group") or name},
+                     gpus_available, hardware.free_port()) for run in runs]
+    specs = [_resolve_wandb(s, quiet=bool(dry_run) or i > 0) for i, s in enumerate(specs)]
+    slots = sweeps.slot_devices(specs[0].device, value["parallel"].value(parallel), specs[0].nproc,
+                                gpus_available if specs[0].device == "cuda" else hardware.cpu_count())
+    if dry_run:
+        click.echo(f"# {_relative(str(sweep_dir))}: {len(runs)} runs, {len(slots)} at a time")
+        for run, launch_spec in zip(runs, specs):
+            click.echo(f"{run.name}: dtrain launch {shlex.join([launch_spec.recipe, '--', *launch_spec.recipe_args])}")
+        return 0
+
+    from dtrain.job import probe_run_dir, write_files
+
+    record = sweeps.plan_record(given["recipe"], runs, fixed)
+    if not sweeps.check_same_plan(sweep_dir, record):
+        probe_run_dir(str(sweep_dir))
+        write_files({str(sweep_dir / sweeps.PLAN_FILE): json.dumps(record, indent=1) + "\n"})
+    say = functools.partial(_say_sweep, name)
+    commands = []
+    for run, launch_spec in zip(runs, specs):
+        if sweeps.finished(launch_spec.run_dir):
+            say(f"run {run.name}: finished before, skipped")
+            continue
+        spec_file = Path(launch_spec.run_dir) / sweeps.SPEC_FILE
+        write_files({str(spec_file): launch_spec.to_json()})
+        console = Path(launch_spec.log_dir) / "console.log" if len(slots) > 1 else None
+        if console is not None:
+            console.parent.mkdir(parents=True, exist_ok=True)
+        commands.append((run.name, sweeps.launch_argv(spec_file), console))
+    codes, stopped_by = sweeps.start_runs(commands, slots, say)
+    rows = sweeps.summary(sweep_dir, runs)
+    best = sweeps.best(rows, goal, required=stopped_by is None) if goal else None
+    names = sweeps.columns(rows, runs, goal[0] if goal else None)
+    write_files({str(sweep_dir / f): text for f, text in sweeps.summary_files(rows, names, best, goal).items()})
+    click.echo(sweeps.format_table(rows, names, best))
+    if best is not None:
+        say(f"best run by {goal[0]} ({goal[1]}): {rows[best]['run']}")
+    say(f"summary in {_relative(str(sweep_dir / sweeps.SUMMARY_FILES[0]))} and {sweeps.SUMMARY_FILES[1]}")
+    if stopped_by is not None:
+        return 128 + stopped_by
+    failed = [run for run, code in codes.items() if code != 0]
+    if failed:
+        say(f"{len(failed)} run(s) failed: {', '.join(failed)}; their logs/ say why.")
+    return 1 if failed else 0
+
+
+def _say_sweep(name: str, text: str) -> None:
+    click.echo(f"dtrain sweep {name}: {text}", err=True)
 
 
 @cli.command()

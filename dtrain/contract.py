@@ -10,6 +10,7 @@ worker options of `dtrain.options` (one each) and the few below that the launch 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 from collections.abc import Mapping
@@ -133,3 +134,16 @@ def markdown_table() -> str:
 
 if __name__ == "__main__":
     print(markdown_table())
+
+
+def write_json_atomically(path: str | os.PathLike, record: dict) -> bool:
+    """Whether `record` was written. A reader (the launcher, `dtrain launch`) may read the file while a rank
+    still writes it: write, then rename."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(f"{path}.tmp", "w") as fh:
+            json.dump(record, fh)
+        os.replace(f"{path}.tmp", path)
+        return True
+    except OSError:
+        return False

@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import IO
 
 from dtrain import hardware, launchers
-from dtrain.contract import ERROR_SPOOL, error_record
+from dtrain.contract import ERROR_SPOOL, error_record, write_json_atomically
 from dtrain.errors import UsageError
 from dtrain.hangs import hang_report, read_states, timed_out
 from dtrain.launchers import ExitStatus
 from dtrain.spec import LaunchSpec
+from dtrain.sweep import ENDED_FILE
 
 _PR_SET_PDEATHSIG = 1
 
@@ -61,6 +62,19 @@ def write_files(files: Mapping[str, str]) -> None:
         except OSError as exc:
             raise UsageError(f"cannot write {path} ({exc.strerror or exc}); free space in the run directory or "
                              "pass another --run-dir.") from None
+
+
+def record_end(run_dir: str, code: int | None) -> None:
+    """`ended.json` in the run directory: how its last `dtrain launch` ended (None: it has started). A sweep
+    reads it to skip finished runs; losing it to a full disk only means the run is launched again."""
+    path = Path(run_dir) / ENDED_FILE
+    try:
+        if code is None:
+            path.unlink(missing_ok=True)
+        else:
+            write_json_atomically(path, {"exit_code": code, "time": round(time.time(), 3)})
+    except OSError:
+        pass
 
 
 def probe_run_dir(run_dir: str) -> None:

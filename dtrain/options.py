@@ -21,9 +21,9 @@ from typing import Any, Callable
 from dtrain import launchers, strategies
 from dtrain.errors import UsageError
 
-LAUNCH, DEBUG, SUBMIT = "launch", "debug", "submit"
-RUN = frozenset({LAUNCH, DEBUG, SUBMIT})  # every command that runs a recipe
-JOB = frozenset({LAUNCH, SUBMIT})  # the commands that start processes through a launcher
+LAUNCH, DEBUG, SUBMIT, SWEEP = "launch", "debug", "submit", "sweep"
+RUN = frozenset({LAUNCH, DEBUG, SUBMIT, SWEEP})  # every command that runs a recipe
+JOB = frozenset({LAUNCH, SUBMIT, SWEEP})  # the commands that start processes through a launcher
 
 SCOPES = {
     "workers": "every worker, through its DTRAIN_* variable (and the launch side, which checks it)",
@@ -31,6 +31,7 @@ SCOPES = {
     "job": "resolved into the job's shape: device, processes, nodes, rendezvous, run directory",
     "slurm": "the sbatch script's #SBATCH lines and set-up",
     "command": "the command itself (where its options come from, what it prints)",
+    "sweep": "the runs of a sweep: which recipe arguments each gets, how many run at once, which is best",
 }
 PRECISIONS = ("fp32", "bf16", "fp16")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
@@ -53,6 +54,7 @@ class Option:
     group: str | None = None  # rows whose examples exclude each other's are in different groups
     flag_value: str | None = None  # the value of the bare flag, for an option whose value is optional
     metavar: str | None = None
+    multiple: bool = False  # repeatable: the value is the tuple of every occurrence
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES or (self.env is None) == (self.scope == "workers"):
@@ -210,6 +212,7 @@ def port(flag: str, value: int) -> int:
 
 ONE_NODE = frozenset({LAUNCH})  # one node of a job: SLURM gives these to a job's nodes itself
 SLURM = frozenset({SUBMIT})
+SWEEPS = frozenset({SWEEP})
 
 OPTIONS: tuple[Option, ...] = (
     # What runs, and how: every command that runs a recipe.
@@ -266,7 +269,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("launcher", str, "What starts the processes: torchrun (default), accelerate launch, or the deepspeed "
            "launcher.", "launcher", default="torchrun", commands=JOB, choices=tuple(launchers.LAUNCHERS)),
     Option("nproc", int, "CPU processes per node (with --cpu).", "job", commands=JOB, check=at_least(1), example=2),
-    Option("nodes", int, "Number of nodes (default 1).", "job", default=1, commands=JOB, check=at_least(1)),
+    Option("nodes", int, "Number of nodes (default 1).", "job", default=1, commands=JOB - SWEEPS,
+           check=at_least(1)),
     Option("max_restarts", int, "Restart the whole group up to K times when a worker dies.", "launcher", default=0,
            commands=JOB, check=at_least(0)),
     Option("rdzv_timeout", int, "Seconds the rendezvous waits for every node to join (default 600).", "launcher",
@@ -279,7 +283,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("profile", str, "YAML file of these options (see launch/); the command line wins.", "command",
            commands=JOB),
     Option("dry_run", bool, "Print what would run, run nothing.", "command", commands=JOB),
-    Option("gpus", int, "GPUs (= processes) per node; default: every visible GPU.", "job", commands=ONE_NODE),
+    Option("gpus", int, "GPUs (= processes) per node; default: every visible GPU.", "job",
+           commands=ONE_NODE | SWEEPS),
     Option("node_rank", int, "This node's rank, 0 .. nodes-1 (under srun: SLURM_NODEID).", "job", default=0,
            commands=ONE_NODE),
     Option("master_addr", str, "Rendezvous host: node rank 0's address (default 127.0.0.1; under SLURM the job's "
@@ -288,6 +293,18 @@ OPTIONS: tuple[Option, ...] = (
            "under SLURM).", "job", commands=ONE_NODE, check=port),
     Option("spec", str, "Launch the resolved options that `dtrain slurm submit` saved in FILE (as a job's nodes "
            "do); give no other option with it.", "command", commands=ONE_NODE, metavar="FILE"),
+    # Which runs a sweep makes, and how they run.
+    Option("grid", str, "A recipe argument and its values, KEY=V1,V2,... (repeat for more); the sweep runs every "
+           "combination.", "sweep", commands=SWEEPS, metavar="KEY=V1,V2,...", multiple=True),
+    Option("draw", str, "A recipe argument drawn at random, KEY=LOW:HIGH (KEY=LOW:HIGH:log: log-uniformly), "
+           "--draws times per grid point.", "sweep", commands=SWEEPS, metavar="KEY=LOW:HIGH[:log]", multiple=True),
+    Option("draws", int, "Random draws per grid point (with --draw).", "sweep", commands=SWEEPS, check=at_least(1)),
+    Option("sweep_seed", int, "Seed of the random draws (default 0): the same seed draws the same runs.", "sweep",
+           default=0, commands=SWEEPS),
+    Option("parallel", int, "Runs at once (default 1), if the CPUs or GPUs allow it.", "sweep", default=1,
+           commands=SWEEPS, check=at_least(1)),
+    Option("metric", str, "NAME[:min|max]: the series that marks the best run (without a goal: min for a loss or "
+           "error, else max).", "sweep", commands=SWEEPS, metavar="NAME[:min|max]"),
     # What the job asks of SLURM: `dtrain slurm submit` only (dtrain.slurm.resolve_job checks them).
     Option("gpus_per_node", int, "GPUs (= processes) per node.", "slurm", commands=SLURM),
     Option("cpus_per_task", int, "CPUs for each node's launcher and its processes.", "slurm", commands=SLURM),

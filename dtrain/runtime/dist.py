@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import datetime
-import json
 import os
 import sys
 import time
@@ -15,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from dtrain import strategies
-from dtrain.contract import WorkerEnv, error_record
+from dtrain.contract import WorkerEnv, error_record, write_json_atomically
 from dtrain.errors import UsageError
 
 
@@ -198,16 +197,3 @@ def _write_error_records(env: WorkerEnv, message: str, text: str, usage: bool) -
         write_json_atomically(os.environ["TORCHELASTIC_ERROR_FILE"], {
             "message": {"message": message, "extraInfo": {"py_callstack": text, "timestamp": str(int(now))}}})
     return shown
-
-
-def write_json_atomically(path: str | os.PathLike, record: dict) -> bool:
-    """Whether `record` was written. A reader (the launcher, `dtrain launch`) may read the file while a rank
-    still writes it: write, then rename."""
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(f"{path}.tmp", "w") as fh:
-            json.dump(record, fh)
-        os.replace(f"{path}.tmp", path)
-        return True
-    except OSError:
-        return False

@@ -32,10 +32,9 @@ import torch
 import torch.distributed as dist
 
 import dtrain
-from dtrain.contract import WorkerEnv
+from dtrain.contract import WorkerEnv, write_json_atomically
 from dtrain.hangs import DEBUG, DUMP_SIGNAL, stacks_header, stacks_path, state_path, timed_out
 from dtrain.runtime import dist as dist_utils
-from dtrain.runtime.dist import write_json_atomically
 
 FLIGHT_RECORDER_ENTRIES = 2000
 POLL_S = 1.0
