@@ -242,6 +242,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("wandb_group", str, "W&B group (default: the run name for multi-node jobs, slurm-JOBID under SLURM).",
            env="DTRAIN_WANDB_GROUP", example="group"),
     Option("tags", tuple, "W&B tags, comma-separated.", default=(), env="DTRAIN_TAGS", example="a,b"),
+    Option("tensorboard", bool, "TensorBoard event files from rank 0, in runs/NAME/tensorboard/.", default=False,
+           env="DTRAIN_TENSORBOARD", example=True),
+    Option("mlflow", str, "MLflow from rank 0, to this tracking URI; no value: MLFLOW_TRACKING_URI, else a SQLite "
+           "store in runs/NAME/mlflow/.", env="DTRAIN_MLFLOW", flag_value="auto", metavar="[URI]",
+           example="http://127.0.0.1:5000"),
+    Option("mlflow_experiment", str, "MLflow experiment (default dtrain).", default="dtrain",
+           env="DTRAIN_MLFLOW_EXPERIMENT", example="tests"),
     Option("strategy", str, "ddp (default), fsdp (FSDP2: fully_shard per block), or DeepSpeed ZeRO stage 1, 2 or "
            "3.", default="ddp", env="DTRAIN_STRATEGY", choices=tuple(strategies.STRATEGIES), example="zero1",
            group="zero"),

@@ -180,23 +180,23 @@ def test_training_does_not_wait_for_wandb_and_goes_on_when_it_refuses_to_start(t
                      "--limit-train-batches", "20", "--log-every", "5", "--data-dir", data_dir, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "dtrain: W&B stopped (UsageError: Invalid project name 'bad/name'" in out.stderr
-    assert "metrics go on to metrics.jsonl only." in out.stderr and "Traceback" not in out.stderr
+    assert "the run goes on without it (metrics.jsonl has every row)." in out.stderr and "Traceback" not in out.stderr
     assert [r["step"] for r in metrics(run_dir, "train")] == [5, 10, 15, 20]
 
 
-def test_the_wandb_writer_reads_whole_lines_at_most_once_per_interval():
-    """Batches keep the writer (and wandb-core) from waking at every logged step."""
-    from dtrain.wandb_writer import lines_in_batches
+def test_the_trackers_process_reads_whole_lines_at_most_once_per_interval():
+    """Batches keep the trackers' process (and wandb-core) from waking at every logged step."""
+    from dtrain.trackers import line_batches
 
     read, write = os.pipe()
     os.write(write, b'{"step": 1}\n{"step"')
-    lines = lines_in_batches(read, interval=0.3)
-    assert next(lines) == b'{"step": 1}'
+    batches = line_batches(read, interval=0.3)
+    assert next(batches) == [b'{"step": 1}']
     os.write(write, b': 2}\n')
     os.write(write, b'{"step": 3}\n')
     os.close(write)
     start = time.monotonic()
-    assert list(lines) == [b'{"step": 2}', b'{"step": 3}']  # the line split across writes is whole
+    assert list(batches) == [[b'{"step": 2}', b'{"step": 3}']]  # the line split across writes is whole
     assert time.monotonic() - start >= 0.3
     os.close(read)
 
@@ -206,12 +206,13 @@ def test_an_offline_wandb_run_contacts_no_server(tmp_path, monkeypatch):
     end of the run. (W&B's own usage telemetry is sent unless the process-wide mode is offline.)"""
     import socket
 
-    from dtrain.runtime.logging import WandbWriter
+    from dtrain.runtime.logging import TrackerProcess
 
     with socket.create_server(("127.0.0.1", 0)) as server:
         monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
         monkeypatch.setenv("WANDB_SILENT", "true")
-        writer = WandbWriter(dict(dir=str(tmp_path), id="offline1", mode="offline", project="tests"))
+        writer = TrackerProcess({"run_dir": str(tmp_path),
+                                 "wandb": dict(dir=str(tmp_path), id="offline1", mode="offline", project="tests")})
         for step in range(1, 51):
             writer.send({"row": {"step": step, "kind": "train", "train/loss": 1.0 / step}})
         writer.finish(exit_code=0)

@@ -61,6 +61,7 @@ def test_a_grid_interrupted_in_its_third_run_skips_two_and_resumes_the_third(tmp
     for name in RUN_NAMES:  # each run's own directory, with its arguments recorded
         spec = json.loads((sweep_dir / name / "spec.json").read_text())
         assert spec["recipe_args"][:4] == ["--lr", name.split("_")[1][3:], "--batch-size", name.split("=")[-1]]
+        assert spec["options"]["wandb_group"] == "grid"  # the runs of a sweep are one W&B group
         assert len(metrics(sweep_dir / name, "epoch")) == 1
 
 

@@ -48,6 +48,7 @@ from dtrain.runtime.logging import Progress, RunLogger, write_config
 from dtrain.runtime.precision import Precision
 from dtrain.runtime.preemption import Preemption
 from dtrain.runtime.strategies import make_strategy
+from dtrain.trackers import redact
 
 
 def setup(config: Mapping[str, Any] | None = None) -> Context:
@@ -138,7 +139,7 @@ class Context:
             "device": self.device.type,
             "hardware": _hardware(self.device),
             "git": _git_commit(Path(sys.argv[0]).resolve().parent),
-            "launch": {k: list(v) if isinstance(v, tuple) else v
+            "launch": {k: list(v) if isinstance(v, tuple) else redact(v) if isinstance(v, str) else v
                        for k, v in {**dataclasses.asdict(self.env), **self.env.options}.items()
                        if k not in ("rank", "local_rank", "node_name", "tty", "error_spool", "options")},
             "network": {name: os.environ.get(name) for name in ("MASTER_ADDR", *NETWORK_INTERFACES)}
@@ -344,6 +345,8 @@ class Context:
         if path is None:
             return None
         self.steps = state.step
+        if self.logger is not None:
+            self.logger.resumed()
         if scheduler is not None:
             scheduler.load_state_dict(extras["scheduler"])
         if self.precision.scaler is not None:

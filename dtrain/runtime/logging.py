@@ -1,9 +1,11 @@
-"""Rank 0's record of a run: `metrics.jsonl` (always), Weights & Biases (unless disabled),
-`config.yaml`, evaluation reports, and progress on the console.
+"""Rank 0's record of a run: `metrics.jsonl` (always), the trackers (W&B unless disabled, TensorBoard,
+MLflow), `config.yaml`, evaluation reports, and progress on the console.
 
-Only rank 0 builds a `RunLogger`, and it hands W&B to a process of its own (`wandb_writer`): no
-training process imports wandb. The W&B run id lives in `<run_dir>/wandb/run-id`: a resumed or
-requeued job in the same run directory continues the same run (`resume="allow"`).
+Only rank 0 builds a `RunLogger`, and it hands the trackers to a process of their own
+(`dtrain.trackers`): no training process imports wandb, tensorboard or mlflow. The W&B run id lives
+in `<run_dir>/wandb/run-id` (MLflow's in `mlflow/run-id`): a resumed or requeued job in the same run
+directory continues the same run. Steps that a resume replays (those after its checkpoint that an
+earlier attempt had logged) are not logged again, anywhere.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from typing import IO, Any
 
 import yaml
 
-from dtrain import metrics
+from dtrain import metrics, trackers
 from dtrain.contract import WorkerEnv
+from dtrain.errors import UsageError
 from dtrain.runtime import dist as dist_utils
 from dtrain.wandb_mode import wandb_mode
 
@@ -105,28 +108,49 @@ class RunLogger:
         self.run_dir = run_dir
         self.metrics = MetricsWriter(run_dir / metrics.FILE)
         self.run_id = wandb_run_id(run_dir)
+        self.logged_before: dict[str, int] = {}  # after a resume: each kind's last step an earlier attempt logged
         mode, notice = wandb_mode(env.wandb, os.environ)
         if notice:  # only when `auto` was left to this process (plain torchrun): dtrain launch decides it itself
             print(f"dtrain: {notice}", file=sys.stderr, flush=True)
-        self.wandb: WandbWriter | None = None
-        if mode != "disabled":
-            self.wandb = WandbWriter(dict(
-                dir=str(run_dir), id=self.run_id, resume="allow", mode=mode, project=env.wandb_project,
-                entity=env.wandb_entity, group=env.wandb_group, tags=list(env.tags) or None,
-                name=run_dir.name, config=dict(run_config)))
+        init = {
+            "wandb": dict(dir=str(run_dir), id=self.run_id, resume="allow", mode=mode, project=env.wandb_project,
+                          entity=env.wandb_entity, group=env.wandb_group, tags=list(env.tags) or None,
+                          name=run_dir.name, config=dict(run_config)) if mode != "disabled" else None,
+            "tensorboard": {} if env.tensorboard else None,
+            "mlflow": dict(**trackers.mlflow_store(env.mlflow, os.environ, run_dir), experiment=env.mlflow_experiment,
+                           run_name=run_dir.name, tags={"group": env.wandb_group} if env.wandb_group else None,
+                           params=mlflow_params(run_config)) if env.mlflow else None,
+        }
+        self.trackers: TrackerProcess | None = None
+        if any(tracker is not None for tracker in init.values()):
+            self.trackers = TrackerProcess({"run_dir": str(run_dir), **init})
             dist_utils.on_uncaught_error(self._mark_failed)
 
+    def resumed(self) -> None:
+        """Called once a checkpoint is loaded: from now on, rows at steps an earlier attempt logged are replays."""
+        try:
+            rows = metrics.read(self.run_dir)
+        except UsageError:
+            rows = []
+        for row in rows:
+            self.logged_before[row["kind"]] = max(row["step"], self.logged_before.get(row["kind"], -1))
+
+    def _replayed(self, kind: str, step: int) -> bool:
+        return step <= self.logged_before.get(kind, -1)
+
     def _mark_failed(self, _exc: BaseException) -> None:
-        """After an uncaught exception: end the W&B run as failed, not finished."""
-        if self.wandb is not None:
-            self.wandb.finish(exit_code=1)
-            self.wandb = None
+        """After an uncaught exception: end the trackers' runs as failed, not finished."""
+        if self.trackers is not None:
+            self.trackers.finish(exit_code=1)
+            self.trackers = None
 
     def log(self, step: int, kind: str, values: Mapping[str, float]) -> None:
+        if self._replayed(kind, step):
+            return
         row = metrics.row(step, kind, values)
         self.metrics.write(row)
-        if self.wandb is not None:
-            self.wandb.send({"row": row})
+        if self.trackers is not None:
+            self.trackers.send({"row": row})
 
     def log_evaluation(self, step: int, epoch: int, result: Mapping[str, Any]) -> Path:
         """Write the report and confusion matrix to `eval/epoch_NNN.json`; log them to W&B as tables."""
@@ -138,40 +162,42 @@ class RunLogger:
             path.write_text(json.dumps(record, indent=1))
 
         written(path, write)
-        if self.wandb is not None:
-            self.wandb.send({"step": step, "evaluation": dict(result)})
+        if self.trackers is not None and not self._replayed(metrics.EPOCH, step):
+            self.trackers.send({"step": step, "evaluation": dict(result)})
         return path
 
     def close(self) -> None:
         self.metrics.close()
-        if self.wandb is not None:
-            self.wandb.finish(exit_code=0)
-            self.wandb = None
+        if self.trackers is not None:
+            self.trackers.finish(exit_code=0)
+            self.trackers = None
 
 
-class WandbWriter:
-    """The W&B run, held by a `dtrain.wandb_writer` process (see there why).
+def mlflow_params(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's parameters for MLflow: the recipe's own, then dtrain's launch options under `dtrain.`."""
+    launch = {f"dtrain.{k}": v for k, v in run_config.get("launch", {}).items() if v not in (None, [], ())}
+    return {**run_config.get("config", {}), **launch, "dtrain.world_size": run_config.get("world_size")}
 
-    Training does not wait for `wandb.init` (seconds: importing wandb, starting wandb-core): rows
-    queue in the pipe meanwhile. If the writer ends early (W&B refused to start, or it crashed), the
-    next row finds the pipe closed and one line says why; metrics.jsonl carries on regardless.
+
+class TrackerProcess:
+    """The trackers' runs, held by a `dtrain.trackers` process (see there why).
+
+    Training does not wait for a tracker to start (seconds: importing it, starting wandb-core): rows
+    queue in the pipe meanwhile. A tracker that fails says so itself and is dropped; when none is
+    left the process ends, and rows go on to metrics.jsonl alone.
     """
 
-    PIPE_BYTES = 1 << 20  # room for thousands of rows while the writer, at low priority, lags behind
+    PIPE_BYTES = 1 << 20  # room for thousands of rows while the process, at low priority, lags behind
 
     def __init__(self, init: Mapping[str, Any]):
-        reply_read, reply_write = os.pipe()
-        self._process = subprocess.Popen([sys.executable, "-m", "dtrain.wandb_writer", str(reply_write)],
-                                         stdin=subprocess.PIPE, pass_fds=(reply_write,), text=True,
+        self._process = subprocess.Popen([sys.executable, "-m", "dtrain.trackers"], stdin=subprocess.PIPE, text=True,
                                          start_new_session=True)
-        os.close(reply_write)
         try:
             fcntl.fcntl(self._process.stdin.fileno(), fcntl.F_SETPIPE_SZ, self.PIPE_BYTES)
         except OSError:
             pass
-        self._replies = open(reply_read)  # wandb.init's outcome: read only when the writer has ended
         self.send(init)
-        atexit.register(self.finish, 0)  # a recipe that never calls ctx.close() still ends its run as finished
+        atexit.register(self.finish, 0)  # a recipe that never calls ctx.close() still ends its runs as finished
 
     def send(self, message: Mapping[str, Any]) -> None:
         if self._process.stdin.closed:
@@ -179,22 +205,19 @@ class WandbWriter:
         try:
             self._process.stdin.write(json.dumps(message) + "\n")
             self._process.stdin.flush()
-        except BrokenPipeError:
-            with contextlib.suppress(BrokenPipeError):  # the unsent rest goes nowhere
+        except BrokenPipeError:  # every tracker stopped (each said why): the unsent rest goes nowhere
+            with contextlib.suppress(BrokenPipeError):
                 self._process.stdin.close()
-            reply = json.loads(self._replies.readline() or "{}")
-            reason = reply.get("error") or f"the W&B writer exited with code {self._process.wait()}"
-            print(f"dtrain: W&B stopped ({reason}); metrics go on to metrics.jsonl only.", file=sys.stderr, flush=True)
 
     def finish(self, exit_code: int) -> None:
-        """End the run (once); waits until W&B has written everything."""
+        """End the runs (once); waits until every tracker has written everything."""
         if self._process.returncode is not None:
             return
         self.send({"exit_code": exit_code})
         if not self._process.stdin.closed:
-            self._process.stdin.close()
+            with contextlib.suppress(BrokenPipeError):
+                self._process.stdin.close()
         self._process.wait()
-        self._replies.close()
 
 
 class Progress:
