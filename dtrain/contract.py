@@ -132,10 +132,6 @@ def markdown_table() -> str:
     return "\n".join(lines + [f"| {a} | {b} | {c} |" for a, b, c in rows])
 
 
-if __name__ == "__main__":
-    print(markdown_table())
-
-
 def write_json_atomically(path: str | os.PathLike, record: dict) -> bool:
     """Whether `record` was written. A reader (the launcher, `dtrain launch`) may read the file while a rank
     still writes it: write, then rename."""
@@ -147,3 +143,7 @@ def write_json_atomically(path: str | os.PathLike, record: dict) -> bool:
         return True
     except OSError:
         return False
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -92,6 +92,7 @@ def test_worker_env_is_the_dtrain_contract_and_keeps_the_callers_variables():
         "DTRAIN_RESUME": "auto", "DTRAIN_KEEP_LAST": "2", "DTRAIN_ASYNC_CHECKPOINT": "1",
         "DTRAIN_PREEMPT_SIGNAL": "USR1", "DTRAIN_MAX_REQUEUES": "5",
         "DTRAIN_WANDB": "auto", "DTRAIN_WANDB_PROJECT": "dtrain", "DTRAIN_TIMEOUT_S": "60",
+        "DTRAIN_MLFLOW_EXPERIMENT": "dtrain",
         "DTRAIN_STRATEGY": "ddp", "DTRAIN_GRAD_ACCUM": "1", "DTRAIN_WORLD_SIZE": "2",
     }
     plain = contract.worker_env(resolve(cpu=True, name="r"), cpus=2, base={"DTRAIN_KEEP_LAST": "9"})
