@@ -6,12 +6,15 @@ resolves them into a LaunchSpec (`dtrain.spec`) and acts on that spec.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
+import re
 import shlex
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
@@ -176,20 +179,13 @@ def sweep(ctx: click.Context, profile: str | None, dry_run: bool | None, grid: t
 
     if profile is not None:
         given = _apply_profile(ctx, profile, given)
-    value = options.BY_NAME
-    fixed = tuple(given.get("recipe_args") or ())
-    runs = sweeps.plan(sweeps.parse_grid(grid), sweeps.parse_draws(draw), value["draws"].value(draws),
-                       value["sweep_seed"].value(sweep_seed), fixed)
     goal = sweeps.parse_metric(metric) if metric else None
-    sweep_dir = Path(given["run_dir"]) if given.get("run_dir") else None
-    name = given.get("name") or (sweep_dir.name if sweep_dir else sweeps.default_name(given["recipe"], runs, fixed))
-    sweep_dir = sweep_dir or Path("runs") / name
+    plan = _plan_sweep(given, grid, draw, draws, sweep_seed)
+    runs, name, sweep_dir = plan.runs, plan.name, plan.sweep_dir
     gpus_available = 0 if given.get("cpu") else hardware.visible_gpus()
-    specs = [resolve({**given, "name": f"{name}-{run.index:03d}", "run_dir": str(sweep_dir / run.name),
-                      "recipe_args": sweeps.recipe_args(run, fixed), "wandb_group": given.get("wandb_group") or name},
-                     gpus_available, hardware.free_port()) for run in runs]
+    specs = [resolve(run_given, gpus_available, hardware.free_port()) for run_given in plan.launch_options(given)]
     specs = [_resolve_wandb(s, quiet=bool(dry_run) or i > 0) for i, s in enumerate(specs)]
-    slots = sweeps.slot_devices(specs[0].device, value["parallel"].value(parallel), specs[0].nproc,
+    slots = sweeps.slot_devices(specs[0].device, options.BY_NAME["parallel"].value(parallel), specs[0].nproc,
                                 gpus_available if specs[0].device == "cuda" else hardware.cpu_count())
     if dry_run:
         click.echo(f"# {_relative(str(sweep_dir))}: {len(runs)} runs, {len(slots)} at a time")
@@ -199,10 +195,9 @@ def sweep(ctx: click.Context, profile: str | None, dry_run: bool | None, grid: t
 
     from dtrain.job import probe_run_dir, write_files
 
-    record = sweeps.plan_record(given["recipe"], runs, fixed)
-    if not sweeps.check_same_plan(sweep_dir, record):
+    if not sweeps.check_same_plan(sweep_dir, plan.record):
         probe_run_dir(str(sweep_dir))
-        write_files({str(sweep_dir / sweeps.PLAN_FILE): json.dumps(record, indent=1) + "\n"})
+        write_files({str(sweep_dir / sweeps.PLAN_FILE): json.dumps(plan.record, indent=1) + "\n"})
     say = functools.partial(_say_sweep, name)
     commands = []
     for run, launch_spec in zip(runs, specs):
@@ -234,6 +229,40 @@ def sweep(ctx: click.Context, profile: str | None, dry_run: bool | None, grid: t
 
 def _say_sweep(name: str, text: str) -> None:
     click.echo(f"dtrain sweep {name}: {text}", err=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SweepPlan:
+    runs: list[Any]  # dtrain.sweep.Run
+    fixed: tuple[str, ...]
+    name: str
+    sweep_dir: Path
+    record: dict[str, Any]  # sweep.json
+
+    def launch_options(self, given: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Each run's options for `resolve`: its run directory, name and recipe arguments; W&B's group is the
+        sweep's unless given."""
+        from dtrain import sweep as sweeps
+
+        return [{**given, "name": f"{self.name}-{run.index:03d}", "run_dir": str(self.sweep_dir / run.name),
+                 "recipe_args": sweeps.recipe_args(run, self.fixed),
+                 "wandb_group": given.get("wandb_group") or self.name} for run in self.runs]
+
+
+def _plan_sweep(given: Mapping[str, Any], grid: tuple[str, ...], draw: tuple[str, ...], draws: int | None,
+                sweep_seed: int | None) -> _SweepPlan:
+    """The runs of `dtrain sweep` or a job array, and the sweep directory (--run-dir, or runs/--name, or
+    runs/ a name the same command always gives)."""
+    from dtrain import sweep as sweeps
+
+    fixed = tuple(given.get("recipe_args") or ())
+    runs = sweeps.plan(sweeps.parse_grid(grid), sweeps.parse_draws(draw), options.BY_NAME["draws"].value(draws),
+                       options.BY_NAME["sweep_seed"].value(sweep_seed), fixed)
+    run_dir = given.get("run_dir")
+    name = given.get("name") or (re.sub(r"[^A-Za-z0-9._-]", "_", Path(run_dir).name) if run_dir
+                                 else sweeps.default_name(given["recipe"], runs, fixed))
+    return _SweepPlan(runs, fixed, name, Path(run_dir or Path("runs") / name),
+                      sweeps.plan_record(given["recipe"], runs, fixed))
 
 
 @cli.command()
@@ -298,59 +327,118 @@ def slurm_group() -> None:
 @_command_options(SUBMIT)
 @click.pass_context
 def slurm_submit(ctx: click.Context, profile: str | None, dry_run: bool | None, cluster_profile: str | None,
-                 template: str | None, **given: Any) -> int:
+                 template: str | None, grid: tuple[str, ...], draw: tuple[str, ...], draws: int | None,
+                 sweep_seed: int | None, parallel: int | None, **given: Any) -> int:
     """Submit RECIPE as a SLURM job: runs/NAME/slurm/ gets the sbatch script and the launch spec every node runs.
+    With --grid or --draw, one job array: a task per run of the sweep, each in its own run directory.
 
     \b
     dtrain slurm submit recipes/mnist_cnn.py --nodes 4 --gpus-per-node 8 --time 02:00:00
     dtrain slurm submit recipes/mnist_cnn.py --nodes 2 --cpu --nproc 1 --dry-run -- --epochs 1
+    dtrain slurm submit recipes/mnist_mlp.py --cpu --grid lr=1e-3,3e-4 --grid batch-size=64,128 --parallel 2
     """
     if profile is not None:
         given = _apply_profile(ctx, profile, given)
     cluster = slurm.load_cluster_profile(cluster_profile) if cluster_profile else {}
     job = slurm.resolve_job(given, cluster, cluster_profile)
     template_text = slurm.read_template(template)
+    given = {**given, "nodes": job.nodes, "node_rank": 0, "gpus": job.gpus_per_node or None,
+             "preempt_signal": slurm.parse_signal(job.signal)[1],
+             "max_requeues": cluster.get("max_requeues") if given.get("max_requeues") is None else given["max_requeues"]}
+    if grid or draw:
+        return _submit_array(given, job, template_text, _plan_sweep(given, grid, draw, draws, sweep_seed),
+                             options.BY_NAME["parallel"].value(parallel), bool(dry_run))
+    if draws is not None or parallel is not None:
+        raise UsageError("--draws and --parallel are for a sweep; give --grid or --draw too, or leave them out.")
 
     name = given.get("name") or default_name(given["recipe"])
     run_dir = os.path.abspath(given.get("run_dir") or os.path.join("runs", name))
-    launch_given = {**given, "name": name, "run_dir": run_dir, "nodes": job.nodes, "node_rank": 0,
-                    "gpus": job.gpus_per_node or None, "preempt_signal": slurm.parse_signal(job.signal)[1],
-                    "max_requeues": cluster.get("max_requeues") if given.get("max_requeues") is None
-                    else given["max_requeues"]}
-    launch_spec = resolve(launch_given, gpus_available=job.gpus_per_node, free_port=DEFAULT_MASTER_PORT)
+    launch_spec = resolve({**given, "name": name, "run_dir": run_dir}, gpus_available=job.gpus_per_node,
+                          free_port=DEFAULT_MASTER_PORT)
     script = slurm.render_script(template_text, job, launch_spec, python=sys.executable, workdir=os.getcwd())
     spec_path = slurm.spec_path(run_dir)
     if dry_run:
         click.echo(f"# {_relative(str(spec_path))}\n{launch_spec.to_json()}")
         click.echo(script, nl=False)
         return 0
-
-    slurm_dir = spec_path.parent
-    created = [p for p in (slurm_dir, *slurm_dir.parents) if not p.exists()]  # removed again if sbatch fails
-    script_path = slurm_dir / "job.sbatch"
-    from dtrain.job import write_files
-
-    write_files({str(spec_path): launch_spec.to_json(), str(script_path): script})
-    try:
-        job_id = slurm.submit(script_path)
-    except UsageError:
-        for path in (script_path, spec_path):
-            path.unlink()
-        for path in created:
-            path.rmdir()
-        raise
+    job_id = _write_and_submit({str(spec_path): launch_spec.to_json()}, script, spec_path.parent)
     click.echo(f"submitted job {job_id}: {job.nodes} node(s), run directory {_relative(run_dir)}")
-    click.echo(f"  script  {_relative(str(script_path))}")
+    click.echo(f"  script  {_relative(str(spec_path.parent / 'job.sbatch'))}")
     click.echo(f"  output  {_relative(str(slurm.output_path(run_dir, job_id)))}")
     click.echo(f"  follow  dtrain slurm logs {job_id} --follow   (status, cancel: dtrain slurm status|cancel {job_id})")
     return 0
 
 
+def _submit_array(given: Mapping[str, Any], job: slurm.SlurmJob, template_text: str, plan: _SweepPlan,
+                  at_once: int, dry_run: bool) -> int:
+    """One job array for the sweep's unfinished runs; each task launches its run's spec (slurm/task-N.json)."""
+    from dtrain import sweep as sweeps
+
+    sweep_dir = Path(os.path.abspath(plan.sweep_dir))
+    plan = dataclasses.replace(plan, sweep_dir=sweep_dir)
+    specs = [resolve(run_given, gpus_available=job.gpus_per_node, free_port=DEFAULT_MASTER_PORT)
+             for run_given in plan.launch_options(given)]
+    pending = [run.index for run, spec in zip(plan.runs, specs) if not sweeps.finished(spec.run_dir)]
+    if not pending:
+        click.echo(f"every run of sweep {plan.name} has finished ({_relative(str(sweep_dir))}); nothing to submit.")
+        return 0
+    job = dataclasses.replace(job, array=slurm.array_spec(pending, at_once))
+    script = slurm.render_script(template_text, job, specs[0].replace(name=plan.name, run_dir=str(sweep_dir)),
+                                 python=sys.executable, workdir=os.getcwd())
+    tasks = {str(slurm.task_spec_path(str(sweep_dir), run.index)): spec.to_json()
+             for run, spec in zip(plan.runs, specs) if run.index in pending}
+    if dry_run:
+        for path, text in tasks.items():
+            click.echo(f"# {_relative(path)}\n{text}")
+        click.echo(script, nl=False)
+        return 0
+    slurm.check_array_size(max(pending), slurm.max_array_size())
+    if not sweeps.check_same_plan(sweep_dir, plan.record):
+        tasks[str(sweep_dir / sweeps.PLAN_FILE)] = json.dumps(plan.record, indent=1) + "\n"
+    job_id = _write_and_submit(tasks, script, sweep_dir / "slurm")
+    click.echo(f"submitted job array {job_id}: {len(pending)} of the sweep's {len(plan.runs)} runs, {at_once} at a "
+               f"time, sweep directory {_relative(str(sweep_dir))}")
+    click.echo(f"  status  dtrain slurm status {job_id}   (one task: dtrain slurm logs {job_id}_{pending[0]})")
+    return 0
+
+
+def _write_and_submit(files: Mapping[str, str], script: str, slurm_dir: Path) -> str:
+    """Write the job's files and its script into `slurm_dir`, and submit it; if sbatch refuses, remove them
+    (and the folders made for them) again."""
+    from dtrain.job import write_files
+
+    script_path = slurm_dir / "job.sbatch"
+    written = [Path(p) for p in files] + [script_path]
+    created = sorted({p for path in written for p in path.parents if not p.exists()}, key=lambda p: -len(p.parts))
+    write_files({**files, str(script_path): script})
+    try:
+        return slurm.submit(script_path)
+    except UsageError:
+        for path in written:
+            path.unlink()
+        for path in created:
+            path.rmdir()
+        raise
+
+
 @slurm_group.command("status")
 @click.argument("job_id")
 def slurm_status(job_id: str) -> int:
-    """State, nodes, requeues, time and output file of JOB_ID."""
-    click.echo(slurm.describe_job(slurm.show_job(job_id)))
+    """State, nodes, requeues, time and output file of JOB_ID; for a job array, each task's state and run."""
+    records = slurm.show_jobs(job_id)
+    if "_" in job_id or not any(record.get("ArrayJobId") == job_id for record in records):
+        click.echo(slurm.describe_job(records[0]))
+        return 0
+    from dtrain import sweep as sweeps
+
+    sweep_dir = Path(records[0].get("StdOut", "")).parent.parent
+    plan = sweeps.read_plan(sweep_dir) if sweep_dir.name else None
+    if plan is None:
+        raise UsageError(f"job array {job_id} was not submitted by dtrain (no sweep plan in {sweep_dir}); "
+                         "`scontrol show job` describes it.")
+    runs = [(run.index, run.name, sweeps.status(sweep_dir / run.name)) for run in sweeps.runs_of(plan)]
+    click.echo(slurm.describe_array(job_id, records[0].get("JobName", ""), runs, slurm.array_tasks(records)))
+    click.echo(f"  sweep directory {_relative(str(sweep_dir))}")
     return 0
 
 

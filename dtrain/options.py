@@ -212,7 +212,7 @@ def port(flag: str, value: int) -> int:
 
 ONE_NODE = frozenset({LAUNCH})  # one node of a job: SLURM gives these to a job's nodes itself
 SLURM = frozenset({SUBMIT})
-SWEEPS = frozenset({SWEEP})
+SWEEPS = frozenset({SWEEP, SUBMIT})  # a sweep runs here, or as a SLURM job array
 
 OPTIONS: tuple[Option, ...] = (
     # What runs, and how: every command that runs a recipe.
@@ -276,7 +276,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("launcher", str, "What starts the processes: torchrun (default), accelerate launch, or the deepspeed "
            "launcher.", "launcher", default="torchrun", commands=JOB, choices=tuple(launchers.LAUNCHERS)),
     Option("nproc", int, "CPU processes per node (with --cpu).", "job", commands=JOB, check=at_least(1), example=2),
-    Option("nodes", int, "Number of nodes (default 1).", "job", default=1, commands=JOB - SWEEPS,
+    Option("nodes", int, "Number of nodes (default 1).", "job", default=1, commands=JOB - {SWEEP},
            check=at_least(1)),
     Option("max_restarts", int, "Restart the whole group up to K times when a worker dies.", "launcher", default=0,
            commands=JOB, check=at_least(0)),
@@ -291,7 +291,7 @@ OPTIONS: tuple[Option, ...] = (
            commands=JOB),
     Option("dry_run", bool, "Print what would run, run nothing.", "command", commands=JOB),
     Option("gpus", int, "GPUs (= processes) per node; default: every visible GPU.", "job",
-           commands=ONE_NODE | SWEEPS),
+           commands=ONE_NODE | {SWEEP}),
     Option("node_rank", int, "This node's rank, 0 .. nodes-1 (under srun: SLURM_NODEID).", "job", default=0,
            commands=ONE_NODE),
     Option("master_addr", str, "Rendezvous host: node rank 0's address (default 127.0.0.1; under SLURM the job's "
@@ -308,10 +308,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("draws", int, "Random draws per grid point (with --draw).", "sweep", commands=SWEEPS, check=at_least(1)),
     Option("sweep_seed", int, "Seed of the random draws (default 0): the same seed draws the same runs.", "sweep",
            default=0, commands=SWEEPS),
-    Option("parallel", int, "Runs at once (default 1), if the CPUs or GPUs allow it.", "sweep", default=1,
-           commands=SWEEPS, check=at_least(1)),
+    Option("parallel", int, "Runs at once (default 1): here if the CPUs or GPUs allow it; under SLURM the job "
+           "array's %K.", "sweep", default=1, commands=SWEEPS, check=at_least(1)),
     Option("metric", str, "NAME[:min|max]: the series that marks the best run (without a goal: min for a loss or "
-           "error, else max).", "sweep", commands=SWEEPS, metavar="NAME[:min|max]"),
+           "error, else max).", "sweep", commands=frozenset({SWEEP}), metavar="NAME[:min|max]"),
     # What the job asks of SLURM: `dtrain slurm submit` only (dtrain.slurm.resolve_job checks them).
     Option("gpus_per_node", int, "GPUs (= processes) per node.", "slurm", commands=SLURM),
     Option("cpus_per_task", int, "CPUs for each node's launcher and its processes.", "slurm", commands=SLURM),

@@ -24,7 +24,9 @@ from dtrain.spec import LaunchSpec, toward
 
 TEMPLATE = resources.files("dtrain") / "defaults" / "job.sbatch"
 OUTPUT_PATTERN = "slurm-%j.out"
+ARRAY_OUTPUT_PATTERN = "slurm-%A_%a.out"  # a job array's: in the sweep directory's slurm/ folder, one per task
 SPEC_FILE = "spec.json"  # in the run directory's slurm/ folder: what every node of the job launches
+TASK_SPEC = "task-{}.json"  # in a sweep directory's slurm/ folder: what array task N launches
 SIGNAL_LEAD_S = 90  # the default --signal: the preemption signal this long before the time limit
 # Rendezvous ports come from the job id, below Linux's ephemeral range (32768+).
 _PORT_BASE, _PORT_SPAN = 10000, 20000
@@ -47,6 +49,7 @@ class SlurmJob:
     signal: str = f"{options.default('preempt_signal')}@{SIGNAL_LEAD_S}"
     modules: tuple[str, ...] = ()
     setup: tuple[str, ...] = ()
+    array: str | None = None  # a job array's tasks, as sbatch --array takes them (0-3%2): one run of a sweep each
 
 
 # --- cluster profiles ------------------------------------------------------------------------------
@@ -258,6 +261,35 @@ def spec_path(run_dir: str) -> Path:
     return Path(run_dir) / "slurm" / SPEC_FILE
 
 
+def task_spec_path(sweep_dir: str, index: int | str) -> Path:
+    return Path(sweep_dir) / "slurm" / TASK_SPEC.format(index)
+
+
+def array_spec(indices: Sequence[int], at_once: int) -> str:
+    """sbatch's --array value for these task indices, at most `at_once` running: [0, 1, 2, 5] -> 0-2,5%2."""
+    spans: list[list[int]] = []
+    for index in sorted(indices):
+        if spans and index == spans[-1][1] + 1:
+            spans[-1][1] = index
+        else:
+            spans.append([index, index])
+    return ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in spans) + f"%{at_once}"
+
+
+def check_array_size(highest_index: int, max_array_size: int) -> None:
+    """SLURM refuses an array index at or above the cluster's MaxArraySize."""
+    if highest_index >= max_array_size:
+        raise UsageError(f"this sweep needs array tasks up to index {highest_index}, and this cluster's MaxArraySize "
+                         f"is {max_array_size}; split the sweep (fewer --grid values or --draws) or ask the "
+                         "cluster's admins for a larger MaxArraySize.")
+
+
+def parse_max_array_size(config: str) -> int:
+    """MaxArraySize from `scontrol show config` (SLURM's default, 1001, when it is not there)."""
+    found = re.search(r"^MaxArraySize\s*=\s*(\d+)", config, re.MULTILINE)
+    return int(found.group(1)) if found else 1001
+
+
 # --- the script ----------------------------------------------------------------------------------
 
 def srun_command(nodes: int, command: Sequence[str], cpus_per_task: int | None = None) -> list[str]:
@@ -281,11 +313,13 @@ def directives(job: SlurmJob, name: str, run_dir: str, workdir: str) -> list[str
     lines += [f"--{key}={value}" for key, value in optional.items() if value is not None]
     if job.exclusive:
         lines.append("--exclusive")
+    if job.array:
+        lines.append(f"--array={job.array}")
     lines += [
         f"--signal={job.signal}",
         "--requeue",
         "--open-mode=append",
-        f"--output={Path(run_dir) / 'slurm' / OUTPUT_PATTERN}",
+        f"--output={Path(run_dir) / 'slurm' / (ARRAY_OUTPUT_PATTERN if job.array else OUTPUT_PATTERN)}",
         f"--chdir={workdir}",
     ]
     for line in lines:
@@ -305,15 +339,18 @@ def _check_directive_value(option: str, value: str | None, what: str = "its valu
 def render_script(template: str, job: SlurmJob, spec: LaunchSpec, python: str, workdir: str) -> str:
     """The sbatch script: the template with its {{ placeholders }} filled; every user value quoted.
     Its one step starts `dtrain launch --spec` on every node, with the spec file `dtrain slurm submit`
-    writes beside it."""
-    lines = [srun_command(job.nodes, [], job.cpus_per_task),
-             [python, "-m", "dtrain.cli", "launch", "--spec", str(spec_path(spec.run_dir))]]
+    writes beside it; in a job array (`job.array`, `spec.run_dir` the sweep directory) each task
+    launches its own run's, slurm/task-$SLURM_ARRAY_TASK_ID.json."""
+    spec_file = (shlex.quote(str(task_spec_path(spec.run_dir, ""))[:-len(".json")]) + '"${SLURM_ARRAY_TASK_ID}".json'
+                 if job.array else shlex.quote(str(spec_path(spec.run_dir))))
+    lines = [shlex.join(srun_command(job.nodes, [], job.cpus_per_task)),
+             f"{shlex.join([python, '-m', 'dtrain.cli', 'launch', '--spec'])} {spec_file}"]
     setup = [f"module load {shlex.quote(module)}" for module in job.modules] + list(job.setup)
     values = {
         "directives": "\n".join(directives(job, spec.name, spec.run_dir, workdir)),
         "setup": "\n".join(setup) if setup else "# (no modules or setup lines: add them in a cluster profile)",
         "max_requeues": str(spec.max_requeues),
-        "command": " \\\n    ".join(shlex.join(line) for line in lines),
+        "command": " \\\n    ".join(lines),
     }
 
     def fill(match: re.Match) -> str:
@@ -356,10 +393,11 @@ def submit(script: Path) -> str:
     return out.split(";")[0]
 
 
-def show_job(job_id: str) -> dict[str, str]:
-    """`scontrol show job -o` as a mapping (JobState, Restarts, StdOut, ...)."""
-    if not job_id.isdigit():
-        raise UsageError(f"{job_id!r} is not a SLURM job id; pass the number sbatch printed.")
+def show_jobs(job_id: str) -> list[dict[str, str]]:
+    """`scontrol show job -o`: a mapping (JobState, Restarts, StdOut, ...) per line; a job array gives one
+    per task it started, and one for the tasks still pending together."""
+    if not re.match(r"^\d+(_\d+)?$", job_id):
+        raise UsageError(f"{job_id!r} is not a SLURM job id; pass the number sbatch printed (or ARRAY_TASK).")
     try:
         text = _run(["scontrol", "show", "job", "-o", job_id]).stdout
     except UsageError as exc:
@@ -367,7 +405,20 @@ def show_job(job_id: str) -> dict[str, str]:
             raise UsageError(f"SLURM does not know job {job_id} (finished jobs are forgotten after a few minutes); "
                              "its output stays in the run directory's slurm/ folder.") from None
         raise
-    return parse_job_record(text)
+    return [parse_job_record(line) for line in text.splitlines() if line.strip()]
+
+
+def show_job(job_id: str) -> dict[str, str]:
+    """One job, or one task of a job array (ARRAY_TASK)."""
+    records = show_jobs(job_id)
+    if len(records) > 1:
+        raise UsageError(f"job {job_id} is a job array; name one task, as in {job_id}_0 (`dtrain slurm status "
+                         f"{job_id}` lists them).")
+    return records[0]
+
+
+def max_array_size() -> int:
+    return parse_max_array_size(_run(["scontrol", "show", "config"]).stdout)
 
 
 def parse_job_record(text: str) -> dict[str, str]:
@@ -416,6 +467,39 @@ def describe_job(fields: Mapping[str, str]) -> str:
     stdout = fields.get("StdOut")
     if stdout:
         lines.append(f"  run dir   {Path(stdout).parent.parent}")
+    return "\n".join(lines)
+
+
+def array_indices(text: str) -> list[int]:
+    """`2-3,5%2` (an ArrayTaskId or --array value) -> [2, 3, 5]."""
+    indices = []
+    for part in filter(None, text.split("%")[0].split(",")):
+        low, _, high = part.partition("-")
+        indices += range(int(low), int(high or low) + 1)
+    return indices
+
+
+def array_tasks(records: Sequence[Mapping[str, str]]) -> dict[int, Mapping[str, str]]:
+    """Task index -> its record, from `show_jobs` of a job array (the pending tasks' one record split)."""
+    return {index: record for record in records for index in array_indices(record.get("ArrayTaskId", ""))}
+
+
+def describe_array(array_id: str, name: str, runs: Sequence[tuple[int, str, str]],
+                   tasks: Mapping[int, Mapping[str, str]]) -> str:
+    """A line per run of the sweep: its task's state in SLURM, or (once SLURM has forgotten the task)
+    how the run ended, from its run directory. `runs`: (task index, run name, run directory status)."""
+    rows = [("task", "job", "state", "requeues", "run")]
+    for index, run, run_status in runs:
+        record = tasks.get(index)
+        if record is None:
+            rows.append((str(index), "-", f"({run_status})", "-", run))
+            continue
+        state, reason = job_state(record), record.get("Reason", "None")
+        rows.append((str(index), f"{array_id}_{index}" if "%" in record.get("ArrayTaskId", "") else record["JobId"],
+                     state + (f" ({reason})" if reason != "None" else ""), record.get("Restarts", "0"), run))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = [f"job array {array_id} ({name}): {len(runs)} tasks"]
+    lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import DTRAIN, ROOT, TEST_RECIPES, metrics, run_dtrain, slurm_cmd, submit, wait_for
+from conftest import DTRAIN, ROOT, TEST_RECIPES, job_fields, metrics, run_dtrain, slurm_cmd, submit, wait_for
 
 
 def read_metrics(run_dir: Path, of_kind: str | None = None) -> list[dict]:
@@ -155,3 +155,69 @@ def test_submit_to_a_controller_that_does_not_answer(slurm_env, tmp_path):
     assert result.stderr.startswith("dtrain: error: the SLURM controller is not answering")
     assert len(result.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dead.conf", "r.py"]
+
+
+ARRAY_RUNS = ["000_lr=1e-3_batch-size=32", "001_lr=1e-3_batch-size=64", "002_lr=3e-3_batch-size=32",
+              "003_lr=3e-3_batch-size=64"]
+
+
+def test_a_sweep_as_a_job_array_requeues_only_the_preempted_task(slurm_env, data_dir, tmp_path):
+    """A 2x2 grid as one array, 2 tasks at once; USR2 to task 0 requeues task 0 (its own job id, not the
+    array) and it resumes its own run; the other tasks run once. The signal goes to task 0's step: while
+    an array has pending tasks, `scancel -s SIG` of a task that then requeues itself retries for minutes
+    (SLURM 22.05, "Job is in transitional state"); SLURM's own --signal does not go through scancel."""
+    sweep_dir = tmp_path / "grid"
+    out = run_dtrain("slurm", "submit", str(ROOT / "recipes" / "mnist_mlp.py"), "--cpu", "--run-dir", str(sweep_dir),
+                     "--grid", "lr=1e-3,3e-3", "--grid", "batch-size=32,64", "--parallel", "2",
+                     "--checkpoint-every", "never", "--", "--epochs", "1", "--log-every", "10",
+                     "--data-dir", data_dir, cwd=tmp_path, env=slurm_env)
+    assert out.returncode == 0 and out.stdout.startswith("submitted job array "), out.stdout + out.stderr
+    array = out.stdout.split()[3].rstrip(":")
+    assert "#SBATCH --array=0-3%2" in (sweep_dir / "slurm" / "job.sbatch").read_text()
+
+    first = sweep_dir / ARRAY_RUNS[0]
+    deadline = time.monotonic() + 300
+    while not read_metrics(first, "train"):  # 1875 steps of 32: seconds of training left after the first row
+        assert time.monotonic() < deadline, "task 0 did not start training"
+        time.sleep(0.02)
+    task_job = job_fields(slurm_env, f"{array}_0")["JobId"]
+    slurm_cmd(slurm_env, "scancel", "-s", "USR2", f"{task_job}.0")
+    tasks = [wait_for(slurm_env, f"{array}_{i}", ("COMPLETED", "FAILED", "CANCELLED"), timeout=300, release=True)
+             for i in range(4)]
+    outputs = [(sweep_dir / "slurm" / f"slurm-{array}_{i}.out").read_text() for i in range(4)]
+    assert [t["JobState"] for t in tasks] == ["COMPLETED"] * 4, outputs
+    assert [t["Restarts"] for t in tasks] == ["1", "0", "0", "0"], outputs
+    assert f"requeueing SLURM job {tasks[0]['JobId']} (requeue 1 of 3)" in outputs[0]
+    assert "resuming from" in outputs[0] and all("resuming from" not in o for o in outputs[1:])
+    for name, task in zip(ARRAY_RUNS, tasks):
+        config = yaml.safe_load((sweep_dir / name / "config.yaml").read_text())
+        assert config["slurm_job_id"] == task["JobId"] and config["launch"]["wandb_group"] == "grid"
+        assert config["recipe_args"][:4] == ["--lr", name.split("_")[1][3:], "--batch-size", name.split("=")[-1]]
+        epoch = read_metrics(sweep_dir / name, "epoch")
+        assert len(epoch) == 1 and epoch[0]["eval/accuracy"] > 0.85
+        steps = [m["step"] for m in read_metrics(sweep_dir / name, "train")]
+        assert steps == sorted(set(steps))  # the preempted task's steps logged once
+    assert all(t["ArrayJobId"] == array for t in tasks)
+
+    status = run_dtrain("slurm", "status", array, env=slurm_env)
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert lines[0] == "job array " + array + " (grid): 4 tasks"
+    assert all(any(name in line and "COMPLETED" in line for line in lines) for name in ARRAY_RUNS), status.stdout
+    again = run_dtrain("slurm", "submit", str(ROOT / "recipes" / "mnist_mlp.py"), "--cpu", "--run-dir",
+                       str(sweep_dir), "--grid", "lr=1e-3,3e-3", "--grid", "batch-size=32,64", "--parallel", "2",
+                       "--checkpoint-every", "never", "--", "--epochs", "1", "--log-every", "10",
+                       "--data-dir", data_dir, cwd=tmp_path, env=slurm_env)
+    assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stdout + again.stderr
+
+
+def test_a_sweep_larger_than_max_array_size_is_refused_and_nothing_submitted(slurm_env, tmp_path):
+    limit = int(slurm_cmd(slurm_env, "scontrol", "show", "config").split("MaxArraySize")[1].split("=")[1].split()[0])
+    values = ",".join(str(v) for v in range(limit + 1))
+    out = run_dtrain("slurm", "submit", str(ROOT / "recipes" / "mnist_mlp.py"), "--cpu", "--run-dir",
+                     str(tmp_path / "big"), "--grid", f"lr={values}", cwd=tmp_path, env=slurm_env)
+    assert out.returncode == 2 and out.stdout == "", out.stdout
+    assert out.stderr.strip() == (f"dtrain: error: this sweep needs array tasks up to index {limit}, and this "
+                                  f"cluster's MaxArraySize is {limit}; split the sweep (fewer --grid values or "
+                                  "--draws) or ask the cluster's admins for a larger MaxArraySize.")
+    assert not (tmp_path / "big").exists()

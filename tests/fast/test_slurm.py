@@ -186,3 +186,54 @@ def test_submit_without_sbatch_on_path_says_so_and_leaves_nothing(tmp_path):
     assert result.stderr.startswith("dtrain: error: sbatch is not on PATH") and "--dry-run" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_job_arrays_tasks_as_sbatch_takes_them_and_back():
+    assert slurm.array_spec([0, 1, 2, 3], 2) == "0-3%2"
+    assert slurm.array_spec([5, 0, 1, 7, 8], 1) == "0-1,5,7-8%1"
+    assert slurm.array_indices("0-1,5,7-8%1") == [0, 1, 5, 7, 8]
+    assert slurm.array_indices("3") == [3]
+
+
+def test_max_array_size_is_checked_against_the_highest_index():
+    assert slurm.parse_max_array_size("MaxArraySize            = 1001\nMaxJobCount = 10000\n") == 1001
+    assert slurm.parse_max_array_size("MaxJobCount = 10000\n") == 1001  # SLURM's default
+    slurm.check_array_size(1000, 1001)
+    with pytest.raises(UsageError, match="up to index 1001, and this cluster's MaxArraySize is 1001"):
+        slurm.check_array_size(1001, 1001)
+
+
+def test_an_array_task_launches_its_own_runs_spec_and_writes_its_own_output(tmp_path):
+    sweep_dir = tmp_path / "it's a sweep"
+    out = run_dtrain("slurm", "submit", "recipes/mnist_mlp.py", "--cpu", "--run-dir", str(sweep_dir), "--grid",
+                     "lr=1e-3,3e-4", "--parallel", "1", "--dry-run", "--", "--epochs", "1")
+    assert out.returncode == 2 and "holds a space, quote or shell character" in out.stderr  # #SBATCH --output
+    sweep_dir = tmp_path / "sweep"
+    out = run_dtrain("slurm", "submit", "recipes/mnist_mlp.py", "--cpu", "--run-dir", str(sweep_dir), "--grid",
+                     "lr=1e-3,3e-4", "--dry-run", "--", "--epochs", "1")
+    assert out.returncode == 0, out.stderr
+    assert "#SBATCH --array=0-1%1\n" in out.stdout and f"#SBATCH --output={sweep_dir}/slurm/slurm-%A_%a.out" in out.stdout
+    assert out.stdout.rstrip().endswith(f'--spec {sweep_dir}/slurm/task-"${{SLURM_ARRAY_TASK_ID}}".json')
+    assert f"# {sweep_dir}/slurm/task-1.json" in out.stdout and not sweep_dir.exists()
+    task = out.stdout.split("# ")[2].split("\n", 1)[1].split("\n#!/bin/bash")[0]
+    launched = spec.LaunchSpec.from_json(task, "task-1.json")
+    assert launched.run_dir == f"{sweep_dir}/001_lr=3e-4" and launched.recipe_args == ("--lr", "3e-4", "--epochs", "1")
+    assert launched.wandb_group == "sweep"
+
+
+def test_a_job_arrays_status_has_a_line_per_run():
+    records = [{"JobId": "20", "ArrayJobId": "20", "ArrayTaskId": "2-3%2", "JobState": "PENDING",
+                "Reason": "JobArrayTaskLimit", "Restarts": "0"},
+               {"JobId": "22", "ArrayJobId": "20", "ArrayTaskId": "1", "JobState": "PENDING", "Reason": "BeginTime",
+                "Restarts": "1"}]
+    tasks = slurm.array_tasks(records)
+    assert sorted(tasks) == [1, 2, 3]
+    runs = [(0, "000_lr=1", "finished"), (1, "001_lr=2", "interrupted"), (2, "002_lr=3", "not run"),
+            (3, "003_lr=4", "not run")]
+    assert slurm.describe_array("20", "grid", runs, tasks).splitlines() == [
+        "job array 20 (grid): 4 tasks",
+        "  task  job   state                        requeues  run",
+        "  0     -     (finished)                   -         000_lr=1",
+        "  1     22    PENDING (BeginTime)          1         001_lr=2",
+        "  2     20_2  PENDING (JobArrayTaskLimit)  0         002_lr=3",
+        "  3     20_3  PENDING (JobArrayTaskLimit)  0         003_lr=4"]
