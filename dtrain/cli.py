@@ -211,14 +211,7 @@ def sweep(ctx: click.Context, profile: str | None, dry_run: bool | None, grid: t
             console.parent.mkdir(parents=True, exist_ok=True)
         commands.append((run.name, sweeps.launch_argv(spec_file), console))
     codes, stopped_by = sweeps.start_runs(commands, slots, say)
-    rows = sweeps.summary(sweep_dir, runs)
-    best = sweeps.best(rows, goal, required=stopped_by is None) if goal else None
-    names = sweeps.columns(rows, runs, goal[0] if goal else None)
-    write_files({str(sweep_dir / f): text for f, text in sweeps.summary_files(rows, names, best, goal).items()})
-    click.echo(sweeps.format_table(rows, names, best))
-    if best is not None:
-        say(f"best run by {goal[0]} ({goal[1]}): {rows[best]['run']}")
-    say(f"summary in {_relative(str(sweep_dir / sweeps.SUMMARY_FILES[0]))} and {sweeps.SUMMARY_FILES[1]}")
+    _sweep_summary(sweep_dir, runs, goal, required=stopped_by is None, say=say)
     if stopped_by is not None:
         return 128 + stopped_by
     failed = [run for run, code in codes.items() if code != 0]
@@ -229,6 +222,24 @@ def sweep(ctx: click.Context, profile: str | None, dry_run: bool | None, grid: t
 
 def _say_sweep(name: str, text: str) -> None:
     click.echo(f"dtrain sweep {name}: {text}", err=True)
+
+
+def _sweep_summary(sweep_dir: Path, runs: list[Any], goal: tuple[str, str] | None, required: bool,
+                   say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Print the sweep's table (the best run marked by `goal`) and write it as summary.csv and summary.json;
+    a metric that no run logged is refused first, when `required`."""
+    from dtrain import sweep as sweeps
+    from dtrain.job import write_files
+
+    rows = sweeps.summary(sweep_dir, runs)
+    best = sweeps.best(rows, goal, required) if goal else None
+    names = sweeps.columns(rows, runs, goal[0] if goal else None)
+    write_files({str(sweep_dir / f): text for f, text in sweeps.summary_files(rows, names, best, goal).items()})
+    click.echo(sweeps.format_table(rows, names, best))
+    if best is not None:
+        say(f"best run by {goal[0]} ({goal[1]}): {rows[best]['run']}")
+    say(f"summary in {_relative(str(sweep_dir / sweeps.SUMMARY_FILES[0]))} and {sweeps.SUMMARY_FILES[1]}")
+    return rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,11 +278,27 @@ def _plan_sweep(given: Mapping[str, Any], grid: tuple[str, ...], draw: tuple[str
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-def report(run_dir: str) -> int:
-    """Plot RUN_DIR's loss, learning rate, accuracy and confusion matrix (PNG, in RUN_DIR/report/) and summarise it."""
+@click.option("--metric", metavar="NAME[:min|max]", help="For a sweep: the series that marks the best run.")
+def report(run_dir: str, metric: str | None) -> int:
+    """Plot RUN_DIR's loss, learning rate, accuracy and confusion matrix (PNG, in RUN_DIR/report/) and summarise it.
+    For a sweep's directory: the table of its runs (also as summary.csv and .json) and their curves overlaid."""
+    from dtrain import metrics as metrics_file
     from dtrain import report as run_report
+    from dtrain import sweep as sweeps
 
     path = Path(run_dir)
+    plan = sweeps.read_plan(path)
+    if plan is not None:
+        goal = sweeps.parse_metric(metric) if metric else None
+        runs = sweeps.runs_of(plan)
+        _sweep_summary(path, runs, goal, required=True, say=lambda text: click.echo(f"dtrain report: {text}", err=True))
+        curves = {run.name: metrics_file.read(path / run.name) for run in runs
+                  if (path / run.name / metrics_file.FILE).is_file()}
+        click.echo(f"wrote {run_report.plot_sweep(path, curves, goal[0] if goal else None)}")
+        return 0
+    if metric is not None:
+        raise UsageError(f"--metric marks the best run of a sweep, and {run_dir} is one run (no {sweeps.PLAN_FILE}); "
+                         "give a sweep's directory, or leave --metric out.")
     records, evaluations = run_report.read_run(path)
     for png in run_report.plot(path, records, evaluations):
         click.echo(f"wrote {png}")

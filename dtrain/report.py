@@ -99,9 +99,7 @@ def summary(run_dir: Path, records: list[dict], evaluations: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(run_dir: Path, records: list[dict], evaluations: list[dict]) -> list[Path]:
-    """Loss and learning rate per step, accuracy per epoch, the last confusion matrix, and the ranks' compute,
-    memory and TFLOP/s (the `system` rows): PNG files."""
+def _pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
@@ -109,6 +107,40 @@ def plot(run_dir: Path, records: list[dict], evaluations: list[dict]) -> list[Pa
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
+    return plt
+
+
+def plot_sweep(sweep_dir: Path, runs: dict[str, list[dict]], metric: str | None) -> Path:
+    """The runs of a sweep overlaid: training loss per step, and `metric` (default: the first evaluation series
+    any run logged) at each evaluation. One PNG, `report/sweep.png` in the sweep directory."""
+    plt = _pyplot()
+    evaluated = [k for rows in runs.values() for r in rows if r["kind"] != metrics.SYSTEM for k in r
+                 if k.startswith("eval/")]
+    metric = metric or (evaluated[0] if evaluated else None)
+    fig, axes = plt.subplots(2 if metric else 1, 1, figsize=(9, 7 if metric else 4), sharex=True, squeeze=False)
+    loss_ax = axes[0, 0]
+    for name, rows in runs.items():
+        train = _training_loss(rows)
+        loss_ax.plot([r["step"] for r in train], [r["train/loss"] for r in train], label=name)
+        if metric:
+            points = [r for r in rows if metric in r and r["kind"] in (metrics.EPOCH, metrics.EVAL, metrics.TRAIN)]
+            axes[1, 0].plot([r["step"] for r in points], [r[metric] for r in points], marker="o", label=name)
+    loss_ax.set_ylabel("train loss")
+    loss_ax.set_yscale("log")
+    loss_ax.legend(fontsize=7, loc="upper right")
+    if metric:
+        axes[1, 0].set_ylabel(metric)
+    axes[-1, 0].set_xlabel("step")
+    fig.suptitle(f"{sweep_dir.name}: {len(runs)} runs")
+    out = sweep_dir / "report"
+    out.mkdir(exist_ok=True)
+    return _save(fig, out / "sweep.png")
+
+
+def plot(run_dir: Path, records: list[dict], evaluations: list[dict]) -> list[Path]:
+    """Loss and learning rate per step, accuracy per epoch, the last confusion matrix, and the ranks' compute,
+    memory and TFLOP/s (the `system` rows): PNG files."""
+    plt = _pyplot()
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
     written = []

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dtrain import sweep
 
-from conftest import DTRAIN, ROOT, metrics
+from conftest import DTRAIN, ROOT, metrics, run_dtrain
 
 GRID = ("--grid", "lr=1e-3,3e-3", "--grid", "batch-size=32,64")
 RUN_NAMES = ["000_lr=1e-3_batch-size=32", "001_lr=1e-3_batch-size=64", "002_lr=3e-3_batch-size=32",
@@ -63,6 +63,19 @@ def test_a_grid_interrupted_in_its_third_run_skips_two_and_resumes_the_third(tmp
         assert spec["recipe_args"][:4] == ["--lr", name.split("_")[1][3:], "--batch-size", name.split("=")[-1]]
         assert spec["options"]["wandb_group"] == "grid"  # the runs of a sweep are one W&B group
         assert len(metrics(sweep_dir / name, "epoch")) == 1
+
+    report = run_dtrain("report", str(sweep_dir), "--metric", "train/loss")
+    assert report.returncode == 0, report.stderr
+    table = [line for line in report.stdout.splitlines() if "_lr=" in line]
+    assert [line[2:].split()[0] for line in table] == RUN_NAMES and sum(line.startswith("*") for line in table) == 1
+    assert "best run by train/loss (min)" in report.stderr
+    assert (sweep_dir / "report" / "sweep.png").stat().st_size > 10_000
+    written = (sweep_dir / "summary.json").read_text()
+    refused = run_dtrain("report", str(sweep_dir), "--metric", "eval/precision")
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.strip() == ("dtrain: error: no run of this sweep logged 'eval/precision'; pass --metric with "
+                                      "one of eval/accuracy, train/loss.")
+    assert (sweep_dir / "summary.json").read_text() == written  # nothing overwritten
 
 
 def test_two_runs_at_once_each_with_its_own_console_log(tmp_path, data_dir):
