@@ -20,6 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from dtrain import metrics as metrics_file
 from dtrain import trackers
 
+import wandb_file
 from conftest import DTRAIN, ROOT, metrics, run_dtrain
 
 RECIPE = "recipes/mnist_mlp.py"
@@ -32,6 +33,7 @@ def _free_port() -> int:
 
 
 def launch_mlp(run_dir: Path, data_dir: str, *options: str, batches: int = 80, env: dict | None = None):
+    """The MLP on 1 CPU process, a train row every 5 steps (W&B disabled unless `options` say otherwise)."""
     return run_dtrain("launch", RECIPE, "--cpu", "--wandb", "disabled", "--run-dir", str(run_dir), *options, "--",
                       "--epochs", "1", "--limit-train-batches", str(batches), "--log-every", "5",
                       "--data-dir", data_dir, env=env, timeout=300)
@@ -67,8 +69,9 @@ def assert_same(expected: dict, got: dict, rel: float) -> None:
 
 
 def test_tensorboard_and_a_local_mlflow_store_hold_metrics_jsonl_across_a_crash(tmp_path, data_dir):
+    """W&B (offline), TensorBoard and MLflow at once; killed at the third save (step 60), resumed from step 40."""
     run_dir = tmp_path / "run"
-    options = ("--tensorboard", "--mlflow", "--checkpoint-every", "20")
+    options = ("--wandb", "offline", "--tensorboard", "--mlflow", "--checkpoint-every", "20")
     crashed = launch_mlp(run_dir, data_dir, *options, env={"DTRAIN_TEST_CRASH_AT": "started:0:3"})  # at step 60
     assert crashed.returncode == 137, crashed.stderr[-2000:]
     resumed = launch_mlp(run_dir, data_dir, *options)  # while the crashed attempt's trackers may still be ending
@@ -93,6 +96,12 @@ def test_tensorboard_and_a_local_mlflow_store_hold_metrics_jsonl_across_a_crash(
     artifacts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "report")}
     assert {"model.pth", "report/loss_lr.png", "report/accuracy.png"} <= artifacts, artifacts
     assert experiment.artifact_location.startswith((run_dir / trackers.MLFLOW_DIR).resolve().as_uri())
+
+    attempts = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(attempts) == 2 and {wandb_file.run_id(a) for a in attempts} == {
+        (run_dir / "wandb" / "run-id").read_text().strip()}
+    wandb_steps = [row["_step"] for a in attempts for row in wandb_file.history(a) if "train/loss" in row]
+    assert wandb_steps == list(range(5, 85, 5))
 
 
 @pytest.fixture(scope="module")
