@@ -95,7 +95,8 @@ def probe_run_dir(run_dir: str) -> None:
 
 class LauncherLog:
     """The launcher's own lines: appended to `logs/launcher.log` while its disk allows (said once when it
-    stops allowing), and the last of them kept in memory, where its account of a failure is read from."""
+    stops allowing), and the last of them kept in memory, where its account of a failure is read from.
+    Without a launcher (`direct`), the worker's stdout and stderr, each to its rank log."""
 
     KEPT = 4000
 
@@ -154,6 +155,8 @@ def run_job(spec: LaunchSpec, argv: Sequence[str], env: Mapping[str, str], start
     if spool:
         env = {**env, ERROR_SPOOL: spool}
     launcher_log = LauncherLog(spec.launcher_log)
+    stream_logs = ([LauncherLog(path) for path in launcher.implementation().rank_logs(spec)] if not launcher.agent
+                   else [launcher_log, launcher_log])
     if spec.nodes > 1:
         _announce_node(spec)
     try:
@@ -173,14 +176,15 @@ def run_job(spec: LaunchSpec, argv: Sequence[str], env: Mapping[str, str], start
         def forward_preemption(signum, _frame):
             print(f"dtrain: got {signal.Signals(signum).name}: every rank checkpoints and stops ...", file=sys.stderr)
             received.append(signum)
-            for pid in child_pids(proc.pid):
+            for pid in child_pids(proc.pid) if launcher.agent else [proc.pid]:
                 _signal_quietly(pid, signum)
 
         previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         previous[preempt] = signal.signal(preempt, forward_preemption)
-        pumps = [threading.Thread(target=_pump, args=(stream, console, launcher_log, is_stderr, launcher.rank_prefixes),
+        pumps = [threading.Thread(target=_pump, args=(stream, console, log, is_stderr, launcher.rank_prefixes),
                                   daemon=True)
-                 for stream, console, is_stderr in ((proc.stdout, sys.stdout, False), (proc.stderr, sys.stderr, True))]
+                 for stream, console, log, is_stderr in ((proc.stdout, sys.stdout, stream_logs[0], False),
+                                                         (proc.stderr, sys.stderr, stream_logs[1], True))]
         try:
             for pump in pumps:
                 pump.start()
@@ -212,7 +216,8 @@ def run_job(spec: LaunchSpec, argv: Sequence[str], env: Mapping[str, str], start
                       "the collective timed out: it dropped off, and the others waited for it.", file=sys.stderr)
         return status.code
     finally:
-        launcher_log.close()
+        for log in {launcher_log, *stream_logs}:
+            log.close()
         if spool:
             shutil.rmtree(spool, ignore_errors=True)
 

@@ -28,6 +28,7 @@ class Launcher:
     package: str | None  # what must be installed to use it
     rank_prefixes: bool  # each worker's line reaches dtrain tagged with its rank ("[rank3]: ...")
     restarts: bool  # can restart the workers (--max-restarts)
+    agent: bool = True  # a process of its own starts the workers; without one, the worker is dtrain's child
 
     def implementation(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -37,7 +38,9 @@ LAUNCHERS = {launcher.name: launcher for launcher in (
     Launcher("torchrun", "dtrain.launchers.torchrun", package=None, rank_prefixes=True, restarts=True),
     Launcher("accelerate", "dtrain.launchers.accelerate", package="accelerate", rank_prefixes=True, restarts=True),
     Launcher("deepspeed", "dtrain.launchers.deepspeed", package="deepspeed", rank_prefixes=False, restarts=False),
+    Launcher("direct", "dtrain.launchers.direct", package=None, rank_prefixes=False, restarts=False, agent=False),
 )}
+DIRECT = "direct"  # what a job of one process on one node, without restarts, uses unless --launcher says otherwise
 
 
 @dataclasses.dataclass(frozen=True)

@@ -66,9 +66,11 @@ def test_command_line_to_spec_to_environment_to_worker_and_back(group):
 
 
 def test_defaults_come_from_the_table():
-    launch_spec = resolve({"recipe": RECIPE, "cpu": True}, gpus_available=0, free_port=29400)
+    launch_spec = resolve({"recipe": RECIPE, "cpu": True, "nproc": 2}, gpus_available=0, free_port=29400)
     assert list(launch_spec.options) == [option.name for option in SPEC_OPTIONS]
     assert launch_spec.options == {option.name: option.default for option in SPEC_OPTIONS}
+    one = resolve({"recipe": RECIPE, "cpu": True}, gpus_available=0, free_port=29400)
+    assert one.options == {**launch_spec.options, "launcher": "direct"}  # one process needs no launcher
     worker = contract.read_env({})
     assert worker.options == {option.name: option.default for option in WORKER_OPTIONS}
 

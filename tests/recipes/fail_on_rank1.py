@@ -1,4 +1,7 @@
-"""Rank 1 raises after one collective; rank 0 keeps waiting in the next one, as a real job would."""
+"""Rank 1 (or FAIL_RANK) raises after one collective; the others keep waiting in the next one, as a real
+job would."""
+
+import os
 
 import torch
 
@@ -6,7 +9,8 @@ from dtrain.runtime import setup
 
 ctx = setup()
 ctx.all_reduce(torch.ones(1))
-if ctx.rank == 1:
-    raise ValueError("rank 1 exploded on purpose")
+failing = int(os.environ.get("FAIL_RANK", "1"))
+if ctx.rank == failing:
+    raise ValueError(f"rank {failing} exploded on purpose")
 while True:
     ctx.all_reduce(torch.ones(1))
