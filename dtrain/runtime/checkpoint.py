@@ -36,12 +36,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter, StorageWriter
-from torch.distributed.checkpoint._traverse import set_element
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
-from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from dtrain import strategies
 from dtrain.checkpoints import (
@@ -64,6 +58,8 @@ from dtrain.checkpoints import (
 )
 
 if TYPE_CHECKING:
+    from torch.distributed.checkpoint import StorageWriter
+
     from dtrain.runtime.strategies.base import Checkpointable
 
 # A world of one has no process group; DCP then says so on every save and load. It is expected here.
@@ -121,16 +117,11 @@ def _complete(path: Path) -> bool:
     return True
 
 
-def file_storage(folder: Path) -> StorageWriter:
-    """DCP's file-system writer, which fsyncs every file it writes."""
-    return FileSystemWriter(folder, sync_files=True)
-
-
 class Checkpointer:
     def __init__(self, run_dir: str | os.PathLike, rank: int, world_size: int, *, keep_last: int | None,
-                 async_save: bool, strategy: str, storage: Callable[[Path], StorageWriter] = file_storage):
+                 async_save: bool, strategy: str, storage: Callable[[Path], StorageWriter] | None = None):
         """`strategy` is recorded in each manifest, for `dtrain ckpt export`; `storage` makes the DCP
-        StorageWriter of a checkpoint's folder."""
+        StorageWriter of a checkpoint's folder (default: DCP's file writer, fsyncing every file)."""
         self.root = checkpoint_root(run_dir)
         self.rank, self.world_size = rank, world_size
         self.strategy, self.storage = strategy, storage
@@ -181,12 +172,14 @@ class Checkpointer:
         self._together(name, partial, write_own)
         written += parts.write_files(partial)
         state_dict = {**parts.state_dict(), "extras": extras}
-        writer = self.storage(partial)
+        from dtrain.runtime import dcp_io
+
+        writer = (self.storage or dcp_io.file_storage)(partial)
         if self.async_save:
-            future = dcp.async_save(state_dict, storage_writer=writer, process_group=self._group)
+            future = dcp_io.async_save(state_dict, writer, self._group)
             self._pending = (future, partial, state, dict(metrics or {}), written)
         else:
-            self._dcp(name, partial, lambda: dcp.save(state_dict, storage_writer=writer))
+            self._dcp(name, partial, lambda: dcp_io.save(state_dict, writer))
             self._commit(partial, state, dict(metrics or {}), written)
 
     def wait(self) -> None:
@@ -258,6 +251,8 @@ class Checkpointer:
 
     def _dcp(self, name: str, partial: Path, save: Callable[[], Any]) -> None:
         """A DCP save: its failure on any rank reaches every rank (DCP gathers them), as one sentence."""
+        from dtrain.runtime.dcp_io import CheckpointException
+
         try:
             save()
         except CheckpointException as exc:
@@ -343,13 +338,15 @@ def load(path: Path, parts: Checkpointable, extras: dict[str, Any], rank: int,
 
     The RNG state is None when the world size changed: there is no rank to take it from.
     """
+    from dtrain.runtime import dcp_io
+
     try:
         parts.read_files(path)
         state_dict = {**parts.state_dict(), "extras": extras}
-        dcp.load(state_dict, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
+        dcp_io.load(state_dict, path)
     except CheckpointError:
         raise
-    except (Exception, CheckpointException) as exc:  # DCP's wrapper of every rank's error is a BaseException
+    except (Exception, dcp_io.CheckpointException) as exc:  # DCP's wrapper of every rank's error is a BaseException
         detail = next((line.strip() for line in reversed(str(exc).splitlines()) if line.strip()), type(exc).__name__)
         raise CheckpointError(f"checkpoint {path} does not fit this model and optimizer ({detail}); "
                               "start a new run (another --name) or pass --resume never.") from None
@@ -368,8 +365,9 @@ def export_model(path: Path, out: Path) -> int:
         raise CheckpointError(f"checkpoint {path} was written under --strategy {strategy.name}: "
                               f"{strategy.export_hint}.")
     read_metadata_safely(path)
-    state: dict[str, Any] = {}
-    _load_state_dict(state, storage_reader=SafeReader(path), planner=SafeEmptyPlanner(), no_dist=True)
+    from dtrain.runtime import dcp_io
+
+    state = dcp_io.load_whole(path)
     if "model" not in state:
         raise CheckpointError(f"checkpoint {path} holds no model state that dtrain can export; use the run's "
                               "model.pth.")
@@ -465,33 +463,6 @@ def read_metadata_safely(path: Path) -> Any:
                               "(a checkpoint never needs code).") from None
     except (OSError, EOFError, ValueError, TypeError) as exc:
         raise CheckpointError(f"checkpoint file {file} is unreadable ({exc}).") from None
-
-
-class SafeReader(FileSystemReader):
-    def read_metadata(self, *args: Any, **kwargs: Any):
-        metadata = read_metadata_safely(Path(self.path))
-        if getattr(metadata, "storage_meta", None) is not None:
-            metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-class _WeightsOnlyBytes:
-    """DCP's planners unpickle non-tensor values with weights_only=False; load them safely instead."""
-
-    def load_bytes(self, read_item, value) -> None:
-        obj = torch.load(value, weights_only=True)
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = obj
-
-
-class SafeLoadPlanner(_WeightsOnlyBytes, DefaultLoadPlanner):
-    pass
-
-
-class SafeEmptyPlanner(_WeightsOnlyBytes, _EmptyStateDictLoadPlanner):
-    pass
 
 
 # --- small durable writes --------------------------------------------------------------------------

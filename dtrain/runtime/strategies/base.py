@@ -5,13 +5,13 @@ the parameters are laid out, and say what a checkpoint holds of the model and op
 from __future__ import annotations
 
 import abc
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from dtrain.contract import WorkerEnv
 from dtrain.runtime.precision import Precision
@@ -100,4 +100,5 @@ def total_norm(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
 
 def whole(norm: torch.Tensor) -> torch.Tensor:
     """A norm of sharded gradients is a DTensor holding this rank's part: reduce it (a collective)."""
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    dtensor = sys.modules.get("torch.distributed.tensor")  # no DTensor exists before it is imported
+    return norm.full_tensor() if dtensor is not None and isinstance(norm, dtensor.DTensor) else norm

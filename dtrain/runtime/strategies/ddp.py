@@ -1,23 +1,19 @@
-"""DDP: every rank holds the whole model; gradients are averaged in backward."""
+"""DDP: every rank holds the whole model; gradients are averaged in backward.
+
+DDP's module and DCP's state-dict API are imported where they are used: a world of one needs no DDP,
+and a run that saves no checkpoint no DCP (each half a second of start-up)."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
-from torch.nn.parallel import DistributedDataParallel
 
 from dtrain.runtime import dist as dist_utils
-from dtrain.runtime import shared_memory
 from dtrain.runtime.precision import Precision
 from dtrain.runtime.strategies.base import StrategyRuntime, total_norm, whole
 
@@ -28,6 +24,10 @@ class DataParallel(StrategyRuntime):
         model = model.to(self.device)
         if self.env.world_size == 1:
             return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        from dtrain.runtime import shared_memory
+
         if self.device.type == "cuda":
             return DistributedDataParallel(model, device_ids=[self.device.index])
         model = DistributedDataParallel(model)
@@ -40,7 +40,7 @@ class DataParallel(StrategyRuntime):
 
     def set_gradient_sync(self, model: nn.Module, enabled: bool) -> None:
         """DDP decides in the forward pass whether the backward all-reduces."""
-        if isinstance(model, DistributedDataParallel):
+        if _is_ddp(model):
             model.require_backward_grad_sync = enabled
 
     def backward(self, model: nn.Module, loss: torch.Tensor, precision: Precision, grad_accum: int) -> None:
@@ -70,9 +70,11 @@ class DataParallel(StrategyRuntime):
         return norm
 
     def unwrap(self, model: nn.Module) -> nn.Module:
-        return model.module if isinstance(model, DistributedDataParallel) else model
+        return model.module if _is_ddp(model) else model
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
         return get_model_state_dict(self.unwrap(model), options=StateDictOptions(full_state_dict=True,
                                                                                   cpu_offload=True))
 
@@ -88,10 +90,14 @@ class DCPState:
         self.model, self.optimizers = model, optimizers
 
     def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
         model_state, optim_state = get_state_dict(self.model, self.optimizers)
         return {"model": model_state, "optim": optim_state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
         set_state_dict(self.model, self.optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def write_files(self, folder: Path) -> list[Path]:
@@ -99,3 +105,9 @@ class DCPState:
 
     def read_files(self, folder: Path) -> None:
         pass
+
+
+def _is_ddp(model: nn.Module) -> bool:
+    """Whether `model` is wrapped in DDP; never true before DDP's module is imported."""
+    ddp = sys.modules.get("torch.nn.parallel.distributed")
+    return ddp is not None and isinstance(model, ddp.DistributedDataParallel)
