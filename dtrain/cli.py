@@ -24,7 +24,7 @@ from click.core import ParameterSource
 from dtrain import __version__, contract, hardware, launchers, options, slurm
 from dtrain.errors import UsageError
 from dtrain.options import DEBUG, LAUNCH, SUBMIT, SWEEP, Option
-from dtrain.spec import DEFAULT_MASTER_PORT, LaunchSpec, default_name, resolve
+from dtrain.spec import AUTO, DEFAULT_MASTER_PORT, LaunchSpec, decide_precision, default_name, resolve
 from dtrain.wandb_mode import wandb_mode
 
 STARTED = time.time()
@@ -85,9 +85,8 @@ def launch(ctx: click.Context, profile: str | None, dry_run: bool | None, spec: 
             implied = slurm.launch_defaults(allocation, given["recipe"])
             given = {**given, **{k: v for k, v in implied.items() if given.get(k) is None}}
         gpus_available = 0 if given.get("cpu") else hardware.visible_gpus()
-        capability = hardware.min_compute_capability() if gpus_available and given.get("precision") == "bf16" else None
-        launch_spec = resolve(given, gpus_available, hardware.free_port(), compute_capability=capability,
-                              route=hardware.route_to)
+        launch_spec = resolve(given, gpus_available, hardware.free_port(), route=hardware.route_to,
+                              **_precision_facts(given.get("precision"), gpus_available))
 
     if allocation is not None and not allocation.in_step:
         # In an allocation (salloc, or an sbatch script) but not in a step: one task per node via srun.
@@ -142,6 +141,8 @@ def _submitted_spec(ctx: click.Context, path: str, allocation: slurm.Allocation 
         launch_spec = slurm.place(launch_spec, allocation, route=hardware.route_to)
     elif launch_spec.nodes == 1:  # a sweep's run: its port was free when the sweep began
         launch_spec = launch_spec.replace(master_port=hardware.free_port())
+    facts = _precision_facts(launch_spec.precision, hardware.visible_gpus() if launch_spec.device == "cuda" else 0)
+    launch_spec = decide_precision(launch_spec, facts["cpu_flags"], facts["compute_capability"])
     if launch_spec.device == "cuda" and hardware.visible_gpus() < launch_spec.nproc:
         raise UsageError(f"this node sees {hardware.visible_gpus()} GPU(s), but the job runs {launch_spec.nproc} "
                          "processes on each; ask SLURM for them (--gpus-per-node).")
@@ -157,7 +158,8 @@ def debug(**given: Any) -> int:
     dtrain debug recipes/mnist_cnn.py --max-steps 20 -- --epochs 1
     """
     gpus_available = 0 if given.get("cpu") else min(hardware.visible_gpus(), 1)
-    launch_spec = resolve(given, gpus_available, free_port=DEFAULT_MASTER_PORT)
+    launch_spec = resolve(given, gpus_available, free_port=DEFAULT_MASTER_PORT,
+                          **_precision_facts(given.get("precision"), gpus_available))
     launch_spec = _resolve_wandb(launch_spec.replace(nproc=1), quiet=False)
     from dtrain.debug import run_in_process
 
@@ -183,7 +185,8 @@ def sweep(ctx: click.Context, profile: str | None, dry_run: bool | None, grid: t
     plan = _plan_sweep(given, grid, draw, draws, sweep_seed)
     runs, name, sweep_dir = plan.runs, plan.name, plan.sweep_dir
     gpus_available = 0 if given.get("cpu") else hardware.visible_gpus()
-    specs = [resolve(run_given, gpus_available, hardware.free_port()) for run_given in plan.launch_options(given)]
+    facts = _precision_facts(given.get("precision"), gpus_available)
+    specs = [resolve(run_given, gpus_available, hardware.free_port(), **facts) for run_given in plan.launch_options(given)]
     specs = [_resolve_wandb(s, quiet=bool(dry_run) or i > 0) for i, s in enumerate(specs)]
     slots = sweeps.slot_devices(specs[0].device, options.BY_NAME["parallel"].value(parallel), specs[0].nproc,
                                 gpus_available if specs[0].device == "cuda" else hardware.cpu_count())
@@ -381,7 +384,7 @@ def slurm_submit(ctx: click.Context, profile: str | None, dry_run: bool | None, 
     name = given.get("name") or default_name(given["recipe"])
     run_dir = os.path.abspath(given.get("run_dir") or os.path.join("runs", name))
     launch_spec = resolve({**given, "name": name, "run_dir": run_dir}, gpus_available=job.gpus_per_node,
-                          free_port=DEFAULT_MASTER_PORT)
+                          free_port=DEFAULT_MASTER_PORT, cpu_flags=None)
     script = slurm.render_script(template_text, job, launch_spec, python=sys.executable, workdir=os.getcwd())
     spec_path = slurm.spec_path(run_dir)
     if dry_run:
@@ -403,7 +406,7 @@ def _submit_array(given: Mapping[str, Any], job: slurm.SlurmJob, template_text: 
 
     sweep_dir = Path(os.path.abspath(plan.sweep_dir))
     plan = dataclasses.replace(plan, sweep_dir=sweep_dir)
-    specs = [resolve(run_given, gpus_available=job.gpus_per_node, free_port=DEFAULT_MASTER_PORT)
+    specs = [resolve(run_given, gpus_available=job.gpus_per_node, free_port=DEFAULT_MASTER_PORT, cpu_flags=None)
              for run_given in plan.launch_options(given)]
     pending = [run.index for run, spec in zip(plan.runs, specs) if not sweeps.finished(spec.run_dir)]
     if not pending:
@@ -599,6 +602,12 @@ def _resolve_wandb(launch_spec: LaunchSpec, quiet: bool) -> LaunchSpec:
     if notice and not quiet and launch_spec.node_rank == 0:
         click.echo(f"dtrain: {notice}", err=True)
     return launch_spec.replace(wandb=mode)
+
+
+def _precision_facts(precision: str | None, gpus: int) -> dict[str, Any]:
+    """What `--precision auto` (and bf16's check) is decided from, read from this machine only when needed."""
+    return {"cpu_flags": hardware.cpu_flags() if precision == AUTO else frozenset(),
+            "compute_capability": hardware.min_compute_capability() if gpus and precision in ("bf16", AUTO) else None}
 
 
 def _check_port(launch_spec: LaunchSpec, explicit: bool) -> None:

@@ -42,6 +42,18 @@ def min_compute_capability() -> float | None:
     return min(values, default=None)
 
 
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags (Linux: the first processor's `flags` line); none where it cannot tell."""
+    try:
+        with open(cpuinfo) as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def count_visible_devices(value: str) -> int:
     """Count entries of a CUDA_VISIBLE_DEVICES value; CUDA stops at the first invalid one (-1)."""
     count = 0

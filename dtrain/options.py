@@ -33,7 +33,7 @@ SCOPES = {
     "command": "the command itself (where its options come from, what it prints)",
     "sweep": "the runs of a sweep: which recipe arguments each gets, how many run at once, which is best",
 }
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # auto: decided on the node that computes (spec.auto_precision)
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
@@ -217,8 +217,9 @@ SWEEPS = frozenset({SWEEP, SUBMIT})  # a sweep runs here, or as a SLURM job arra
 OPTIONS: tuple[Option, ...] = (
     # What runs, and how: every command that runs a recipe.
     Option("cpu", bool, "Run on CPU processes (gloo), even if GPUs exist.", "job", example=True),
-    Option("precision", str, "Numeric precision: fp32 (default), bf16 autocast, or fp16 autocast with a "
-           "GradScaler.", default="fp32", env="DTRAIN_PRECISION", choices=PRECISIONS, example="bf16"),
+    Option("precision", str, "Numeric precision: fp32 (default), bf16 autocast, fp16 autocast with a GradScaler, "
+           "or auto: bf16 where the device computes it natively (CUDA compute capability 8.0+, CPUs with AMX), "
+           "else fp32.", default="fp32", env="DTRAIN_PRECISION", choices=PRECISIONS, example="bf16"),
     Option("seed", int, "Base random seed (default 0); rank r uses seed + r, the data order uses seed.",
            default=0, env="DTRAIN_SEED", example=7),
     Option("max_steps", int, "Stop after this many optimizer steps (smoke runs).", env="DTRAIN_MAX_STEPS",
@@ -273,8 +274,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("peak_tflops", float, "The device's dense peak TFLOP/s at this precision, for MFU (default: from dtrain's "
            "table of GPUs; none on CPU).", env="DTRAIN_PEAK_TFLOPS", check=positive, example=100.0),
     # How the processes start: the commands that use a launcher.
-    Option("launcher", str, "What starts the processes: torchrun (default), accelerate launch, or the deepspeed "
-           "launcher.", "launcher", default="torchrun", commands=JOB, choices=tuple(launchers.LAUNCHERS)),
+    Option("launcher", str, "What starts the processes: torchrun (default), accelerate launch, the deepspeed "
+           "launcher, or direct (no launcher: the default for one process on one node without --max-restarts).",
+           "launcher", default="torchrun", commands=JOB, choices=tuple(launchers.LAUNCHERS)),
     Option("nproc", int, "CPU processes per node (with --cpu).", "job", commands=JOB, check=at_least(1), example=2),
     Option("nodes", int, "Number of nodes (default 1).", "job", default=1, commands=JOB - {SWEEP},
            check=at_least(1)),

@@ -21,6 +21,7 @@ from dtrain.errors import UsageError
 from dtrain.options import BY_NAME, SPEC_OPTIONS
 
 DEFAULT_MASTER_PORT = 29500
+AUTO = "auto"
 SPEC_FORMAT = "dtrain-spec-1"
 
 
@@ -102,11 +103,13 @@ def installed(package: str) -> bool:
 
 def resolve(options: Mapping[str, Any], gpus_available: int, free_port: int,
             is_installed: Callable[[str], bool] = installed, compute_capability: float | None = None,
-            route: Callable[[str], tuple[str, str] | None] = lambda host: None) -> LaunchSpec:
+            route: Callable[[str], tuple[str, str] | None] = lambda host: None,
+            cpu_flags: frozenset[str] | None = frozenset()) -> LaunchSpec:
     """Turn merged CLI/profile options into a LaunchSpec, or raise UsageError saying what to fix.
 
     Options not given are None; `route(host)` is this machine's (address, interface) toward a host
-    (`hardware.route_to`). Steps: 1. the device and processes per node, 2. the nodes and rendezvous
+    (`hardware.route_to`); `cpu_flags` and `compute_capability` decide `--precision auto`, and
+    `cpu_flags=None` leaves it to the node that computes (a SLURM job's: `decide_precision`). Steps: 1. the device and processes per node, 2. the nodes and rendezvous
     (and, for many nodes, the address and interface toward node 0), 3. the run directory, 4. launcher,
     strategy, precision and the DeepSpeed config, checked together against the registries, 5. every
     other option, from its row's default and check.
@@ -126,7 +129,9 @@ def resolve(options: Mapping[str, Any], gpus_available: int, free_port: int,
     master_port = value("master_port", free_port if nodes == 1 else DEFAULT_MASTER_PORT)
     network = toward(value("master_addr"), route) if nodes > 1 else None
     name, run_dir = _run_dir(options, recipe, nodes)  # 3.
-    parallel, merged = _parallelism(options, value, device, is_installed, compute_capability)  # 4.
+    one_process = nodes == 1 and nproc == 1 and not value("max_restarts")
+    parallel, merged = _parallelism(options, value, device, is_installed, compute_capability, one_process,  # 4.
+                                    cpu_flags)
     resolved = {**parallel, "wandb_group": value("wandb_group", name if nodes > 1 else None)}
     resolved = {option.name: resolved[option.name] if option.name in resolved else value(option.name)  # 5.
                 for option in SPEC_OPTIONS}
@@ -143,14 +148,19 @@ def toward(master_addr: str, route: Callable[[str], tuple[str, str] | None]) -> 
 
 
 def _parallelism(options: Mapping[str, Any], value: Callable[..., Any], device: str, is_installed: Callable[[str], bool],
-                 compute_capability: float | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+                 compute_capability: float | None, one_process: bool,
+                 cpu_flags: frozenset[str] | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Launcher, strategy, precision and accumulation, checked together against the registries; and
-    the merged DeepSpeed config of a ZeRO strategy.
+    the merged DeepSpeed config of a ZeRO strategy. One process on one node without restarts needs no
+    launcher (`direct`) unless one is named.
 
     A DeepSpeed JSON (--deepspeed-config) fills what the command line leaves out (ZeRO stage,
     precision, accumulation) and must agree with what it sets.
     """
-    launcher = launchers.get(value("launcher"))
+    launcher = launchers.get(value("launcher", launchers.DIRECT if one_process else None))
+    if not launcher.agent and not one_process:
+        raise UsageError(f"--launcher {launcher.name} runs one process on one node, without --max-restarts; leave "
+                         "--launcher out for more.")
     source = options.get("deepspeed_config")
     user_config = deepspeed_config.load(source) if source else None
     stage = (user_config or {}).get("zero_optimization", {}).get("stage")
@@ -160,6 +170,11 @@ def _parallelism(options: Mapping[str, Any], value: Callable[..., Any], device: 
         raise UsageError(f"--deepspeed-config is for the ZeRO strategies, not --strategy {strategy.name}; "
                          f"pass --strategy {zero}, or leave the DeepSpeed file out.")
     precision = value("precision", deepspeed_config.precision(user_config))
+    if precision == AUTO and cpu_flags is not None:
+        precision = auto_precision(device, cpu_flags, compute_capability)
+    if precision == AUTO and strategy.deepspeed_stage is not None:
+        raise UsageError(f"--precision auto is decided on the node that computes, and --strategy {strategy.name}'s "
+                         "DeepSpeed config needs it when the job is submitted; pass --precision bf16 or fp32.")
     accumulation = (user_config or {}).get("gradient_accumulation_steps")
     grad_accum = value("grad_accum", accumulation if isinstance(accumulation, int) else None)
 
@@ -176,7 +191,7 @@ def _parallelism(options: Mapping[str, Any], value: Callable[..., Any], device: 
     if options.get("async_checkpoint") and not strategy.async_checkpoint:
         raise UsageError(f"--async-checkpoint is not available with --strategy {strategy.name}: its engine writes "
                          "its checkpoint files itself, synchronously; leave --async-checkpoint out.")
-    if device == "cpu" and precision not in strategy.cpu_precisions:
+    if device == "cpu" and precision not in (*strategy.cpu_precisions, AUTO):
         able = strategies.names_where(lambda s: precision in s.cpu_precisions)
         raise UsageError(f"--strategy {strategy.name} cannot train in {precision} on CPU; use --precision "
                          f"{' or '.join(strategy.cpu_precisions)}, or --strategy {able} for {precision}.")
@@ -190,6 +205,23 @@ def _parallelism(options: Mapping[str, Any], value: Callable[..., Any], device: 
                                         source or f"dtrain's {strategy.name}.json")
     return {"launcher": launcher.name, "strategy": strategy.name, "precision": precision,
             "grad_accum": grad_accum}, merged
+
+
+def auto_precision(device: str, cpu_flags: frozenset[str], compute_capability: float | None) -> str:
+    """`--precision auto`: bf16 where the device computes it natively, else fp32. GPUs of compute capability
+    8.0 (Ampere) and up; CPUs with AMX tiles for bf16 (`amx_bf16`). AVX-512 BF16 alone only converts and
+    dots pairs of bf16 numbers: not measured faster than fp32, so fp32 there (and on CPUs without either,
+    bf16 was about 10x slower, bench/RESULTS.md)."""
+    if device == "cuda":
+        return "bf16" if compute_capability is not None and compute_capability >= 8.0 else "fp32"
+    return "bf16" if "amx_bf16" in cpu_flags else "fp32"
+
+
+def decide_precision(spec: LaunchSpec, cpu_flags: frozenset[str], compute_capability: float | None) -> LaunchSpec:
+    """A submitted spec's `--precision auto`, decided on the node that runs it."""
+    if spec.precision != AUTO:
+        return spec
+    return spec.replace(precision=auto_precision(spec.device, cpu_flags, compute_capability))
 
 
 def _processes(options: Mapping[str, Any], gpus_available: int) -> tuple[str, int]:

@@ -189,3 +189,40 @@ def test_a_multi_node_launch_advertises_and_uses_the_interface_toward_node_0():
 def test_this_machine_routes_to_its_own_loopback_through_lo():
     assert hardware.route_to("127.0.0.1") == ("127.0.0.1", "lo")
     assert hardware.route_to("name.invalid") is None
+
+
+@pytest.mark.parametrize("device, flags, capability, chosen", [
+    ("cpu", {"avx2", "amx_bf16", "amx_tile", "avx512_bf16"}, None, "bf16"),  # Xeon with AMX
+    ("cpu", {"avx2", "avx512f", "avx512_bf16"}, None, "fp32"),  # AVX-512 BF16 alone: not measured faster
+    ("cpu", {"avx2", "fma"}, None, "fp32"),  # no bf16 units at all (an AMD EPYC of these sessions)
+    ("cpu", set(), None, "fp32"),  # flags unknown
+    ("cuda", set(), 9.0, "bf16"),  # H100, H200
+    ("cuda", set(), 8.0, "bf16"),  # A100
+    ("cuda", {"amx_bf16"}, 7.5, "fp32"),  # T4: the GPU computes, not the CPU
+    ("cuda", set(), None, "fp32"),  # capability unknown
+])
+def test_precision_auto_is_bf16_only_where_the_device_computes_it_natively(device, flags, capability, chosen):
+    assert spec.auto_precision(device, frozenset(flags), capability) == chosen
+
+
+def test_precision_auto_is_decided_by_the_launch_and_left_to_the_node_under_slurm(tmp_path):
+    amx = frozenset({"amx_bf16"})
+
+    def resolve(cpu_flags, is_installed=spec.installed, **options):
+        return spec.resolve({"recipe": RECIPE, "cpu": True, "name": "r", "precision": "auto", **options}, 0, 41234,
+                            is_installed=is_installed, cpu_flags=cpu_flags)
+
+    here = resolve(amx)
+    assert here.precision == "bf16"
+    assert contract.worker_env(here, cpus=2, base={})["DTRAIN_PRECISION"] == "bf16"
+    submitted = resolve(None)  # `dtrain slurm submit`
+    assert submitted.precision == "auto"
+    assert spec.decide_precision(submitted, frozenset({"avx2"}), None).precision == "fp32"
+    assert spec.decide_precision(submitted, amx, None).precision == "bf16"
+    with pytest.raises(UsageError, match="--precision auto is decided on the node that computes, and --strategy "
+                                         "zero2's DeepSpeed config needs it when the job is submitted"):
+        resolve(None, is_installed=lambda package: True, strategy="zero2")
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 amx_bf16 avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert hardware.cpu_flags(str(cpuinfo)) == frozenset({"fpu", "sse2", "amx_bf16", "avx512_bf16"})
+    assert hardware.cpu_flags(str(tmp_path / "none")) == frozenset()
