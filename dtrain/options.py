@@ -218,8 +218,8 @@ OPTIONS: tuple[Option, ...] = (
     # What runs, and how: every command that runs a recipe.
     Option("cpu", bool, "Run on CPU processes (gloo), even if GPUs exist.", "job", example=True),
     Option("precision", str, "Numeric precision: fp32 (default), bf16 autocast, fp16 autocast with a GradScaler, "
-           "or auto: bf16 where the device computes it natively (CUDA compute capability 8.0+, CPUs with AMX), "
-           "else fp32.", default="fp32", env="DTRAIN_PRECISION", choices=PRECISIONS, example="bf16"),
+           "or auto: bf16 where the device computes it natively (CUDA compute capability 8.0+, CPUs with AMX or "
+           "AVX-512 BF16), else fp32.", default="fp32", env="DTRAIN_PRECISION", choices=PRECISIONS, example="bf16"),
     Option("seed", int, "Base random seed (default 0); rank r uses seed + r, the data order uses seed.",
            default=0, env="DTRAIN_SEED", example=7),
     Option("max_steps", int, "Stop after this many optimizer steps (smoke runs).", env="DTRAIN_MAX_STEPS",
