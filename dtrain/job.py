@@ -288,6 +288,11 @@ def _prepare_launcher(preempt: signal.Signals) -> None:
     The ignore is inherited by the workers until the runtime installs its handler.
     """
     signal.signal(preempt, signal.SIG_IGN)
+    die_with_parent()
+
+
+def die_with_parent() -> None:
+    """In a child before exec (Linux): SIGTERM when the process that started it dies, so that none is orphaned."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):

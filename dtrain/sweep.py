@@ -15,6 +15,7 @@ is the one place that starts processes.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -252,7 +253,7 @@ def best(rows: Sequence[Mapping[str, Any]], metric: tuple[str, str], required: b
     if not scored:
         logged = sorted({k for row in rows for k in row if "/" in k})
         raise UsageError(f"no run of this sweep logged {name!r}; pass --metric with one of "
-                         f"{', '.join(logged) or 'the series in its runs metrics.jsonl'}.")
+                         f"{', '.join(logged) or 'the series in its runs metrics.jsonl files'}.")
     return (max if goal == "max" else min)(scored)[1]
 
 
@@ -315,7 +316,12 @@ def start_runs(commands: Sequence[tuple[str, list[str], Path | None]], slots: Se
                say: Callable[[str], None]) -> tuple[dict[str, int], int | None]:
     """Run each (name, argv, console file or None for this console), len(slots) at a time, each with its
     slot's environment. SIGINT or SIGTERM stops every running run (as Ctrl-C stops `dtrain launch`) and
-    starts no more. Returns each started run's exit code, and the signal that stopped the sweep."""
+    starts no more. Returns each started run's exit code, and the signal that stopped the sweep.
+
+    Each run is in a session of its own, so that the terminal's Ctrl-C reaches it once, from here, and
+    dies with this process; only `os.wait` here reaps them, so a pid signalled is still the run's."""
+    from dtrain.job import die_with_parent
+
     pending, running, codes = list(commands), {}, {}
     free = list(range(len(slots)))
     stopping: list[int] = []
@@ -324,9 +330,9 @@ def start_runs(commands: Sequence[tuple[str, list[str], Path | None]], slots: Se
         if not stopping:
             say(f"got {signal.Signals(signum).name}: stopping the runs in progress; the same command resumes them.")
         stopping.append(signum)
-        for proc, _name, _slot, _fh, _t in running.values():
-            if proc.poll() is None:
-                proc.send_signal(signum)
+        for pid in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -335,7 +341,8 @@ def start_runs(commands: Sequence[tuple[str, list[str], Path | None]], slots: Se
                 name, argv, console = pending.pop(0)
                 slot = free.pop(0)
                 fh = open(console, "a") if console is not None else None
-                proc = subprocess.Popen(argv, env={**os.environ, **slots[slot]}, stdout=fh, stderr=fh)
+                proc = subprocess.Popen(argv, env={**os.environ, **slots[slot]}, stdout=fh, stderr=fh,
+                                        start_new_session=True, preexec_fn=die_with_parent)
                 running[proc.pid] = (proc, name, slot, fh, time.monotonic())
                 say(f"run {name}: started" + (f" (output in {console})" if console else ""))
             if not running:
