@@ -187,7 +187,8 @@ def sweep(ctx: click.Context, profile: str | None, dry_run: bool | None, grid: t
     gpus_available = 0 if given.get("cpu") else hardware.visible_gpus()
     facts = _precision_facts(given.get("precision"), gpus_available)
     specs = [resolve(run_given, gpus_available, hardware.free_port(), **facts) for run_given in plan.launch_options(given)]
-    specs = [_resolve_wandb(s, quiet=bool(dry_run) or i > 0) for i, s in enumerate(specs)]
+    mode = _resolve_wandb(specs[0], quiet=bool(dry_run)).wandb  # decided once, for every run
+    specs = [s.replace(wandb=mode) for s in specs]
     slots = sweeps.slot_devices(specs[0].device, options.BY_NAME["parallel"].value(parallel), specs[0].nproc,
                                 gpus_available if specs[0].device == "cuda" else hardware.cpu_count())
     if dry_run:
@@ -198,9 +199,8 @@ def sweep(ctx: click.Context, profile: str | None, dry_run: bool | None, grid: t
 
     from dtrain.job import probe_run_dir, write_files
 
-    if not sweeps.check_same_plan(sweep_dir, plan.record):
-        probe_run_dir(str(sweep_dir))
-        write_files({str(sweep_dir / sweeps.PLAN_FILE): json.dumps(plan.record, indent=1) + "\n"})
+    probe_run_dir(str(sweep_dir))
+    write_files(plan.new_files())
     say = functools.partial(_say_sweep, name)
     commands = []
     for run, launch_spec in zip(runs, specs):
@@ -228,13 +228,15 @@ def _say_sweep(name: str, text: str) -> None:
 
 
 def _sweep_summary(sweep_dir: Path, runs: list[Any], goal: tuple[str, str] | None, required: bool,
-                   say: Callable[[str], None]) -> list[dict[str, Any]]:
+                   say: Callable[[str], None], read: Callable[[Path], list[dict]] | None = None) -> list[dict[str, Any]]:
     """Print the sweep's table (the best run marked by `goal`) and write it as summary.csv and summary.json;
-    a metric that no run logged is refused first, when `required`."""
+    a metric that no run logged is refused first, when `required`. `read`: a run's rows (default: its
+    metrics.jsonl)."""
+    from dtrain import metrics
     from dtrain import sweep as sweeps
     from dtrain.job import write_files
 
-    rows = sweeps.summary(sweep_dir, runs)
+    rows = sweeps.summary(sweep_dir, runs, read or metrics.read)
     best = sweeps.best(rows, goal, required) if goal else None
     names = sweeps.columns(rows, runs, goal[0] if goal else None)
     write_files({str(sweep_dir / f): text for f, text in sweeps.summary_files(rows, names, best, goal).items()})
@@ -252,6 +254,14 @@ class _SweepPlan:
     name: str
     sweep_dir: Path
     record: dict[str, Any]  # sweep.json
+
+    def new_files(self) -> dict[str, str]:
+        """sweep.json, unless the sweep directory holds this plan already (another plan there is refused)."""
+        from dtrain import sweep as sweeps
+
+        if sweeps.check_same_plan(self.sweep_dir, self.record):
+            return {}
+        return {str(self.sweep_dir / sweeps.PLAN_FILE): json.dumps(self.record, indent=1) + "\n"}
 
     def launch_options(self, given: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Each run's options for `resolve`: its run directory, name and recipe arguments; W&B's group is the
@@ -294,9 +304,10 @@ def report(run_dir: str, metric: str | None) -> int:
     if plan is not None:
         goal = sweeps.parse_metric(metric) if metric else None
         runs = sweeps.runs_of(plan)
-        _sweep_summary(path, runs, goal, required=True, say=lambda text: click.echo(f"dtrain report: {text}", err=True))
         curves = {run.name: metrics_file.read(path / run.name) for run in runs
                   if (path / run.name / metrics_file.FILE).is_file()}
+        _sweep_summary(path, runs, goal, required=True, say=lambda text: click.echo(f"dtrain report: {text}", err=True),
+                       read=lambda run_dir: curves[run_dir.name] if run_dir.name in curves else metrics_file.read(run_dir))
         click.echo(f"wrote {run_report.plot_sweep(path, curves, goal[0] if goal else None)}")
         return 0
     if metric is not None:
@@ -423,9 +434,7 @@ def _submit_array(given: Mapping[str, Any], job: slurm.SlurmJob, template_text: 
         click.echo(script, nl=False)
         return 0
     slurm.check_array_size(max(pending), slurm.max_array_size())
-    if not sweeps.check_same_plan(sweep_dir, plan.record):
-        tasks[str(sweep_dir / sweeps.PLAN_FILE)] = json.dumps(plan.record, indent=1) + "\n"
-    job_id = _write_and_submit(tasks, script, sweep_dir / "slurm")
+    job_id = _write_and_submit({**tasks, **plan.new_files()}, script, sweep_dir / "slurm")
     click.echo(f"submitted job array {job_id}: {len(pending)} of the sweep's {len(plan.runs)} runs, {at_once} at a "
                f"time, sweep directory {_relative(str(sweep_dir))}")
     click.echo(f"  status  dtrain slurm status {job_id}   (one task: dtrain slurm logs {job_id}_{pending[0]})")
