@@ -211,6 +211,14 @@ def render(results: list[Result], reference: Result, variants: list[Result], bre
     return "\n".join(lines) + "\n"
 
 
+def publish(table: str, out: str | None) -> None:
+    """Print a Markdown section and, with --out, append it to that file (bench/RESULTS.md)."""
+    print(table)
+    if out:
+        with open(out, "a") as fh:
+            fh.write("\n" + table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3)
@@ -240,11 +248,7 @@ def main() -> None:
             for options in (["--no-fused"], ["--no-channels-last"], ["--compile"]):
                 variants.append(run_dtrain(" ".join(options), 1, ["--epochs", "1", *options], workdir, env, gpu))
     command = "python bench/compare.py " + " ".join(sys.argv[1:])
-    table = render(results, reference, variants, breakdowns, device, args.epochs, command.strip())
-    print(table)
-    if args.out:
-        with open(args.out, "a") as fh:
-            fh.write("\n" + table)
+    publish(render(results, reference, variants, breakdowns, device, args.epochs, command.strip()), args.out)
 
 
 if __name__ == "__main__":

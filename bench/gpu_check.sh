@@ -4,11 +4,13 @@
 #     DTRAIN_DATA_DIR=/path/to/data bench/gpu_check.sh [RESULT_FILE]
 #
 # Copy the project over (with the folder holding MNIST/raw/), run this from anywhere. It installs
-# nothing: a venv that sees the machine's packages gets this folder on its path and a `dtrain` script;
-# runs the test suite's GPU-marked tests (NCCL, bf16, fp16 with GradScaler, activation
-# checkpointing's CUDA memory), `dtrain doctor --gpus 1`, the system rows and a trace of the MNIST recipe,
-# then bench/compare.py on the GPU. Everything goes to RESULT_FILE
-# (default bench/gpu_check.out). Under 9.5 minutes on one H100: each stage has its own time limit.
+# nothing: a venv that sees the machine's packages gets this folder on its path and a `dtrain` script.
+# Within 5 minutes (a lent machine's minutes are few; each stage has its own time limit, 295 s in all):
+# `dtrain doctor --gpus 1`; the system rows, a trace and a memory snapshot of the MNIST recipe;
+# bench/time_to_accuracy.py (time to 99%: standard and fast settings, eager and --cuda-graph, the
+# reference program); then the test suite's GPU-marked tests (NCCL, bf16, fp16 with GradScaler,
+# activation checkpointing's CUDA memory, --cuda-graph against the eager step). Everything goes to
+# RESULT_FILE (default bench/gpu_check.out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="$(realpath -m "${1:-bench/gpu_check.out}")"
@@ -40,22 +42,22 @@ chmod +x "$venv/bin/dtrain"
     nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader
     "$venv/bin/python" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__, "CUDA", torch.version.cuda)'
     echo
-    echo "## pytest -m gpu"
-    timeout 180 "$venv/bin/python" -m pytest -m gpu tests/test_gpu.py -v -s -p no:cacheprovider 2>&1
-    echo "pytest exit code: $?"
-    echo
     echo "## dtrain doctor --gpus 1"
-    timeout 60 "$venv/bin/dtrain" doctor --gpus 1 2>&1
+    timeout 30 "$venv/bin/dtrain" doctor --gpus 1 2>&1
     echo "doctor exit code: $?"
     echo
-    echo "## system rows and a trace: 60 steps of the MNIST recipe on 1 GPU, bf16"
+    echo "## system rows, a trace and a memory snapshot: 60 steps of the MNIST recipe on 1 GPU, bf16"
     run="$venv/run-system"
-    timeout 90 "$venv/bin/dtrain" launch recipes/mnist_cnn.py --gpus 1 --precision bf16 --max-steps 60 --trace 20,2,3 \
+    timeout 40 "$venv/bin/dtrain" launch recipes/mnist_cnn.py --gpus 1 --precision bf16 --max-steps 60 --trace 20,2,3 \
         --memory-snapshot --checkpoint-every never --run-dir "$run" --wandb disabled -- --epochs 1 --log-every 20 2>&1 | tail -3
     grep '"kind": "system"' "$run/metrics.jsonl"; grep flops_per_sample "$run/config.yaml"; ls -l "$run/traces"
     echo
-    echo "## bench/compare.py"
-    timeout 220 "$venv/bin/python" bench/compare.py --epochs 3 --nproc 1 2>&1
-    echo "compare exit code: $?"
+    echo "## bench/time_to_accuracy.py"
+    timeout 135 "$venv/bin/python" bench/time_to_accuracy.py --budget 120 2>&1
+    echo "time_to_accuracy exit code: $?"
+    echo
+    echo "## pytest -m gpu"
+    timeout 85 "$venv/bin/python" -m pytest -m gpu tests/test_gpu.py -v -s -p no:cacheprovider 2>&1
+    echo "pytest exit code: $?"
 } | tee "$out"
 echo "gpu_check: results in $out"

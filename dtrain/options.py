@@ -271,6 +271,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("memory_snapshot", bool, "With --trace on GPUs: a CUDA memory snapshot of the traced steps "
            "(traces/memory-rank<R>.pickle, for pytorch.org/memory_viz).", default=False,
            env="DTRAIN_MEMORY_SNAPSHOT", example=True),
+    Option("cuda_graph", bool, "Replay the model's forward and backward from CUDA graphs, for a small model whose "
+           "step is bound by kernel launches: one GPU process, --strategy ddp, no activation checkpointing.",
+           default=False, env="DTRAIN_CUDA_GRAPH", example=True, group="cuda"),
     Option("peak_tflops", float, "The device's dense peak TFLOP/s at this precision, for MFU (default: from dtrain's "
            "table of GPUs; none on CPU).", env="DTRAIN_PEAK_TFLOPS", check=positive, example=100.0),
     # How the processes start: the commands that use a launcher.

@@ -130,8 +130,8 @@ def resolve(options: Mapping[str, Any], gpus_available: int, free_port: int,
     network = toward(value("master_addr"), route) if nodes > 1 else None
     name, run_dir = _run_dir(options, recipe, nodes)  # 3.
     one_process = nodes == 1 and nproc == 1 and not value("max_restarts")
-    parallel, merged = _parallelism(options, value, device, is_installed, compute_capability, one_process,  # 4.
-                                    cpu_flags)
+    parallel, merged = _parallelism(options, value, device, is_installed, compute_capability,  # 4.
+                                    nodes * nproc, one_process, cpu_flags)
     resolved = {**parallel, "wandb_group": value("wandb_group", name if nodes > 1 else None)}
     resolved = {option.name: resolved[option.name] if option.name in resolved else value(option.name)  # 5.
                 for option in SPEC_OPTIONS}
@@ -148,7 +148,7 @@ def toward(master_addr: str, route: Callable[[str], tuple[str, str] | None]) -> 
 
 
 def _parallelism(options: Mapping[str, Any], value: Callable[..., Any], device: str, is_installed: Callable[[str], bool],
-                 compute_capability: float | None, one_process: bool,
+                 compute_capability: float | None, world_size: int, one_process: bool,
                  cpu_flags: frozenset[str] | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Launcher, strategy, precision and accumulation, checked together against the registries; and
     the merged DeepSpeed config of a ZeRO strategy. One process on one node without restarts needs no
@@ -198,6 +198,8 @@ def _parallelism(options: Mapping[str, Any], value: Callable[..., Any], device: 
     if precision == "bf16" and device == "cuda" and compute_capability is not None and compute_capability < 8.0:
         raise UsageError(f"bf16 needs GPUs of compute capability 8.0 (Ampere) or newer, and this machine has "
                          f"{compute_capability}; use --precision fp16 or fp32.")
+    if options.get("cuda_graph"):
+        _check_cuda_graph(device, world_size, strategy, options.get("activation_checkpointing"))
     merged = None
     if strategy.deepspeed_stage is not None:
         base = user_config if user_config is not None else deepspeed_config.default(strategy.deepspeed_stage)
@@ -205,6 +207,25 @@ def _parallelism(options: Mapping[str, Any], value: Callable[..., Any], device: 
                                         source or f"dtrain's {strategy.name}.json")
     return {"launcher": launcher.name, "strategy": strategy.name, "precision": precision,
             "grad_accum": grad_accum}, merged
+
+
+def _check_cuda_graph(device: str, world_size: int, strategy: strategies.Strategy,
+                      activation_checkpointing: str | None) -> None:
+    """--cuda-graph only where a replayed graph computes what the eager step does (dtrain.runtime.cuda_graph)."""
+    if device != "cuda":
+        raise UsageError("--cuda-graph replays CUDA graphs, and this run is on CPU; run on a GPU (--gpus 1), or "
+                         "leave --cuda-graph out.")
+    if world_size > 1:
+        raise UsageError(f"--cuda-graph is for one GPU process (the gradient all-reduce between processes is not "
+                         f"captured), and this run has {world_size}; pass --gpus 1 on one node, or leave --cuda-graph "
+                         "out.")
+    if not strategy.cuda_graph:
+        raise UsageError(f"--cuda-graph captures the model as it is, and --strategy {strategy.name} wraps it in hooks "
+                         f"that a graph cannot hold; use --strategy "
+                         f"{strategies.names_where(lambda s: s.cuda_graph)}, or leave --cuda-graph out.")
+    if activation_checkpointing:
+        raise UsageError("--cuda-graph cannot capture activation checkpointing's recomputation (it saves and restores "
+                         "the random-number state); leave out --cuda-graph or --activation-checkpointing.")
 
 
 BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})

@@ -25,6 +25,7 @@ class Strategy:
     cpu_precisions: tuple[str, ...] = ("fp32", "bf16", "fp16")
     deepspeed_stage: int | None = None  # a DeepSpeed ZeRO stage: it takes a DeepSpeed config
     export_hint: str | None = None  # where its checkpoints keep the model, when not in DCP's files
+    cuda_graph: bool = False  # a model it wraps can be captured in CUDA graphs (--cuda-graph): no hooks of its own
 
 
 def _zero(stage: int) -> Strategy:
@@ -36,7 +37,7 @@ def _zero(stage: int) -> Strategy:
 
 
 STRATEGIES = {s.name: s for s in (
-    Strategy("ddp", "dtrain.runtime.strategies.ddp:DataParallel"),
+    Strategy("ddp", "dtrain.runtime.strategies.ddp:DataParallel", cuda_graph=True),
     Strategy("fsdp", "dtrain.runtime.strategies.fsdp:FullyShardedDataParallel", loss_scaling="sharded"),
     _zero(1),
     _zero(2),

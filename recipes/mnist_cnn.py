@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 import torch
@@ -15,6 +16,7 @@ from torch.utils.data import TensorDataset
 from torchvision import datasets, transforms
 
 from dtrain.runtime import Context, Trainer, setup
+from dtrain.runtime.data import steps_per_epoch
 
 
 class MNISTCNN(nn.Module):
@@ -58,7 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=64, help="per process")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-3, help="the learning rate (onecycle: its peak)")
+    parser.add_argument("--lr-schedule", choices=("constant", "onecycle"), default="constant",
+                        help="onecycle: OneCycleLR over the whole run, stepped every optimizer step")
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--dropout", type=float, default=0.5)
     parser.add_argument("--data-dir", default=os.environ.get("DTRAIN_DATA_DIR", "./data"))
@@ -94,8 +98,14 @@ def main() -> None:
     ctx = setup(config=vars(args))
     train_set, test_set = load_mnist(ctx, args.data_dir, args.loader)
     model, optimizer = build(args)
+    scheduler = None
+    if args.lr_schedule == "onecycle":
+        batches = steps_per_epoch(len(train_set), args.batch_size, ctx.world_size, args.limit_train_batches)
+        total = args.epochs * math.ceil(batches / ctx.env.grad_accum)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total)
     trainer = Trainer(ctx, model, optimizer, nn.CrossEntropyLoss(), batch_size=args.batch_size,
-                      log_every=args.log_every, eval_every=args.eval_every, stop_at=args.stop_at)
+                      scheduler=scheduler, scheduler_interval="step", log_every=args.log_every,
+                      eval_every=args.eval_every, stop_at=args.stop_at)
     trainer.fit(train_set, test_set, epochs=args.epochs, limit_train_batches=args.limit_train_batches)
     trainer.save_model()
     ctx.close()

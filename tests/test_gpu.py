@@ -1,4 +1,4 @@
-"""CUDA paths: NCCL, bf16, fp16 with a GradScaler, activation checkpointing's memory on the GPU.
+"""CUDA paths: NCCL, bf16, fp16 with a GradScaler, activation checkpointing's memory on the GPU, --cuda-graph.
 
 Marked `gpu`; they need a CUDA GPU and are skipped without one (this project's CI has none).
 `bench/gpu_check.sh` runs them on a GPU machine and records the outcome in bench/RESULTS.md.
@@ -14,7 +14,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import ROOT, TEST_RECIPES, launch, train_30_steps
+from dtrain.metrics import EPOCH
+
+from conftest import ROOT, TEST_RECIPES, launch, metrics, train_30_steps
 
 sys.path.insert(0, str(ROOT / "recipes"))
 import tiny_gpt
@@ -114,3 +116,60 @@ def test_activation_checkpointing_at_least_halves_peak_cuda_memory():
     print(f"peak CUDA memory above the parameters: {plain / 2**20:.1f} MiB plain, "
           f"{checkpointed / 2**20:.1f} MiB with activation checkpointing")
     assert checkpointed <= 0.5 * plain, (checkpointed, plain)
+
+
+def _train_cnn(graphed: bool, accumulate: int = 1, precision: str = "fp32") -> tuple[list[float], list[torch.Tensor]]:
+    """13 optimizer windows of the MNIST CNN (no dropout, deterministic kernels) on fixed random batches, the
+    last one short; AdamW under OneCycle, stepped as `ctx.step()` does. The losses and the final parameters."""
+    from torch.nn import functional
+
+    from dtrain.runtime.cuda_graph import GraphedForward
+
+    from mnist_cnn import MNISTCNN
+
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.manual_seed(0)
+    model = MNISTCNN(dropout=0.0).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=100)
+    forward = GraphedForward(model, accumulating=accumulate > 1) if graphed else None
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    sizes = [64] * (13 * accumulate - 1) + [32]
+    batches = [(torch.randn(n, 1, 28, 28, device="cuda", generator=generator),
+                torch.randint(0, 10, (n,), device="cuda", generator=generator)) for n in sizes]
+    dtype = {"bf16": torch.bfloat16}.get(precision)
+    losses = []
+    for index, (images, labels) in enumerate(batches):
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None, cache_enabled=not graphed):
+            loss = functional.cross_entropy(model(images), labels)
+        (loss / accumulate).backward()
+        if (index + 1) % accumulate == 0 or index == len(batches) - 1:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        losses.append(loss.item())
+    if forward is not None:
+        assert forward.shapes is not None and forward.shapes[0][0] == (64, 1, 28, 28)  # recorded, at batch 64
+    return losses, [p.detach().float() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("accumulate, precision, tolerance", [(1, "fp32", 1e-4), (2, "fp32", 1e-4), (1, "bf16", 2e-2)])
+def test_a_graphed_forward_and_backward_train_as_the_eager_ones(accumulate, precision, tolerance):
+    """The same losses and parameters with --cuda-graph's replays as without, under a schedule that changes the
+    learning rate every step, with gradients accumulated over micro-batches (pytorch/pytorch#181723: a replay
+    must not overwrite the sum), and for the short last batch (run eagerly)."""
+    eager_losses, eager_params = _train_cnn(False, accumulate, precision)
+    graphed_losses, graphed_params = _train_cnn(True, accumulate, precision)
+    assert graphed_losses == pytest.approx(eager_losses, rel=tolerance, abs=tolerance)
+    for eager, graphed in zip(eager_params, graphed_params):
+        assert torch.allclose(eager, graphed, rtol=tolerance, atol=tolerance)
+
+
+def test_the_mnist_recipe_trains_with_cuda_graph(tmp_path, data_dir):
+    run = tmp_path / "run"
+    launch(run, "--cuda-graph", "--max-steps", "300", "--checkpoint-every", "never", "--", "--epochs", "1",
+           "--data-dir", data_dir, devices=ONE_GPU)
+    text = (run / "config.yaml").read_text()
+    assert "cuda_graph: true" in text
+    epoch = metrics(run, EPOCH)[-1]
+    assert epoch["eval/accuracy"] > 0.95, epoch

@@ -78,7 +78,8 @@ class Context:
         self.env = env
         self.device = device
         self.strategy = make_strategy(env, device)
-        self.precision = Precision(env.precision, device, scaler=self.strategy.description.loss_scaling)
+        self.precision = Precision(env.precision, device, scaler=self.strategy.description.loss_scaling,
+                                   graphed=env.cuda_graph)
         self._checkpoint_steps, self._checkpoint_epochs = parse_checkpoint_every(env.checkpoint_every)
         self._accumulated = 0  # micro-batches since the last optimizer step
         self._sync = True  # whether the current micro-batch ends an accumulation window
@@ -184,6 +185,10 @@ class Context:
                                                                          recipe_blocks, model)
             activation_checkpointing.apply(model, checkpointed)
         model = self.strategy.wrap(model, recipe_blocks, optimizers, batch_size)
+        if self.env.cuda_graph:
+            from dtrain.runtime.cuda_graph import GraphedForward
+
+            GraphedForward(model, accumulating=self.env.grad_accum > 1)
         self.models.append(model)
         self.optimizers.extend(optimizers)
         return (model, *optimizers) if optimizers else model

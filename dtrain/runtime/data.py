@@ -72,6 +72,13 @@ class TensorDictDataset(Dataset):
         return {name: tensor[index] for name, tensor in self.tensors.items()}
 
 
+def steps_per_epoch(n: int, batch_size: int, world_size: int, limit: int | None = None) -> int:
+    """Training batches per rank in an epoch of `n` samples (shards padded to equal length), at most `limit`:
+    what a schedule over the whole run counts (divide by --grad-accum, rounding up, for optimizer steps)."""
+    batches = math.ceil(math.ceil(n / world_size) / batch_size)
+    return batches if limit is None else min(batches, limit)
+
+
 def shard_indices(n: int, rank: int, world_size: int, *, shuffle: bool, seed: int, epoch: int,
                   pad: bool) -> torch.Tensor:
     """Indices of this rank's samples, exactly as `DistributedSampler` orders them.

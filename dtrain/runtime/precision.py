@@ -12,15 +12,17 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Precision:
-    def __init__(self, name: str, device: torch.device, scaler: str = "amp"):
+    def __init__(self, name: str, device: torch.device, scaler: str = "amp", graphed: bool = False):
         """`scaler`: which loss scaler fp16 uses: "amp" (GradScaler), "sharded" (ShardedGradScaler, for FSDP,
-        whose ranks must agree on skipping a step), or "engine" (DeepSpeed scales the loss itself)."""
+        whose ranks must agree on skipping a step), or "engine" (DeepSpeed scales the loss itself).
+        `graphed` (--cuda-graph): autocast without its cache of cast weights, which a CUDA graph cannot hold."""
         if name not in ("fp32", *_DTYPES):
             raise UsageError(f"unknown precision {name!r} (DTRAIN_PRECISION); use fp32, bf16 or fp16.")
         if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise UsageError("bf16 needs a GPU with bfloat16 support (Ampere or newer); use fp16 or fp32.")
         self.name = name
         self.device = device
+        self.graphed = graphed
         self.scaler = None
         if name == "fp16" and scaler == "amp":
             self.scaler = torch.amp.GradScaler(device.type)
@@ -32,7 +34,7 @@ class Precision:
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.name == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.name])
+        return torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.name], cache_enabled=not self.graphed)
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()

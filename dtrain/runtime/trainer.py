@@ -197,9 +197,11 @@ class Trainer:
                 if hasattr(callback, "after_step"):
                     callback.after_step(self)
             if self.eval_every and self.eval_set is not None and self.step % self.eval_every == 0:
+                began = time.perf_counter()
                 result = self._evaluation_now()
                 self.ctx.log(self.step, {f"eval/{k}": v for k, v in self.evaluation_metrics(result).items()},
                              kind=EVAL)
+                window_start += time.perf_counter() - began  # an interval's samples/s is training's alone
             more = not last and not self.stopped
             if more and self.ctx.preempted(self.step):
                 self.save_checkpoint(epoch, done)

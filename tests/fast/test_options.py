@@ -15,6 +15,7 @@ from conftest import ROOT
 
 RECIPE = str(ROOT / "recipes" / "mnist_cnn.py")
 GROUPS = sorted({option.group for option in OPTIONS if option.group})
+GPU_GROUP = "cuda"  # its examples need a GPU run: one GPU process, refused with --cpu --nproc 2
 
 
 def examples(group: str | None) -> dict:
@@ -44,10 +45,10 @@ def test_every_worker_option_has_a_variable_an_example_other_than_its_default_an
     assert len({option.env for option in WORKER_OPTIONS}) == len(WORKER_OPTIONS)
     for option in WORKER_OPTIONS:
         assert option.example is not None and option.value(option.example) != option.default, option.name
-    assert len(GROUPS) <= 2
+    assert len(GROUPS) <= 3
 
 
-@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("group", [group for group in GROUPS if group != GPU_GROUP])
 def test_command_line_to_spec_to_environment_to_worker_and_back(group):
     """Every example through click's parsing of `dtrain launch`, the spec, the variables and
     `read_env`: each worker option arrives as the value the launch resolved."""
@@ -63,6 +64,17 @@ def test_command_line_to_spec_to_environment_to_worker_and_back(group):
             else launch_spec.options[option.name]
         assert worker.options[option.name] == launch_spec.options[option.name] == expected, option.name
     assert (worker.device, worker.run_dir, worker.launched_world_size) == ("cpu", launch_spec.run_dir, 2)
+
+
+def test_the_gpu_groups_examples_reach_the_worker_of_a_one_gpu_run():
+    argv = [RECIPE, "--gpus", "1"] + [word for option in OPTIONS if option.group == GPU_GROUP
+                                      for word in option.argv(option.example)]
+    launch_spec = resolve(command("launch").make_context("launch", argv).params, gpus_available=1, free_port=29400)
+    worker = contract.read_env(contract.worker_env(launch_spec, cpus=2, base={}))
+    assert worker.device == "cuda"
+    for option in OPTIONS:
+        if option.group == GPU_GROUP:
+            assert worker.options[option.name] == launch_spec.options[option.name] == option.value(option.example)
 
 
 def test_defaults_come_from_the_table():

@@ -112,3 +112,22 @@ def test_preemption_without_a_requeue_says_why(environ, says, capsys):
 
     Preemption(read_env({"DTRAIN_PREEMPT_SIGNAL": "USR1", **environ}), torch.device("cpu")).stop_and_requeue(40)
     assert capsys.readouterr().out == f"dtrain: stopped at step 40 on SIGUSR1 with a checkpoint; {says}.\n"
+
+
+def test_cuda_graph_leaves_evaluation_and_the_first_call_eager_and_refuses_keyword_calls():
+    """What runs without a GPU: eval-mode calls and the first training call (its FLOPs are counted) go to the
+    module's own forward; a call a graph cannot record (keyword arguments) is refused in one sentence.
+    The recording and replays are tests/test_gpu.py's."""
+    from dtrain.errors import UsageError
+    from dtrain.runtime.cuda_graph import GraphedForward
+
+    model = nn.Linear(3, 2)
+    forward = GraphedForward(model, accumulating=False)
+    inputs = torch.ones(4, 3)
+    expected = inputs @ model.weight.T + model.bias
+    model.eval()
+    assert torch.allclose(model(inputs), expected) and forward.calls == 0
+    model.train()
+    assert torch.allclose(model(inputs), expected) and forward.calls == 1 and forward.graphed is None
+    with pytest.raises(UsageError, match=r"called with \(input=\); call it with tensors as positional arguments"):
+        model(input=inputs)

@@ -59,6 +59,29 @@ def test_bad_options_are_refused_with_the_fix(options, available, words):
         resolve(gpus_available=available, **options)
 
 
+@pytest.mark.parametrize("options, available, words", [
+    ({"cpu": True}, 0, "this run is on CPU; run on a GPU"),
+    ({}, 0, "this run is on CPU"),
+    ({"gpus": 2}, 2, "this run has 2; pass --gpus 1"),
+    ({"gpus": 1, "nodes": 2, "name": "x"}, 1, "this run has 2"),
+    ({"gpus": 1, "strategy": "fsdp"}, 1, "--strategy fsdp wraps it in hooks that a graph cannot hold; use --strategy ddp"),
+    ({"gpus": 1, "strategy": "zero2"}, 1, "--strategy zero2 wraps it in hooks"),
+    ({"gpus": 1, "activation_checkpointing": "auto"}, 1, "leave out --cuda-graph or --activation-checkpointing"),
+])
+def test_cuda_graph_is_refused_where_a_replay_would_not_compute_the_eager_step(options, available, words):
+    with pytest.raises(UsageError, match=words):
+        spec.resolve({"recipe": RECIPE, "cuda_graph": True, **options}, gpus_available=available, free_port=29400,
+                     is_installed=lambda package: True, compute_capability=9.0)
+
+
+@pytest.mark.parametrize("options", [{}, {"precision": "bf16"}, {"precision": "fp16"}, {"grad_accum": 4},
+                                     {"launcher": "torchrun"}, {"max_restarts": 2}])
+def test_cuda_graph_goes_with_one_gpu_process_in_any_precision_and_accumulation(options):
+    resolved = spec.resolve({"recipe": RECIPE, "gpus": 1, "cuda_graph": True, **options}, gpus_available=1,
+                            free_port=29400, compute_capability=9.0)
+    assert resolved.cuda_graph is True and resolved.world_size == 1
+
+
 def test_missing_recipe_is_refused():
     with pytest.raises(UsageError, match="recipe nope.py does not exist"):
         spec.resolve({"recipe": "nope.py"}, gpus_available=0, free_port=1)
