@@ -132,7 +132,7 @@ def _train_cnn(graphed: bool, accumulate: int = 1, precision: str = "fp32") -> t
     model = MNISTCNN(dropout=0.0).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=100)
-    forward = GraphedForward(model, accumulating=accumulate > 1) if graphed else None
+    forward = GraphedForward(model) if graphed else None
     generator = torch.Generator(device="cuda").manual_seed(1)
     sizes = [64] * (13 * accumulate - 1) + [32]
     batches = [(torch.randn(n, 1, 28, 28, device="cuda", generator=generator),

@@ -188,7 +188,7 @@ class Context:
         if self.env.cuda_graph:
             from dtrain.runtime.cuda_graph import GraphedForward
 
-            GraphedForward(model, accumulating=self.env.grad_accum > 1)
+            GraphedForward(model)
         self.models.append(model)
         self.optimizers.extend(optimizers)
         return (model, *optimizers) if optimizers else model

@@ -10,10 +10,10 @@ The graph is recorded at the second training call (the first one's FLOPs are cou
 for that call's input shapes; calls with other shapes (an epoch's last, partial batch) and calls
 in eval mode run the module's own forward. Where this is correct is decided on the launch side
 (`dtrain.spec`): one GPU process, a strategy without hooks of its own, no activation checkpointing.
-A replay's outputs live in the graph's memory until the next replay, and its parameter gradients
-in the graph's buffers: `ctx.step()` clears `.grad` (to None) so each replay's gradients are new;
-with --grad-accum each micro-batch's gradients are copied before they are summed (a replay would
-otherwise overwrite the sum, pytorch/pytorch#181723).
+A replay's outputs live in the graph's memory until the next replay. Its parameter gradients do
+too, and autograd would take such a buffer as `.grad` itself, which the next replay then overwrites
+(pytorch/pytorch#181723: gradients summed over micro-batches come out wrong, silently): each is
+copied out first, one small kernel per parameter, so any loop's accumulation stays correct.
 """
 
 from __future__ import annotations
@@ -33,11 +33,10 @@ def _shapes(args: tuple[torch.Tensor, ...]) -> tuple:
 
 
 class GraphedForward:
-    """Takes the place of `module.forward`: eager until recorded, then the graph for the shapes it was recorded with.
-    `accumulating`: gradients are summed over micro-batches (--grad-accum)."""
+    """Takes the place of `module.forward`: eager until recorded, then the graph for the shapes it was recorded with."""
 
-    def __init__(self, module: nn.Module, accumulating: bool):
-        self.module, self.accumulating = module, accumulating
+    def __init__(self, module: nn.Module):
+        self.module = module
         self.eager = module.forward
         self.graphed = None
         self.shapes: tuple | None = None
@@ -69,8 +68,7 @@ class GraphedForward:
                              "that reads values back to the host, or has hooks, runs without --cuda-graph.") from None
         self.graphed, self.shapes = self.module.forward, _shapes(args)
         self.module.forward = self
-        if self.accumulating:
-            for param in self.module.parameters():
-                if param.requires_grad:
-                    param.register_hook(torch.Tensor.clone)
+        for param in self.module.parameters():
+            if param.requires_grad:
+                param.register_hook(torch.Tensor.clone)  # out of the graph's buffer, before autograd keeps it
 

@@ -122,7 +122,7 @@ def test_cuda_graph_leaves_evaluation_and_the_first_call_eager_and_refuses_keywo
     from dtrain.runtime.cuda_graph import GraphedForward
 
     model = nn.Linear(3, 2)
-    forward = GraphedForward(model, accumulating=False)
+    forward = GraphedForward(model)
     inputs = torch.ones(4, 3)
     expected = inputs @ model.weight.T + model.bias
     model.eval()
