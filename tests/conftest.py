@@ -52,6 +52,7 @@ def run_dtrain(*args: str, cwd: Path | str = ROOT, timeout: float = 600, env: di
 
 
 CPU_PAIR = ("--cpu", "--nproc", "2")
+GPU_GROUP = "cuda"  # the option rows whose examples need a GPU run (--cuda-graph: one GPU process)
 
 
 def launch(run_dir: Path, *args: str, recipe: str = "recipes/mnist_cnn.py", devices: tuple[str, ...] = CPU_PAIR,

@@ -13,9 +13,9 @@ import pytest
 from dtrain import contract
 from dtrain.options import OPTIONS
 
-from conftest import ROOT, TEST_RECIPES, run_dtrain, submit, wait_for
+from conftest import GPU_GROUP, ROOT, TEST_RECIPES, run_dtrain, submit, wait_for
 
-GROUPS = sorted({option.group for option in OPTIONS if option.group}) or [None]
+GROUPS = sorted({option.group for option in OPTIONS if option.group} - {GPU_GROUP}) or [None]  # no GPU here
 # The variables that legitimately differ between the two runs: each run's own directory, its start
 # time, the terminal (neither has one), each launch's error spool (a temporary folder of its node), and
 # files inside the run directory (compared relative).

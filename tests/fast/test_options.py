@@ -11,11 +11,10 @@ from dtrain.cli import cli
 from dtrain.options import OPTIONS, SPEC_OPTIONS, WORKER_OPTIONS
 from dtrain.spec import resolve
 
-from conftest import ROOT
+from conftest import GPU_GROUP, ROOT
 
 RECIPE = str(ROOT / "recipes" / "mnist_cnn.py")
 GROUPS = sorted({option.group for option in OPTIONS if option.group})
-GPU_GROUP = "cuda"  # its examples need a GPU run: one GPU process, refused with --cpu --nproc 2
 
 
 def examples(group: str | None) -> dict:
