@@ -109,10 +109,11 @@ def resolve(options: Mapping[str, Any], gpus_available: int, free_port: int,
 
     Options not given are None; `route(host)` is this machine's (address, interface) toward a host
     (`hardware.route_to`); `cpu_flags` and `compute_capability` decide `--precision auto`, and
-    `cpu_flags=None` leaves it to the node that computes (a SLURM job's: `decide_precision`). Steps: 1. the device and processes per node, 2. the nodes and rendezvous
-    (and, for many nodes, the address and interface toward node 0), 3. the run directory, 4. launcher,
-    strategy, precision and the DeepSpeed config, checked together against the registries, 5. every
-    other option, from its row's default and check.
+    `cpu_flags=None` leaves it to the node that computes (a SLURM job's: `decide_precision`). Steps: 1. the
+    device and processes per node, 2. the nodes and rendezvous (and, for many nodes, the address and
+    interface toward node 0), 3. the run directory, 4. launcher, strategy, precision, --cuda-graph and the
+    DeepSpeed config, checked together against the registries, 5. every other option, from its row's
+    default and check.
     """
     recipe = options["recipe"]
     if not Path(recipe).is_file():

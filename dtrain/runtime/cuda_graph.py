@@ -36,6 +36,9 @@ class GraphedForward:
     """Takes the place of `module.forward`: eager until recorded, then the graph for the shapes it was recorded with."""
 
     def __init__(self, module: nn.Module):
+        if getattr(module, "_compiled_call_impl", None) is not None or hasattr(module, "_orig_mod"):
+            raise UsageError("--cuda-graph records the model's own forward, and this model is compiled (torch.compile); "
+                             "torch.compile(mode='reduce-overhead') records CUDA graphs itself: use one of the two.")
         self.module = module
         self.eager = module.forward
         self.graphed = None

@@ -131,3 +131,7 @@ def test_cuda_graph_leaves_evaluation_and_the_first_call_eager_and_refuses_keywo
     assert torch.allclose(model(inputs), expected) and forward.calls == 1 and forward.graphed is None
     with pytest.raises(UsageError, match=r"called with \(input=\); call it with tensors as positional arguments"):
         model(input=inputs)
+    compiled = nn.Linear(3, 2)
+    compiled.compile()  # lazily: nothing is compiled before a call
+    with pytest.raises(UsageError, match="this model is compiled"):
+        GraphedForward(compiled)
