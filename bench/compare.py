@@ -54,7 +54,7 @@ class Result:
     accuracies: list[float]  # test accuracy (%) after each epoch
     peak_memory_mib: float
     startup_s: float | None = None
-    logged_samples_per_s: float | None = None  # median of the run's logging windows
+    logged_samples_per_s: float | None = None  # median of the run's logging windows after the first
 
 
 def parse_epoch_line(line: str) -> tuple[int, float] | None:
@@ -134,9 +134,14 @@ def run(label: str, argv: list[str], cwd: Path, env: dict[str, str]) -> Result:
     return Result(label, times, accuracies, peak[0])
 
 
+def logged_samples_per_s(run_dir: Path) -> list[float]:
+    """The samples/s of a run's logged windows after the first (which holds the first step's warm-up)."""
+    return [r["samples_per_s"] for r in metrics.read(run_dir, metrics.TRAIN) if "samples_per_s" in r][1:]
+
+
 def read_metrics(run_dir: Path, result: Result) -> Result:
     startup = [r["startup_s"] for r in metrics.read(run_dir, metrics.STARTUP)]
-    rates = [r["samples_per_s"] for r in metrics.read(run_dir, metrics.TRAIN) if "samples_per_s" in r]
+    rates = logged_samples_per_s(run_dir)
     result.startup_s = startup[0] if startup else None
     result.logged_samples_per_s = statistics.median(rates) if rates else None
     return result

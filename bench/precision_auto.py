@@ -22,7 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dtrain import hardware, metrics, spec  # noqa: E402
+from dtrain import hardware, spec  # noqa: E402
+
+from compare import logged_samples_per_s  # noqa: E402
 
 DTRAIN = str(Path(sys.executable).parent / "dtrain")
 
@@ -34,8 +36,7 @@ def samples_per_s(precision: str, batches: int, data_dir: str, scratch: Path) ->
                     "--checkpoint-every", "never", "--run-dir", str(run_dir), "--", "--epochs", "1",
                     "--limit-train-batches", str(batches), "--log-every", "20", "--data-dir", data_dir],
                    cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    rows = [r["samples_per_s"] for r in metrics.read(run_dir, metrics.TRAIN) if "samples_per_s" in r]
-    return statistics.median(rows[1:])
+    return statistics.median(logged_samples_per_s(run_dir))
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from dtrain import hardware, metrics  # noqa: E402
 
-from compare import dtrain_launch, parse_epoch_line, publish  # noqa: E402
+from compare import dtrain_launch, logged_samples_per_s, parse_epoch_line, publish  # noqa: E402
 
 ANCHOR = "0.76 s of training on a GTX 1660 Ti (tuomaso/train_mnist_fast)"
 TRAIN_SAMPLES = 60_000
@@ -69,7 +69,7 @@ def from_metrics(label: str, run_dir: Path, wall_s: float) -> Result:
         return Result(label, wall_s, None)
     target = metrics.read(run_dir, metrics.TARGET)
     evaluations = [r["eval/accuracy"] for r in metrics.read(run_dir) if "eval/accuracy" in r]
-    rates = [r["samples_per_s"] for r in metrics.read(run_dir, metrics.TRAIN) if "samples_per_s" in r][1:]
+    rates = logged_samples_per_s(run_dir)
     result = Result(label, wall_s, max(evaluations, default=None))
     if target:
         row = target[0]

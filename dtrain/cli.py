@@ -141,10 +141,11 @@ def _submitted_spec(ctx: click.Context, path: str, allocation: slurm.Allocation 
         launch_spec = slurm.place(launch_spec, allocation, route=hardware.route_to)
     elif launch_spec.nodes == 1:  # a sweep's run: its port was free when the sweep began
         launch_spec = launch_spec.replace(master_port=hardware.free_port())
-    facts = _precision_facts(launch_spec.precision, hardware.visible_gpus() if launch_spec.device == "cuda" else 0)
+    gpus = hardware.visible_gpus() if launch_spec.device == "cuda" else 0  # nvidia-smi: asked once
+    facts = _precision_facts(launch_spec.precision, gpus)
     launch_spec = decide_precision(launch_spec, facts["cpu_flags"], facts["compute_capability"])
-    if launch_spec.device == "cuda" and hardware.visible_gpus() < launch_spec.nproc:
-        raise UsageError(f"this node sees {hardware.visible_gpus()} GPU(s), but the job runs {launch_spec.nproc} "
+    if launch_spec.device == "cuda" and gpus < launch_spec.nproc:
+        raise UsageError(f"this node sees {gpus} GPU(s), but the job runs {launch_spec.nproc} "
                          "processes on each; ask SLURM for them (--gpus-per-node).")
     return launch_spec
 
@@ -307,7 +308,7 @@ def report(run_dir: str, metric: str | None) -> int:
         curves = {run.name: metrics_file.read(path / run.name) for run in runs
                   if (path / run.name / metrics_file.FILE).is_file()}
         _sweep_summary(path, runs, goal, required=True, say=lambda text: click.echo(f"dtrain report: {text}", err=True),
-                       read=lambda run_dir: curves[run_dir.name] if run_dir.name in curves else metrics_file.read(run_dir))
+                       read=lambda run_dir: curves.get(run_dir.name, []))  # a run without metrics: no values
         click.echo(f"wrote {run_report.plot_sweep(path, curves, goal[0] if goal else None)}")
         return 0
     if metric is not None:
