@@ -325,11 +325,16 @@ def report(run_dir: str, metric: str | None) -> int:
 @click.argument("run_dir", type=click.Path(file_okay=False))
 def stack(run_dir: str) -> int:
     """Print the Python stacks of every rank of RUN_DIR's job that runs on this node, without stopping it."""
-    from dtrain import hangs
+    from dtrain import hangs, sweep
 
+    debug = Path(run_dir) / hangs.DEBUG
     if not hangs.live_ranks(run_dir):
-        raise UsageError(f"no rank has announced itself in {Path(run_dir) / hangs.DEBUG}; give the run directory of a "
-                         "job that dtrain started (runs/NAME).")
+        raise UsageError(f"no rank has announced itself in {debug}; give the run directory of a job that dtrain "
+                         "started (runs/NAME).")
+    ended = sweep.ended(run_dir)
+    if ended is not None and not hangs.announced_since(run_dir, ended.get("time", 0.0)):
+        raise UsageError(f"the job of {run_dir} has ended (exit code {ended.get('exit_code')}); dtrain stack asks a "
+                         f"running job for its stacks (a job that hung or failed left its last ones in {debug}).")
     stacks, notes = hangs.dump_live_stacks(run_dir)
     for rank, text in sorted(stacks.items()):
         click.echo(f"=== rank {rank}\n{text.rstrip()}\n")

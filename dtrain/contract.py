@@ -9,6 +9,7 @@ worker options of `dtrain.options` (one each) and the few below that the launch 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -132,14 +133,25 @@ def markdown_table() -> str:
     return "\n".join(lines + [f"| {a} | {b} | {c} |" for a, b, c in rows])
 
 
-def write_json_atomically(path: str | os.PathLike, record: dict) -> bool:
-    """Whether `record` was written. A reader (the launcher, `dtrain launch`) may read the file while a rank
-    still writes it: write, then rename."""
+def write_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to a file of this process's own, then rename it over `path`: a reader (or another node
+    writing the same file) never sees half of it. On an OSError (a full disk) no partial file is left."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(f"{path}.tmp", "w") as fh:
-            json.dump(record, fh)
-        os.replace(f"{path}.tmp", path)
+        with open(tmp, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomically(path: str | os.PathLike, record: dict) -> bool:
+    """Whether `record` was written (`write_atomically`: the launcher reads the file while ranks write theirs)."""
+    try:
+        write_atomically(path, json.dumps(record))
         return True
     except OSError:
         return False

@@ -114,6 +114,11 @@ def live_ranks(run_dir: str | os.PathLike) -> list[tuple[int, int, str]]:
     return sorted(ranks)
 
 
+def announced_since(run_dir: str | os.PathLike, when: float) -> bool:
+    """Whether a rank wrote to its stacks file after `when` (a `dtrain debug` in the folder of a job that ended)."""
+    return any(path.stat().st_mtime > when for path in (Path(run_dir) / DEBUG).glob("rank*-stacks.txt"))
+
+
 def dump_live_stacks(run_dir: str | os.PathLike, send: Callable[[int, int], None] = os.kill,
                      wait_s: float = 10.0) -> tuple[dict[int, str], list[str]]:
     """Ask every rank of the run on this host for its stacks (DUMP_SIGNAL) and return (rank -> the

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import IO
 
 from dtrain import hardware, launchers
-from dtrain.contract import ERROR_SPOOL, error_record, write_json_atomically
+from dtrain.contract import ERROR_SPOOL, error_record, write_atomically, write_json_atomically
 from dtrain.errors import UsageError
 from dtrain.hangs import hang_report, read_states, timed_out
 from dtrain.launchers import ExitStatus
@@ -55,10 +55,7 @@ def write_files(files: Mapping[str, str]) -> None:
     """The launcher's input files, each replaced atomically (every node of a job may write the same one)."""
     for path, text in files.items():
         try:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(f"{path}.{os.getpid()}.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            write_atomically(path, text)
         except OSError as exc:
             raise UsageError(f"cannot write {path} ({exc.strerror or exc}); free space in the run directory or "
                              "pass another --run-dir.") from None
@@ -228,15 +225,10 @@ def _node_file(spec: LaunchSpec, node_rank: int) -> Path:
 
 def _announce_node(spec: LaunchSpec) -> None:
     """Say in the (shared) run directory that this node has come, so that a rendezvous that times out
-    can say which nodes did."""
+    can say which nodes did (a node whose disk refuses is only missing from that message)."""
     record = {"node_rank": spec.node_rank, "host": os.uname().nodename, "time": time.time(),
               "address": (spec.network or {}).get("address")}
-    path = _node_file(spec, spec.node_rank)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record))
-    except OSError:
-        pass  # only the message of a failed rendezvous misses it
+    write_json_atomically(_node_file(spec, spec.node_rank), record)
 
 
 def node_records(spec: LaunchSpec, started: float) -> dict[int, dict]:

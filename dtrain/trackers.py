@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from dtrain import metrics
+from dtrain.contract import write_atomically
 
 # Rows are read once a second, in batches: every wake-up of this process (and of wandb-core after
 # it) preempts a loop that keeps the cores busy (the MNIST recipe logging every step on 2 cores:
@@ -159,10 +160,7 @@ class MlflowSink:
         params = [Param(k, str(v)[:6000]) for k, v in arguments.get("params", {}).items()]
         for i in range(0, len(params), 100):
             self.client.log_batch(self.run_id, params=params[i:i + 100])
-        self.id_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.id_file.with_name("run-id.tmp")
-        tmp.write_text(self.run_id + "\n")
-        os.replace(tmp, self.id_file)
+        write_atomically(self.id_file, self.run_id + "\n")
 
     def _existing_run(self) -> str | None:
         """The run this run directory started before, if the store still has it."""

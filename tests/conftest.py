@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -44,6 +47,19 @@ def data_dir() -> str:
             pytest.fail(message)
         pytest.skip(message)
     return found
+
+
+@contextlib.contextmanager
+def file_size_limit(size: int):
+    """Writes past `size` bytes fail in this process (EFBIG), as they do on a disk that fills up mid-write."""
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, limits[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
 
 
 def run_dtrain(*args: str, cwd: Path | str = ROOT, timeout: float = 600, env: dict | None = None):

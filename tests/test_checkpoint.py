@@ -290,6 +290,10 @@ def test_ckpt_ls_and_export(tmp_path, two_checkpoints):
     model = MNISTCNN()
     model.load_state_dict(torch.load(out, weights_only=True))
     assert_bit_equal(model.state_dict(), weights(two_checkpoints / "model.pth"))
+    refused = run_dtrain("ckpt", "export", str(two_checkpoints), "--out", str(out / "inside-a-file.pth"))
+    assert (refused.returncode, refused.stdout) == (2, "")
+    assert refused.stderr == (f"dtrain: error: cannot write {out / 'inside-a-file.pth'} (File exists); pass an "
+                              "--out that can be written, with room for the model.\n")
 
 
 def test_the_custom_loop_recipe_resumes_bit_exact_with_its_scheduler(tmp_path, data_dir):

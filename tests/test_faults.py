@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from dtrain import checkpoints
 
@@ -99,6 +100,21 @@ def test_a_first_save_that_hits_a_full_disk_says_no_checkpoint_is_complete(tmpfs
     assert "could not write checkpoint step_0000010 into" in sentence and "No space left on device" in sentence \
         and "no complete checkpoint was written yet" in sentence, sentence
     assert not checkpoints.partials(run_dir / "checkpoints")
+    assert not list(run_dir.rglob("*.tmp")), list(run_dir.rglob("*"))  # no half-written record left behind
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["world_size"] == 2
+
+
+def test_a_model_file_that_does_not_fit_is_one_sentence_and_no_partial_file(tmpfs, data_dir):
+    """The MNIST CNN's model.pth (1.7 MB) on a disk with 1 MB left, and no checkpoint to export it from."""
+    (tmpfs / "filler").write_bytes(bytes(12 << 20))
+    run_dir = tmpfs / "run"
+    full = run_dtrain("launch", "recipes/mnist_cnn.py", "--cpu", "--nproc", "2", "--run-dir", str(run_dir),
+                      "--wandb", "disabled", "--checkpoint-every", "never", "--max-steps", "5", "--", "--epochs", "1",
+                      "--limit-train-batches", "5", "--data-dir", data_dir, timeout=300)
+    assert full.returncode == 1
+    assert one_error(full) == (f"dtrain: error: rank 0 could not write {run_dir / 'model.pth'} (No space left on "
+                               "device); free space and run again (the run wrote no checkpoint).")
+    assert not (run_dir / "model.pth").exists() and not list(run_dir.rglob("*.tmp"))
 
 
 def test_a_run_directory_that_cannot_be_written_is_refused_before_anything_starts(tmp_path):

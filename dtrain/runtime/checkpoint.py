@@ -372,11 +372,50 @@ def export_model(path: Path, out: Path) -> int:
         raise CheckpointError(f"checkpoint {path} holds no model state that dtrain can export; use the run's "
                               "model.pth.")
     model = dict(state["model"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(model, tmp)
-    os.replace(tmp, out)
+    try:
+        save_atomically(model, out)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {out} ({exc.strerror or exc}); pass an --out that can be written, with "
+                              "room for the model.") from None
     return len(model)
+
+
+class _KeepsWriteErrors:
+    """A file that keeps the OSError of a failed write: torch.save reports it only as "unexpected pos"."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def save_atomically(obj: Any, path: Path) -> None:
+    """`torch.save` into a temporary file renamed over `path`, so that a reader never sees half of it. A write
+    that fails (a full disk) raises its own OSError and leaves no partial file; `path` is as it was."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            writer = _KeepsWriteErrors(fh)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError:
+                if writer.error is None:
+                    raise
+                raise writer.error from None
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 # --- RNG -------------------------------------------------------------------------------------------

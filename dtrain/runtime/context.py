@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 import dtrain
+from dtrain.checkpoints import checkpoint_root, committed
 from dtrain.contract import NETWORK_INTERFACES, WorkerEnv, read_env
 from dtrain.errors import UsageError
 from dtrain.hardware import peak_tflops
@@ -300,15 +301,12 @@ class Context:
         state = self.strategy.full_state_dict(model)  # a collective for sharded strategies
         failure = [None]
         if self.is_main:
-            tmp = path.with_name(path.name + ".tmp")
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(state, tmp)
-                os.replace(tmp, path)
+                checkpoint.save_atomically(state, path)
             except OSError as exc:
-                tmp.unlink(missing_ok=True)
-                failure = [f"rank 0 could not write {path} ({exc.strerror or exc}); free space and write it from the "
-                           f"newest checkpoint with `dtrain ckpt export {self.run_dir} --out {path}`."]
+                then = (f"write it from the newest checkpoint with `dtrain ckpt export {self.run_dir} --out {path}`"
+                        if committed(checkpoint_root(self.run_dir)) else "run again (the run wrote no checkpoint)")
+                failure = [f"rank 0 could not write {path} ({exc.strerror or exc}); free space and {then}."]
         if self.world_size > 1:  # also the barrier: no rank goes on before the file is there, or all stop
             dist.broadcast_object_list(failure, src=0)
         if failure[0] is not None:

@@ -27,7 +27,7 @@ from typing import IO, Any
 import yaml
 
 from dtrain import metrics, trackers
-from dtrain.contract import WorkerEnv
+from dtrain.contract import WorkerEnv, write_atomically
 from dtrain.errors import UsageError
 from dtrain.runtime import dist as dist_utils
 from dtrain.wandb_mode import wandb_mode
@@ -78,11 +78,8 @@ class MetricsWriter:
 
 
 def write_config(path: Path, config: Mapping[str, Any]) -> None:
-    def write():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
-
-    written(path, write)
+    """config.yaml, replaced whole: it is written again as the run learns more (blocks, FLOPs)."""
+    written(path, lambda: write_atomically(path, yaml.safe_dump(dict(config), sort_keys=False)))
 
 
 def wandb_run_id(run_dir: Path) -> str:
@@ -92,14 +89,7 @@ def wandb_run_id(run_dir: Path) -> str:
     if existing:
         return existing
     run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-
-    def write():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name("run-id.tmp")
-        tmp.write_text(run_id + "\n")
-        os.replace(tmp, path)
-
-    written(path, write)
+    written(path, lambda: write_atomically(path, run_id + "\n"))
     return run_id
 
 
@@ -156,12 +146,7 @@ class RunLogger:
         """Write the report and confusion matrix to `eval/epoch_NNN.json`; log them to W&B as tables."""
         path = self.run_dir / "eval" / f"epoch_{epoch:03d}.json"
         record = {"step": step, "epoch": epoch, **result}
-
-        def write():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(record, indent=1))
-
-        written(path, write)
+        written(path, lambda: write_atomically(path, json.dumps(record, indent=1)))
         if self.trackers is not None and not self._replayed(metrics.EPOCH, step):
             self.trackers.send({"step": step, "evaluation": dict(result)})
         return path

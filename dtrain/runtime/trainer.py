@@ -101,6 +101,10 @@ class Trainer:
         start_epoch, start_batch = 0, 0
         if state is not None:
             start_epoch, start_batch = state.epoch, state.batch_on(self.ctx.world_size, self.batch_size)
+            if self.stopped or start_epoch >= epochs:
+                done = f"has reached --max-steps {self.ctx.max_steps}" if self.stopped else f"has finished epoch {epochs} of {epochs}"
+                self.ctx.print(f"dtrain: nothing left to train: the run resumed at step {self.step} and {done}; "
+                               "give a higher limit to train on, or another --name to start a new run.")
         for epoch in range(start_epoch, epochs):
             if self.stopped:
                 break

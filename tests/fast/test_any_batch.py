@@ -128,3 +128,27 @@ def test_a_loss_fn_needs_pairs_and_says_how_to_take_other_batches(ctx):
         trainer.forward({"x": torch.ones(2, 3)})
     with pytest.raises(UsageError, match="a loss_fn\\(outputs, targets\\) or a compute_loss"):
         Trainer(ctx, model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_a_resumed_run_with_nothing_left_to_train_says_so(monkeypatch, tmp_path, capsys):
+    """Running the same command again resumes the finished run: one line says why nothing trains."""
+    x, y = torch.randn(12, 3), torch.randn(12, 1)
+    for key, value in {"DTRAIN_DEVICE": "cpu", "DTRAIN_RUN_DIR": str(tmp_path), "DTRAIN_WANDB": "disabled",
+                       "DTRAIN_CHECKPOINT_EVERY": "2,epoch"}.items():
+        monkeypatch.setenv(key, value)
+
+    def run(max_steps: str) -> tuple[int, str]:
+        monkeypatch.setenv("DTRAIN_MAX_STEPS", max_steps)
+        context = setup()
+        model = nn.Linear(3, 1)
+        Trainer(context, model, torch.optim.SGD(model.parameters(), lr=0.1), nn.MSELoss(), batch_size=4).fit(
+            TensorDataset(x, y), epochs=1)
+        context.close()
+        return context.steps, capsys.readouterr().out
+
+    assert "nothing left" not in run("2")[1]
+    steps, out = run("2")
+    assert steps == 2 and "nothing left to train: the run resumed at step 2 and has reached --max-steps 2" in out
+    assert "nothing left" not in run("5")[1]  # trains on: the epoch's 3rd batch
+    steps, out = run("5")
+    assert steps == 3 and "resumed at step 3 and has finished epoch 1 of 1" in out

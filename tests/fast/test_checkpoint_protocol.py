@@ -4,6 +4,7 @@ holds, what loading restores, retention, async commits, and the leftovers of an 
 
 from __future__ import annotations
 
+import errno
 import json
 
 import pytest
@@ -11,8 +12,10 @@ import torch
 from torch import nn
 
 from dtrain import checkpoints
-from dtrain.runtime.checkpoint import Checkpointer, TrainState
+from dtrain.runtime.checkpoint import Checkpointer, TrainState, save_atomically
 from dtrain.runtime.strategies.ddp import DCPState
+
+from conftest import file_size_limit
 
 
 def trained(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -75,3 +78,14 @@ def test_a_trainer_state_of_release_0_1_0_reads_without_its_wandb_run_id():
     assert TrainState.from_dict(old) == TrainState(8, 1, 2, 2, 8)
     assert json.loads(json.dumps(TrainState.from_dict(old).__dict__)) == {k: v for k, v in old.items()
                                                                           if k != "wandb_run_id"}
+
+
+def test_a_model_file_cut_short_by_a_full_disk_raises_its_os_error_and_leaves_the_old_file(tmp_path):
+    """torch.save alone says only "unexpected pos" (a RuntimeError) and leaves the half-written file."""
+    path = tmp_path / "model.pth"
+    save_atomically({"w": torch.arange(4.0)}, path)
+    with file_size_limit(100_000), pytest.raises(OSError) as failed:
+        save_atomically({"w": torch.zeros(100_000)}, path)
+    assert failed.value.errno == errno.EFBIG
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(4.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pth"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -47,6 +48,21 @@ def test_dry_run_prints_the_exact_command_and_environment(tmp_path):
     assert "-m torch.distributed.run --nnodes 1 --nproc-per-node 2" in out.stdout
     assert out.stdout.rstrip().endswith("recipes/mnist_cnn.py --epochs 1 --lr 'a b'")
     assert not (tmp_path / "r").exists(), "a dry run must not create the run directory"
+
+
+def test_stack_of_a_job_that_has_ended_says_so_and_signals_no_one(tmp_path):
+    """The ranks' pids are gone, or belong to other processes now: nothing is sent to them."""
+    from dtrain.hangs import announced_since, stacks_header, stacks_path
+
+    stacks_path(tmp_path, 0).parent.mkdir()
+    stacks_path(tmp_path, 0).write_text(stacks_header(0, 1, socket.gethostname()))  # pid 1: init, alive
+    os.utime(stacks_path(tmp_path, 0), (1000.0, 1000.0))
+    assert announced_since(tmp_path, 999.0) and not announced_since(tmp_path, 1000.0)  # a later `dtrain debug`: asked
+    (tmp_path / "ended.json").write_text('{"exit_code": 0, "time": 1001.0}')
+    out = run_dtrain("stack", str(tmp_path))
+    assert (out.returncode, out.stdout) == (2, "")
+    assert out.stderr == (f"dtrain: error: the job of {tmp_path} has ended (exit code 0); dtrain stack asks a running "
+                          f"job for its stacks (a job that hung or failed left its last ones in {tmp_path / 'debug'}).\n")
 
 
 def test_profile_fills_options_and_the_command_line_wins(tmp_path):

@@ -9,6 +9,8 @@ from dtrain.contract import error_record
 from dtrain.job import first_failure
 from dtrain.launchers import ExitStatus, accelerate, deepspeed, torchrun
 
+from conftest import file_size_limit
+
 SUMMARY = """E1127 09:17:55 api.py:1002] failed (exitcode: -15) local_rank: 1 (pid: 29711) of binary: python3
 Failures:
 [0]:
@@ -85,6 +87,18 @@ def test_the_launchers_own_log_goes_on_in_memory_when_its_disk_refuses(capsys):
     assert log.text() == "rank : 1 (local_rank: 1)\nexitcode : -9 (pid: 7)\nthird\n"
     err = capsys.readouterr().err
     assert err == "dtrain: cannot write /dev/full (No space left on device); going on without it.\n"
+
+
+def test_a_record_that_cannot_be_written_whole_leaves_the_old_one_and_no_partial_file(tmp_path):
+    """RLIMIT_FSIZE cuts the write short (EFBIG), as a disk that fills up in the middle of it does."""
+    from dtrain.contract import write_json_atomically
+
+    path = tmp_path / "rank1.json"
+    assert write_json_atomically(path, {"rank": 1})
+    with file_size_limit(64):
+        written = write_json_atomically(path, {"rank": 1, "message": "x" * 100})
+    assert not written and json.loads(path.read_text()) == {"rank": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["rank1.json"]
 
 
 def test_after_a_collective_time_out_the_nodes_that_do_not_answer_are_named(tmp_path):
