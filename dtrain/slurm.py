@@ -379,12 +379,21 @@ def _run(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
         raise UsageError(f"{argv[0]} did not answer within {timeout:.0f} s; check the controller with "
                          "`scontrol ping`.") from None
     if result.returncode != 0:
-        message = " ".join(result.stderr.split()) or f"exit code {result.returncode}"
-        if "Unable to contact slurm controller" in message:
-            raise UsageError(f"the SLURM controller is not answering ({argv[0]}: {message.split(': ', 1)[-1]}); "
-                             "check it with `scontrol ping`, or start the local one with cluster/local/start.sh.")
-        raise UsageError(f"{argv[0]} failed: {message}")
+        raise UsageError(failure(argv[0], result.stderr, result.returncode))
     return result
+
+
+def failure(command: str, stderr: str, code: int) -> str:
+    """One sentence for a SLURM command that failed: what is wrong and what to do, where its words say so."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    last = lines[-1].split(": ", 1)[-1] if lines else f"exit code {code}"
+    if any("Could not establish a configuration source" in line for line in lines):
+        return (f"SLURM has no configuration on this machine ({command}: {last}); set SLURM_CONF to the cluster's "
+                "slurm.conf, or run this on a login node of the cluster.")
+    if any("Unable to contact slurm controller" in line for line in lines):
+        return (f"the SLURM controller is not answering ({command}: {last}); check it with `scontrol ping`, or "
+                "start the local one with cluster/local/start.sh.")
+    return f"{command} failed: {' '.join(lines) or f'exit code {code}'}"
 
 
 def submit(script: Path) -> str:

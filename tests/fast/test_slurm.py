@@ -188,6 +188,26 @@ def test_submit_without_sbatch_on_path_says_so_and_leaves_nothing(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+NO_CONFIG = """scontrol: error: resolve_ctls_from_dns_srv: res_nsearch error: Unknown host
+scontrol: error: fetch_config: DNS SRV lookup failed
+scontrol: error: _establish_config_source: failed to fetch config
+scontrol: fatal: Could not establish a configuration source
+"""  # scontrol 22.05 without SLURM_CONF or /etc/slurm/slurm.conf
+
+
+@pytest.mark.parametrize("command, stderr, sentence", [
+    ("scontrol", NO_CONFIG, "SLURM has no configuration on this machine (scontrol: fatal: Could not establish a "
+     "configuration source); set SLURM_CONF to the cluster's slurm.conf, or run this on a login node of the cluster."),
+    ("sbatch", "sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)\n",
+     "the SLURM controller is not answering (sbatch: error: Batch job submission failed: Unable to contact slurm "
+     "controller (connect failure)); check it with `scontrol ping`, or start the local one with cluster/local/start.sh."),
+    ("scancel", "scancel: error: Invalid job id 99\n", "scancel failed: scancel: error: Invalid job id 99"),
+    ("sbatch", "", "sbatch failed: exit code 1"),
+])
+def test_a_failed_slurm_command_is_one_sentence_that_says_what_to_do(command, stderr, sentence):
+    assert slurm.failure(command, stderr, 1) == sentence
+
+
 def test_a_job_arrays_tasks_as_sbatch_takes_them_and_back():
     assert slurm.array_spec([0, 1, 2, 3], 2) == "0-3%2"
     assert slurm.array_spec([5, 0, 1, 7, 8], 1) == "0-1,5,7-8%1"
