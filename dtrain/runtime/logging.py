@@ -97,13 +97,12 @@ class RunLogger:
     def __init__(self, run_dir: Path, env: WorkerEnv, run_config: Mapping[str, Any]):
         self.run_dir = run_dir
         self.metrics = MetricsWriter(run_dir / metrics.FILE)
-        self.run_id = wandb_run_id(run_dir)
         self.logged_before: dict[str, int] = {}  # after a resume: each kind's last step an earlier attempt logged
         mode, notice = wandb_mode(env.wandb, os.environ)
         if notice:  # only when `auto` was left to this process (plain torchrun): dtrain launch decides it itself
             print(f"dtrain: {notice}", file=sys.stderr, flush=True)
         init = {
-            "wandb": dict(dir=str(run_dir), id=self.run_id, resume="allow", mode=mode, project=env.wandb_project,
+            "wandb": dict(dir=str(run_dir), id=wandb_run_id(run_dir), resume="allow", mode=mode, project=env.wandb_project,
                           entity=env.wandb_entity, group=env.wandb_group, tags=list(env.tags) or None,
                           name=run_dir.name, config=dict(run_config)) if mode != "disabled" else None,
             "tensorboard": {} if env.tensorboard else None,
