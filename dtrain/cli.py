@@ -7,6 +7,7 @@ resolves them into a LaunchSpec (`dtrain.spec`) and acts on that spec.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import json
 import os
@@ -601,7 +602,9 @@ def _apply_profile(ctx: click.Context, path: str, given: dict[str, Any]) -> dict
     for key, value in profiles.load(path).items():
         param = params.get(key)
         if param is None:
-            raise UsageError(f"profile {path} has an unknown option {key!r}; known options: {', '.join(sorted(params))}.")
+            near = difflib.get_close_matches(key, params, n=1)
+            fix = f"did you mean {near[0]}?" if near else f"known options: {', '.join(sorted(params))}."
+            raise UsageError(f"profile {path} has an unknown option {key!r}; {fix}")
         if ctx.get_parameter_source(key) == ParameterSource.COMMANDLINE:
             continue
         try:

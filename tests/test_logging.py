@@ -1,5 +1,5 @@
 """Rank-0 logging with real processes: one W&B offline run (read back from its file), evaluation
-reports gathered across ranks, `dtrain report`, no secrets. (A resumed run continuing the same
+reports and torchmetrics metrics gathered across ranks, `dtrain report`, no secrets. (A resumed run continuing the same
 W&B run: test_preemption.py.)"""
 
 from __future__ import annotations
@@ -106,18 +106,24 @@ def test_dtrain_report_draws_pngs_and_summarises(offline_run):
     assert "accuracy" in out.stdout and "macro avg" in out.stdout and "weighted avg" in out.stdout
 
 
-def test_evaluation_report_from_two_ranks_equals_one_process(tmp_path, data_dir):
-    results = {}
+def test_evaluation_report_and_torchmetrics_from_two_ranks_equal_one_process(tmp_path, data_dir):
+    both = {}
     for nproc in ("1", "2"):
         run_dir = tmp_path / f"eval{nproc}"
         out = run_dtrain("launch", str(TEST_RECIPES / "evaluate_mnist.py"), "--cpu", "--nproc", nproc,
                          "--run-dir", str(run_dir), "--wandb", "disabled", "--", data_dir)
         assert out.returncode == 0, out.stderr
-        results[nproc] = json.loads((run_dir / "evaluation.json").read_text())
+        both[nproc] = json.loads((run_dir / "evaluation.json").read_text())
+    results = {nproc: result["classifier"] for nproc, result in both.items()}
     assert results["1"]["confusion_matrix"] == results["2"]["confusion_matrix"]
     assert sum(map(sum, results["2"]["confusion_matrix"])) == 10_000
     assert results["1"]["report"] == results["2"]["report"]
     assert results["1"]["loss"] == pytest.approx(results["2"]["loss"], rel=1e-6)  # float32 batch losses
+    metered = {nproc: result["torchmetrics"] for nproc, result in both.items()}  # 9,999 images: uneven shares
+    for name in ("macro_f1_torchmetrics", "accuracy_torchmetrics", "loss"):
+        assert metered["2"][name] == pytest.approx(metered["1"][name], rel=1e-6), name
+    assert metered["2"]["accuracy_torchmetrics"] == pytest.approx(metered["2"]["accuracy"], rel=1e-6)
+    assert metered["2"]["macro_f1_torchmetrics"] == pytest.approx(metered["2"]["report"]["macro_avg"]["f1"], rel=1e-6)
 
 
 def test_classification_report_matches_hand_computed_values():

@@ -50,6 +50,16 @@ def test_dry_run_prints_the_exact_command_and_environment(tmp_path):
     assert not (tmp_path / "r").exists(), "a dry run must not create the run directory"
 
 
+@pytest.mark.parametrize("key, fix", [("nprocs", "did you mean nproc?"),
+                                      ("colour", "known options: activation_checkpointing, async_checkpoint,")])
+def test_a_profile_key_that_is_no_option_is_named_with_the_nearest_one(tmp_path, key, fix):
+    profile = tmp_path / "p.yaml"
+    profile.write_text(f"{key}: 2\n")
+    out = run_dtrain("launch", "recipes/mnist_cnn.py", "--profile", str(profile), "--dry-run")
+    assert (out.returncode, out.stdout) == (2, "")
+    assert out.stderr.startswith(f"dtrain: error: profile {profile} has an unknown option {key!r}; {fix}"), out.stderr
+
+
 def test_stack_of_a_job_that_has_ended_says_so_and_signals_no_one(tmp_path):
     """The ranks' pids are gone, or belong to other processes now: nothing is sent to them."""
     from dtrain.hangs import announced_since, stacks_header, stacks_path

@@ -1,5 +1,7 @@
-"""Evaluates one fixed, briefly trained MNIST CNN on the full test set; rank 0 writes the result
-to $DTRAIN_RUN_DIR/evaluation.json. The model is the same on every world size."""
+"""Evaluates one fixed, briefly trained MNIST CNN twice: on the full test set (evaluate_classifier),
+and on 9,999 test images (odd: the ranks' shares differ) through Trainer.evaluate with torchmetrics
+metrics; rank 0 writes both results to $DTRAIN_RUN_DIR/evaluation.json. The model is the same on
+every world size."""
 
 import json
 import sys
@@ -7,9 +9,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "recipes"))
-from dtrain.runtime import setup
+from dtrain.runtime import Trainer, setup
 from dtrain.runtime.evaluation import evaluate_classifier
 
 from mnist_cnn import MNISTCNN, load_mnist
@@ -25,7 +29,11 @@ for i in range(0, 512, 64):
     optimizer.step()
     optimizer.zero_grad()
 model = model.to(ctx.device)
-result = evaluate_classifier(ctx, model, test_set, nn.CrossEntropyLoss())
+metrics = {"macro_f1_torchmetrics": MulticlassF1Score(10, average="macro"),
+           "accuracy_torchmetrics": MulticlassAccuracy(10, average="micro")}
+trainer = Trainer(ctx, model, optimizer, nn.CrossEntropyLoss(), metrics=metrics, eval_batch_size=500)
+results = {"classifier": evaluate_classifier(ctx, model, test_set, nn.CrossEntropyLoss()),
+           "torchmetrics": trainer.evaluate(TensorDataset(*(t[:9999] for t in test_set.tensors)))}
 if ctx.is_main:
-    (ctx.run_dir / "evaluation.json").write_text(json.dumps(result))
+    (ctx.run_dir / "evaluation.json").write_text(json.dumps(results))
 ctx.close()
