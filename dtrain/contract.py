@@ -133,14 +133,14 @@ def markdown_table() -> str:
     return "\n".join(lines + [f"| {a} | {b} | {c} |" for a, b, c in rows])
 
 
-def write_atomically(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to a file of this process's own, then rename it over `path`: a reader (or another node
+def write_atomically(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write `data` to a file of this process's own, then rename it over `path`: a reader (or another node
     writing the same file) never sees half of it. On an OSError (a full disk) no partial file is left."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
+        with open(tmp, "wb" if isinstance(data, bytes) else "w") as fh:
+            fh.write(data)
         os.replace(tmp, path)
     except OSError:
         with contextlib.suppress(OSError):

@@ -8,12 +8,14 @@ matrix, which is also what the runtime uses after gathering one across ranks.
 from __future__ import annotations
 
 import collections
+import io
 import json
 import statistics
 from pathlib import Path
 from typing import Any
 
 from dtrain import metrics
+from dtrain.contract import write_atomically
 from dtrain.errors import UsageError
 
 
@@ -132,9 +134,7 @@ def plot_sweep(sweep_dir: Path, runs: dict[str, list[dict]], metric: str | None)
         axes[1, 0].set_ylabel(metric)
     axes[-1, 0].set_xlabel("step")
     fig.suptitle(f"{sweep_dir.name}: {len(runs)} runs")
-    out = sweep_dir / "report"
-    out.mkdir(exist_ok=True)
-    return _save(fig, out / "sweep.png")
+    return _save(fig, sweep_dir / "report" / "sweep.png")
 
 
 def plot(run_dir: Path, records: list[dict], evaluations: list[dict]) -> list[Path]:
@@ -142,7 +142,6 @@ def plot(run_dir: Path, records: list[dict], evaluations: list[dict]) -> list[Pa
     memory and TFLOP/s (the `system` rows): PNG files."""
     plt = _pyplot()
     out = run_dir / "report"
-    out.mkdir(exist_ok=True)
     written = []
     train = _training_loss(records)
     if train:
@@ -213,8 +212,16 @@ def _system_figure(plt: Any, name: str, system: list[dict]) -> Any:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    """One PNG, written whole: a disk that refuses it gets one sentence and keeps no partial file."""
     import matplotlib.pyplot as plt
+
+    png = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    try:
+        write_atomically(path, png.getvalue())
+    except OSError as exc:
+        raise UsageError(f"cannot write {path} ({exc.strerror or exc}); free space in {path.parent}, or report a copy "
+                         "of the run directory on a disk with room.") from None
     return path

@@ -10,7 +10,7 @@ import pytest
 from dtrain import metrics
 from dtrain.errors import UsageError
 
-from conftest import ROOT
+from conftest import ROOT, file_size_limit
 
 
 def test_rows_state_their_kind_and_keep_their_own_fields_apart():
@@ -42,3 +42,19 @@ def test_a_last_line_cut_short_is_left_out_and_damage_elsewhere_is_named(tmp_pat
         metrics.read(tmp_path)
     with pytest.raises(UsageError, match="has no metrics.jsonl"):
         metrics.read(tmp_path / "nothing")
+
+
+def test_a_report_that_does_not_fit_is_one_sentence_and_leaves_no_partial_png(tmp_path):
+    """RLIMIT_FSIZE cuts the PNG short, as a full disk does; the next report, with room, draws it."""
+    from dtrain import report
+
+    rows = [metrics.row(step, metrics.TRAIN, {"train/loss": 1 / step, "lr": 0.1}) for step in range(1, 30)]
+    (tmp_path / metrics.FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    records, evaluations = report.read_run(tmp_path)
+    with file_size_limit(2000), pytest.raises(UsageError) as refused:
+        report.plot(tmp_path, records, evaluations)
+    assert str(refused.value) == (f"cannot write {tmp_path / 'report' / 'loss_lr.png'} (File too large); free space in "
+                                  f"{tmp_path / 'report'}, or report a copy of the run directory on a disk with room.")
+    assert not list((tmp_path / "report").iterdir())
+    assert [png.name for png in report.plot(tmp_path, records, evaluations)] == ["loss_lr.png"]
+    assert (tmp_path / "report" / "loss_lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
