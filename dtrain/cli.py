@@ -114,15 +114,16 @@ def launch(ctx: click.Context, profile: str | None, dry_run: bool | None, spec: 
     env[contract.LAUNCH_TIME] = f"{STARTED:.3f}"
     if launch_spec.device == "cpu" and spec is None and not given.get("cpu"):
         click.echo("dtrain: no GPU is visible; running 1 CPU process (use --cpu --nproc N for more).", err=True)
-    from dtrain.job import probe_run_dir, record_end, run_job, write_files
+    from dtrain.job import probe_run_dir, record_end, run_dir_lock, run_job, write_files
 
     probe_run_dir(launch_spec.run_dir)
-    write_files(files)
-    if launch_spec.node_rank == 0:
-        record_end(launch_spec.run_dir, None)
-    code = run_job(launch_spec, argv, env, started=STARTED)
-    if launch_spec.node_rank == 0:
-        record_end(launch_spec.run_dir, code)
+    with run_dir_lock(launch_spec.run_dir, launch_spec.node_rank):
+        write_files(files)
+        if launch_spec.node_rank == 0:
+            record_end(launch_spec.run_dir, None)
+        code = run_job(launch_spec, argv, env, started=STARTED)
+        if launch_spec.node_rank == 0:
+            record_end(launch_spec.run_dir, code)
     return code
 
 

@@ -13,7 +13,9 @@ reach it through a spool of this node's, off that disk.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import re
@@ -24,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -61,6 +63,9 @@ def write_files(files: Mapping[str, str]) -> None:
                              "pass another --run-dir.") from None
 
 
+LOCK_FILE = "launch.lock"  # in the run directory: held by node 0's `dtrain launch` (launch-node<N>.lock: node N's)
+
+
 def record_end(run_dir: str, code: int | None) -> None:
     """`ended.json` in the run directory: how its last `dtrain launch` ended (None: it has started). A sweep
     reads it to skip finished runs; losing it to a full disk only means the run is launched again."""
@@ -72,6 +77,36 @@ def record_end(run_dir: str, code: int | None) -> None:
             write_json_atomically(path, {"exit_code": code, "time": round(time.time(), 3)})
     except OSError:
         pass
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: str, node_rank: int) -> Iterator[None]:
+    """Hold this node's lock of the run directory while the job runs: a second `dtrain launch` (or `dtrain debug`)
+    of the same run on the same node would write the same checkpoints and metrics, so it is refused before it
+    touches anything. An flock, released when this process ends however it ends; the file says who holds it.
+    A file system without locks (ENOLCK) runs unguarded."""
+    path = Path(run_dir) / (LOCK_FILE if node_rank == 0 else f"launch-node{node_rank}.lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")
+    except OSError:  # a run directory that cannot be written fails on its first write, in one sentence
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UsageError(f"{run_dir} is in use by another dtrain launch of this run ({holder}); wait for it to end "
+                             "or stop it, or pass another --name.") from None
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            handle.truncate(0)
+            handle.write(f"pid {os.getpid()} on {os.uname().nodename}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            handle.flush()
+        yield
 
 
 def probe_run_dir(run_dir: str) -> None:

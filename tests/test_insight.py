@@ -40,7 +40,7 @@ def test_a_rank_that_hangs_is_named_with_its_step_and_line_once_the_collective_t
         assert "--- step 20" in stacks and ": no step for 2" in stacks  # unasked, at 80% of the time-out
 
 
-def test_dtrain_stack_prints_every_ranks_stacks_and_the_job_goes_on(tmp_path):
+def test_dtrain_stack_prints_every_ranks_stacks_and_a_second_launch_is_refused_while_the_job_goes_on(tmp_path):
     run_dir = tmp_path / "run"
     job = subprocess.Popen([DTRAIN, "launch", HANG, "--cpu", "--nproc", "2", "--run-dir", str(run_dir), "--wandb",
                             "disabled"], cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -55,6 +55,13 @@ def test_dtrain_stack_prints_every_ranks_stacks_and_the_job_goes_on(tmp_path):
         for rank in (0, 1):
             printed = out.stdout.split(f"=== rank {rank}\n", 1)[1].split("=== rank", 1)[0]
             assert 'hang.py", line' in printed  # its main thread, in the recipe's loop
+        files = sorted(p for p in run_dir.rglob("*") if p.is_file())
+        second = run_dtrain("launch", HANG, "--cpu", "--nproc", "2", "--run-dir", str(run_dir), "--wandb", "disabled",
+                            timeout=60)
+        assert (second.returncode, second.stdout) == (2, "")
+        assert second.stderr.startswith(f"dtrain: error: {run_dir} is in use by another dtrain launch of this run (pid "
+                                        f"{job.pid} on "), second.stderr
+        assert sorted(p for p in run_dir.rglob("*") if p.is_file()) == files  # it wrote nothing
         (run_dir / "stop").touch()
         _, stderr = job.communicate(timeout=60)
         assert job.returncode == 0, stderr

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from dtrain.contract import error_record
 from dtrain.job import first_failure
 from dtrain.launchers import ExitStatus, accelerate, deepspeed, torchrun
@@ -122,3 +124,19 @@ def test_a_host_that_is_there_answers_though_nothing_listens():
     from dtrain.hardware import answers
 
     assert answers("127.0.0.1")  # the discard port is closed: refused at once (a host gone: tests/test_network.py)
+
+
+def test_a_second_launch_of_the_same_node_of_a_run_is_refused_while_the_first_holds_it(tmp_path):
+    """flock is per open file: a second open in this process stands for a second `dtrain launch`."""
+    from dtrain.errors import UsageError
+    from dtrain.job import run_dir_lock
+
+    run_dir = str(tmp_path / "run")
+    with run_dir_lock(run_dir, 0), run_dir_lock(run_dir, 1):  # another node of the same run: its own lock
+        with pytest.raises(UsageError) as refused, run_dir_lock(run_dir, 0):
+            pass
+        holder = f"pid {os.getpid()} on {os.uname().nodename}, since "
+        assert str(refused.value).startswith(f"{run_dir} is in use by another dtrain launch of this run ({holder}")
+        assert str(refused.value).endswith("); wait for it to end or stop it, or pass another --name.")
+    with run_dir_lock(run_dir, 0):  # released with its holder
+        pass
