@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from torchvision import datasets, transforms
 
+from dtrain.errors import UsageError
 from dtrain.runtime import Context, Trainer, setup
 from dtrain.runtime.data import steps_per_epoch
 
@@ -48,7 +49,13 @@ def load_mnist(ctx: Context, data_dir: str, loader: str):
     """Train and test sets; local rank 0 downloads them if missing while the other ranks wait."""
     if ctx.env.local_rank == 0:
         for train in (True, False):
-            datasets.MNIST(data_dir, train=train, download=True)
+            try:
+                datasets.MNIST(data_dir, train=train, download=True)
+            except RuntimeError as exc:  # torchvision's account of a failed download: what it tried, and why
+                lines = [line.strip("<> ") for line in str(exc).splitlines() if line.strip()]
+                raise UsageError(f"MNIST is not in {data_dir} and could not be downloaded ({lines[0].rstrip(':')}: "
+                                 f"{lines[-1]}); point --data-dir (or DTRAIN_DATA_DIR) at a folder that holds "
+                                 "MNIST/raw/.") from None
     ctx.barrier()
     sets = [datasets.MNIST(data_dir, train=train, download=False, transform=TRANSFORM) for train in (True, False)]
     if loader == "memory":

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from dtrain.hardware import free_port
 from dtrain.metrics import TRAIN
 from dtrain.metrics import read as read_metrics
 from dtrain.slurm import parse_job_record
@@ -176,21 +177,13 @@ def slurm_env() -> dict[str, str]:
             pytest.fail(message)
         pytest.skip(message)
     state = Path(tempfile.mkdtemp(prefix="dtrain-slurm-test-"))  # not under pytest's 0700 folder: munged must enter
-    env = {**os.environ, "DTRAIN_SLURM_PORT": str(_free_port())}
+    env = {**os.environ, "DTRAIN_SLURM_PORT": str(free_port())}
     subprocess.run([str(ROOT / "cluster" / "local" / "start.sh"), str(state)], check=True, env=env, timeout=300)
     try:
         yield {"SLURM_CONF": str(state / "slurm.conf"), "OMP_NUM_THREADS": "1"}
     finally:
         subprocess.run([str(ROOT / "cluster" / "local" / "stop.sh"), str(state)], timeout=120)
         shutil.rmtree(state, ignore_errors=True)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 # --- a real SLURM (the slurm_env fixture) ---------------------------------------------------------

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from dtrain import checkpoints
+from dtrain.hardware import free_port
 
 from conftest import TEST_RECIPES, launch, run_dtrain
 
@@ -115,6 +116,20 @@ def test_a_model_file_that_does_not_fit_is_one_sentence_and_no_partial_file(tmpf
     assert one_error(full) == (f"dtrain: error: rank 0 could not write {run_dir / 'model.pth'} (No space left on "
                                "device); free space and run again (the run wrote no checkpoint).")
     assert not (run_dir / "model.pth").exists() and not list(run_dir.rglob("*.tmp"))
+
+
+def test_mnist_that_cannot_be_downloaded_is_one_sentence_naming_where_to_point(tmp_path):
+    """No network: a proxy on a closed port refuses at once (tests never download)."""
+    closed = f"http://127.0.0.1:{free_port()}"
+    empty = tmp_path / "no-data"
+    out = run_dtrain("launch", "recipes/mnist_cnn.py", "--cpu", "--nproc", "2", "--run-dir", str(tmp_path / "run"),
+                     "--wandb", "disabled", "--", "--data-dir", str(empty),
+                     env={"https_proxy": closed, "http_proxy": closed, "no_proxy": "", "NO_PROXY": ""}, timeout=300)
+    assert out.returncode == 1
+    sentence = one_error(out)
+    assert sentence.startswith(f"dtrain: error: MNIST is not in {empty} and could not be downloaded (Error downloading "
+                               "train-images-idx3-ubyte.gz: urlopen error "), sentence
+    assert sentence.endswith("); point --data-dir (or DTRAIN_DATA_DIR) at a folder that holds MNIST/raw/."), sentence
 
 
 def test_a_run_directory_that_cannot_be_written_is_refused_before_anything_starts(tmp_path):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,17 +18,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from dtrain import metrics as metrics_file
 from dtrain import trackers
+from dtrain.hardware import free_port
 
 import wandb_file
 from conftest import DTRAIN, ROOT, metrics, run_dtrain
 
 RECIPE = "recipes/mnist_mlp.py"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch_mlp(run_dir: Path, data_dir: str, *options: str, batches: int = 80, env: dict | None = None):
@@ -108,7 +102,7 @@ def test_tensorboard_and_a_local_mlflow_store_hold_metrics_jsonl_across_a_crash(
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on localhost with a SQLite backend; stopped with every process it started."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
@@ -178,7 +172,7 @@ def test_a_tracking_server_that_refuses_the_run_or_is_down_does_not_stop_trainin
     client.delete_experiment(client.create_experiment("deleted"))
     refused = launch_mlp(tmp_path / "refused", data_dir, "--mlflow", mlflow_server, "--mlflow-experiment", "deleted",
                          batches=20)
-    down = launch_mlp(tmp_path / "down", data_dir, "--mlflow", f"http://user:secret@127.0.0.1:{_free_port()}",
+    down = launch_mlp(tmp_path / "down", data_dir, "--mlflow", f"http://user:secret@127.0.0.1:{free_port()}",
                       batches=20)
     for out, run_dir in ((refused, tmp_path / "refused"), (down, tmp_path / "down")):
         assert out.returncode == 0, out.stderr[-2000:]
