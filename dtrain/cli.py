@@ -117,7 +117,7 @@ def launch(ctx: click.Context, profile: str | None, dry_run: bool | None, spec: 
     from dtrain.job import probe_run_dir, record_end, run_dir_lock, run_job, write_files
 
     probe_run_dir(launch_spec.run_dir)
-    with run_dir_lock(launch_spec.run_dir, launch_spec.node_rank):
+    with run_dir_lock(launch_spec):
         write_files(files)
         if launch_spec.node_rank == 0:
             record_end(launch_spec.run_dir, None)
@@ -165,8 +165,11 @@ def debug(**given: Any) -> int:
                           **_precision_facts(given.get("precision"), gpus_available))
     launch_spec = _resolve_wandb(launch_spec.replace(nproc=1), quiet=False)
     from dtrain.debug import run_in_process
+    from dtrain.job import probe_run_dir, run_dir_lock
 
-    return run_in_process(launch_spec)
+    probe_run_dir(launch_spec.run_dir)
+    with run_dir_lock(launch_spec):
+        return run_in_process(launch_spec)
 
 
 @cli.command()

@@ -14,8 +14,8 @@ import dataclasses
 import json
 import os
 import socket
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import IO, TYPE_CHECKING, Any
 
 from dtrain.options import WORKER_OPTIONS
 
@@ -133,16 +133,17 @@ def markdown_table() -> str:
     return "\n".join(lines + [f"| {a} | {b} | {c} |" for a, b, c in rows])
 
 
-def write_atomically(path: str | os.PathLike, data: str | bytes) -> None:
-    """Write `data` to a file of this process's own, then rename it over `path`: a reader (or another node
-    writing the same file) never sees half of it. On an OSError (a full disk) no partial file is left."""
+def write_atomically(path: str | os.PathLike, data: str | bytes | Callable[[IO[bytes]], Any]) -> None:
+    """Write `data` (text, bytes, or a function that writes into the binary file it is given) to a file of this
+    process's own, then rename it over `path`: a reader (or another node writing the same file) never sees half
+    of it. A write that fails (a full disk) leaves no partial file, and `path` as it was."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "wb" if isinstance(data, bytes) else "w") as fh:
-            fh.write(data)
+        with open(tmp, "w" if isinstance(data, str) else "wb") as fh:
+            data(fh) if callable(data) else fh.write(data)
         os.replace(tmp, path)
-    except OSError:
+    except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise

@@ -63,9 +63,6 @@ def write_files(files: Mapping[str, str]) -> None:
                              "pass another --run-dir.") from None
 
 
-LOCK_FILE = "launch.lock"  # in the run directory: held by node 0's `dtrain launch` (launch-node<N>.lock: node N's)
-
-
 def record_end(run_dir: str, code: int | None) -> None:
     """`ended.json` in the run directory: how its last `dtrain launch` ended (None: it has started). A sweep
     reads it to skip finished runs; losing it to a full disk only means the run is launched again."""
@@ -80,26 +77,19 @@ def record_end(run_dir: str, code: int | None) -> None:
 
 
 @contextlib.contextmanager
-def run_dir_lock(run_dir: str, node_rank: int) -> Iterator[None]:
-    """Hold this node's lock of the run directory while the job runs: a second `dtrain launch` (or `dtrain debug`)
-    of the same run on the same node would write the same checkpoints and metrics, so it is refused before it
-    touches anything. An flock, released when this process ends however it ends; the file says who holds it.
-    A file system without locks (ENOLCK) runs unguarded."""
-    path = Path(run_dir) / (LOCK_FILE if node_rank == 0 else f"launch-node{node_rank}.lock")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a+")
-    except OSError:  # a run directory that cannot be written fails on its first write, in one sentence
-        yield
-        return
-    with handle:
+def run_dir_lock(spec: LaunchSpec) -> Iterator[None]:
+    """Hold this node's lock of the run directory (`spec.launch_lock`) while the job runs: a second `dtrain launch`
+    (or `dtrain debug`) of the same run on the same node would write the same checkpoints and metrics, so it is
+    refused before it touches anything. An flock, released when this process ends however it ends; the file
+    says who holds it. A file system without locks (ENOLCK) runs unguarded. After `probe_run_dir`."""
+    with open(spec.launch_lock, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
-            raise UsageError(f"{run_dir} is in use by another dtrain launch of this run ({holder}); wait for it to end "
-                             "or stop it, or pass another --name.") from None
+            raise UsageError(f"{spec.run_dir} is in use by another dtrain launch of this run ({holder}); wait for it "
+                             "to end or stop it, or pass another --name.") from None
         except OSError:
             pass
         with contextlib.suppress(OSError):

@@ -77,6 +77,12 @@ class LaunchSpec:
         name = "launcher.log" if self.node_rank == 0 else f"launcher-node{self.node_rank}.log"
         return str(Path(self.log_dir) / name)
 
+    @property
+    def launch_lock(self) -> str:
+        """Held by this node's `dtrain launch` (or `dtrain debug`) while it runs (`dtrain.job.run_dir_lock`)."""
+        name = "launch.lock" if self.node_rank == 0 else f"launch-node{self.node_rank}.lock"
+        return str(Path(self.run_dir) / name)
+
     def to_json(self) -> str:
         return json.dumps({"format": SPEC_FORMAT, **dataclasses.asdict(self)}, indent=1) + "\n"
 

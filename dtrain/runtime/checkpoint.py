@@ -32,7 +32,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -56,6 +56,7 @@ from dtrain.checkpoints import (
     step_dir_name,
     verify,
 )
+from dtrain.contract import write_atomically
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint import StorageWriter
@@ -398,24 +399,19 @@ class _KeepsWriteErrors:
 
 
 def save_atomically(obj: Any, path: Path) -> None:
-    """`torch.save` into a temporary file renamed over `path`, so that a reader never sees half of it. A write
-    that fails (a full disk) raises its own OSError and leaves no partial file; `path` is as it was."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
-            writer = _KeepsWriteErrors(fh)
-            try:
-                torch.save(obj, writer)
-            except RuntimeError:
-                if writer.error is None:
-                    raise
-                raise writer.error from None
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    """`torch.save`, written whole (`contract.write_atomically`); a write that fails (a full disk) raises its own
+    OSError."""
+
+    def save(file: IO[bytes]) -> None:
+        writer = _KeepsWriteErrors(file)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is None:
+                raise
+            raise writer.error from None
+
+    write_atomically(path, save)
 
 
 # --- RNG -------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 import dtrain
-from dtrain.checkpoints import checkpoint_root, committed
+from dtrain.checkpoints import committed
 from dtrain.contract import NETWORK_INTERFACES, WorkerEnv, read_env
 from dtrain.errors import UsageError
 from dtrain.hardware import peak_tflops
@@ -305,7 +305,7 @@ class Context:
                 checkpoint.save_atomically(state, path)
             except OSError as exc:
                 then = (f"write it from the newest checkpoint with `dtrain ckpt export {self.run_dir} --out {path}`"
-                        if committed(checkpoint_root(self.run_dir)) else "run again (the run wrote no checkpoint)")
+                        if committed(self.checkpointer.root) else "run again (the run wrote no checkpoint)")
                 failure = [f"rank 0 could not write {path} ({exc.strerror or exc}); free space and {then}."]
         if self.world_size > 1:  # also the barrier: no rank goes on before the file is there, or all stop
             dist.broadcast_object_list(failure, src=0)

@@ -128,15 +128,21 @@ def test_a_host_that_is_there_answers_though_nothing_listens():
 
 def test_a_second_launch_of_the_same_node_of_a_run_is_refused_while_the_first_holds_it(tmp_path):
     """flock is per open file: a second open in this process stands for a second `dtrain launch`."""
+    from dtrain import spec
     from dtrain.errors import UsageError
     from dtrain.job import run_dir_lock
 
-    run_dir = str(tmp_path / "run")
-    with run_dir_lock(run_dir, 0), run_dir_lock(run_dir, 1):  # another node of the same run: its own lock
-        with pytest.raises(UsageError) as refused, run_dir_lock(run_dir, 0):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    node0 = spec.resolve({"recipe": "recipes/mnist_cnn.py", "cpu": True, "run_dir": str(run_dir)}, gpus_available=0,
+                         free_port=1)
+    node1 = node0.replace(node_rank=1)
+    with run_dir_lock(node0), run_dir_lock(node1):  # another node of the same run: its own lock
+        with pytest.raises(UsageError) as refused, run_dir_lock(node0):
             pass
         holder = f"pid {os.getpid()} on {os.uname().nodename}, since "
         assert str(refused.value).startswith(f"{run_dir} is in use by another dtrain launch of this run ({holder}")
         assert str(refused.value).endswith("); wait for it to end or stop it, or pass another --name.")
-    with run_dir_lock(run_dir, 0):  # released with its holder
+    assert sorted(p.name for p in run_dir.iterdir()) == ["launch-node1.lock", "launch.lock"]
+    with run_dir_lock(node0):  # released with its holder
         pass
