@@ -80,13 +80,12 @@ def launch(ctx: click.Context, profile: str | None, dry_run: bool | None, spec: 
     else:
         if given["recipe"] is None:
             raise UsageError("dtrain launch needs a RECIPE (a Python training script), or --spec FILE.")
-        if profile is not None:
-            given = _apply_profile(ctx, profile, given)
+        given, sources = _given(ctx, given, profile, LAUNCH)
         if allocation is not None:
             implied = slurm.launch_defaults(allocation, given["recipe"])
             given = {**given, **{k: v for k, v in implied.items() if given.get(k) is None}}
         gpus_available = 0 if given.get("cpu") else hardware.visible_gpus()
-        launch_spec = resolve(given, gpus_available, hardware.free_port(), route=hardware.route_to,
+        launch_spec = resolve(given, gpus_available, hardware.free_port(), route=hardware.route_to, sources=sources,
                               **_precision_facts(given.get("precision"), gpus_available))
 
     if allocation is not None and not allocation.in_step:
@@ -109,6 +108,8 @@ def launch(ctx: click.Context, profile: str | None, dry_run: bool | None, spec: 
     if dry_run:
         for path, text in files.items():
             click.echo(f"# {path}\n{text.rstrip()}\n")
+        for line in options.origins({**given, **launch_spec.options}, launch_spec.sources):
+            click.echo(f"# {line}")
         click.echo(_render_command(argv, env, os.environ))
         return 0
     env[contract.LAUNCH_TIME] = f"{STARTED:.3f}"
@@ -154,14 +155,16 @@ def _submitted_spec(ctx: click.Context, path: str, allocation: slurm.Allocation 
 
 @cli.command()
 @_command_options(DEBUG)
-def debug(**given: Any) -> int:
+@click.pass_context
+def debug(ctx: click.Context, **given: Any) -> int:
     """Run RECIPE in this process (world size 1, GPU 0 or CPU), so breakpoints and pdb work.
 
     \b
     dtrain debug recipes/mnist_cnn.py --max-steps 20 -- --epochs 1
     """
+    given, sources = _given(ctx, given, None, DEBUG)
     gpus_available = 0 if given.get("cpu") else min(hardware.visible_gpus(), 1)
-    launch_spec = resolve(given, gpus_available, free_port=DEFAULT_MASTER_PORT,
+    launch_spec = resolve(given, gpus_available, free_port=DEFAULT_MASTER_PORT, sources=sources,
                           **_precision_facts(given.get("precision"), gpus_available))
     launch_spec = _resolve_wandb(launch_spec.replace(nproc=1), quiet=False)
     from dtrain.debug import run_in_process
@@ -185,20 +188,22 @@ def sweep(ctx: click.Context, profile: str | None, dry_run: bool | None, grid: t
     """
     from dtrain import sweep as sweeps
 
-    if profile is not None:
-        given = _apply_profile(ctx, profile, given)
+    given, sources = _given(ctx, given, profile, SWEEP)
     goal = sweeps.parse_metric(metric) if metric else None
     plan = _plan_sweep(given, grid, draw, draws, sweep_seed)
     runs, name, sweep_dir = plan.runs, plan.name, plan.sweep_dir
     gpus_available = 0 if given.get("cpu") else hardware.visible_gpus()
     facts = _precision_facts(given.get("precision"), gpus_available)
-    specs = [resolve(run_given, gpus_available, hardware.free_port(), **facts) for run_given in plan.launch_options(given)]
+    specs = [resolve(run_given, gpus_available, hardware.free_port(), sources=sources, **facts)
+             for run_given in plan.launch_options(given)]
     mode = _resolve_wandb(specs[0], quiet=bool(dry_run)).wandb  # decided once, for every run
     specs = [s.replace(wandb=mode) for s in specs]
     slots = sweeps.slot_devices(specs[0].device, options.BY_NAME["parallel"].value(parallel), specs[0].nproc,
                                 gpus_available if specs[0].device == "cuda" else hardware.cpu_count())
     if dry_run:
         click.echo(f"# {_relative(str(sweep_dir))}: {len(runs)} runs, {len(slots)} at a time")
+        for line in options.origins({**given, **specs[0].options}, specs[0].sources):
+            click.echo(f"# {line}")
         for run, launch_spec in zip(runs, specs):
             click.echo(f"{run.name}: dtrain launch {shlex.join([launch_spec.recipe, '--', *launch_spec.recipe_args])}")
         return 0
@@ -389,8 +394,7 @@ def slurm_submit(ctx: click.Context, profile: str | None, dry_run: bool | None, 
     dtrain slurm submit recipes/mnist_cnn.py --nodes 2 --cpu --nproc 1 --dry-run -- --epochs 1
     dtrain slurm submit recipes/mnist_mlp.py --cpu --grid lr=1e-3,3e-4 --grid batch-size=64,128 --parallel 2
     """
-    if profile is not None:
-        given = _apply_profile(ctx, profile, given)
+    given, sources = _given(ctx, given, profile, SUBMIT)
     cluster = slurm.load_cluster_profile(cluster_profile) if cluster_profile else {}
     job = slurm.resolve_job(given, cluster, cluster_profile)
     template_text = slurm.read_template(template)
@@ -398,7 +402,7 @@ def slurm_submit(ctx: click.Context, profile: str | None, dry_run: bool | None, 
              "preempt_signal": slurm.parse_signal(job.signal)[1],
              "max_requeues": cluster.get("max_requeues") if given.get("max_requeues") is None else given["max_requeues"]}
     if grid or draw:
-        return _submit_array(given, job, template_text, _plan_sweep(given, grid, draw, draws, sweep_seed),
+        return _submit_array(given, sources, job, template_text, _plan_sweep(given, grid, draw, draws, sweep_seed),
                              options.BY_NAME["parallel"].value(parallel), bool(dry_run))
     if draws is not None or parallel is not None:
         raise UsageError("--draws and --parallel are for a sweep; give --grid or --draw too, or leave them out.")
@@ -406,7 +410,7 @@ def slurm_submit(ctx: click.Context, profile: str | None, dry_run: bool | None, 
     name = given.get("name") or default_name(given["recipe"])
     run_dir = os.path.abspath(given.get("run_dir") or os.path.join("runs", name))
     launch_spec = resolve({**given, "name": name, "run_dir": run_dir}, gpus_available=job.gpus_per_node,
-                          free_port=DEFAULT_MASTER_PORT, cpu_flags=None)
+                          free_port=DEFAULT_MASTER_PORT, cpu_flags=None, sources=sources)
     script = slurm.render_script(template_text, job, launch_spec, python=sys.executable, workdir=os.getcwd())
     spec_path = slurm.spec_path(run_dir)
     if dry_run:
@@ -421,15 +425,15 @@ def slurm_submit(ctx: click.Context, profile: str | None, dry_run: bool | None, 
     return 0
 
 
-def _submit_array(given: Mapping[str, Any], job: slurm.SlurmJob, template_text: str, plan: _SweepPlan,
-                  at_once: int, dry_run: bool) -> int:
+def _submit_array(given: Mapping[str, Any], sources: Mapping[str, str], job: slurm.SlurmJob, template_text: str,
+                  plan: _SweepPlan, at_once: int, dry_run: bool) -> int:
     """One job array for the sweep's unfinished runs; each task launches its run's spec (slurm/task-N.json)."""
     from dtrain import sweep as sweeps
 
     sweep_dir = Path(os.path.abspath(plan.sweep_dir))
     plan = dataclasses.replace(plan, sweep_dir=sweep_dir)
-    specs = [resolve(run_given, gpus_available=job.gpus_per_node, free_port=DEFAULT_MASTER_PORT, cpu_flags=None)
-             for run_given in plan.launch_options(given)]
+    specs = [resolve(run_given, gpus_available=job.gpus_per_node, free_port=DEFAULT_MASTER_PORT, cpu_flags=None,
+                     sources=sources) for run_given in plan.launch_options(given)]
     pending = [run.index for run, spec in zip(plan.runs, specs) if not sweeps.finished(spec.run_dir)]
     if not pending:
         click.echo(f"every run of sweep {plan.name} has finished ({_relative(str(sweep_dir))}); nothing to submit.")
@@ -596,26 +600,43 @@ def ckpt_export(run_dir: str, step: int | None, out: str) -> int:
     return 0
 
 
-def _apply_profile(ctx: click.Context, path: str, given: dict[str, Any]) -> dict[str, Any]:
-    """Fill options the command line did not set from the profile, converted like CLI values."""
+def _given(ctx: click.Context, given: dict[str, Any], profile: str | None,
+           command: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The options from where a user sets them, the first one found winning: the command line, a DTRAIN_* variable
+    of this shell, the profile (`resolve` fills in the defaults); and where each was set."""
+    on_line = {name for name in given if name in options.BY_NAME
+               and ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+    from_environment, warnings = contract.options_from_environment(os.environ, command)
+    for warning in warnings:
+        click.echo(f"dtrain: warning: {warning}", err=True)
+    layers = [(_profile_values(ctx, profile), f"profile {profile}")] if profile is not None else []
+    layers.append((from_environment, None))  # each value's source: its variable
+    merged, sources = dict(given), {name: contract.COMMAND_LINE for name in on_line}
+    for values, source in layers:  # the later layer wins
+        for name, value in values.items():
+            if name not in on_line:
+                merged[name], sources[name] = value, source or options.BY_NAME[name].env
+    return merged, sources
+
+
+def _profile_values(ctx: click.Context, path: str) -> dict[str, Any]:
+    """The profile's options, converted like command-line values."""
     from dtrain import profiles
 
     params = {p.name: p for p in ctx.command.params
               if isinstance(p, click.Option) and p.name not in ("profile", "dry_run", "spec")}
-    merged = dict(given)
+    values = {}
     for key, value in profiles.load(path).items():
         param = params.get(key)
         if param is None:
             near = difflib.get_close_matches(key, params, n=1)
             fix = f"did you mean {near[0]}?" if near else f"known options: {', '.join(sorted(params))}."
             raise UsageError(f"profile {path} has an unknown option {key!r}; {fix}")
-        if ctx.get_parameter_source(key) == ParameterSource.COMMANDLINE:
-            continue
         try:
-            merged[key] = param.type_cast_value(ctx, value)
+            values[key] = param.type_cast_value(ctx, value)
         except click.BadParameter as exc:
             raise UsageError(f"profile {path}: {exc.format_message()}") from None
-    return merged
+    return values
 
 
 def _resolve_wandb(launch_spec: LaunchSpec, quiet: bool) -> LaunchSpec:
@@ -644,8 +665,10 @@ def _check_port(launch_spec: LaunchSpec, explicit: bool) -> None:
 
 
 def _render_command(argv: list[str], env: dict[str, str], base: os._Environ | dict) -> str:
-    """A shell-pasteable line: the variables dtrain sets, then the exact argv."""
-    changed = [f"{key}={shlex.quote(value)}" for key, value in sorted(env.items()) if base.get(key) != value]
+    """A shell-pasteable line: the variables dtrain sets (its own always, though the shell had them), then the
+    exact argv."""
+    changed = [f"{key}={shlex.quote(value)}" for key, value in sorted(env.items())
+               if base.get(key) != value or key in contract.VARIABLES]
     return " \\\n  ".join(changed + [shlex.join(argv)])
 
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import json
 import os
 import socket
 from collections.abc import Callable, Mapping
 from typing import IO, TYPE_CHECKING, Any
 
-from dtrain.options import WORKER_OPTIONS
+from dtrain.errors import UsageError
+from dtrain.options import WORKER_OPTIONS, Option, for_command
 
 if TYPE_CHECKING:
     from dtrain.spec import LaunchSpec
@@ -29,6 +31,7 @@ DEEPSPEED_CONFIG = "DTRAIN_DEEPSPEED_CONFIG"
 LAUNCH_TIME = "DTRAIN_LAUNCH_TIME"
 TTY = "DTRAIN_TTY"
 ERROR_SPOOL = "DTRAIN_ERROR_SPOOL"
+SOURCES = "DTRAIN_SOURCES"
 NETWORK_INTERFACES = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")  # set for a multi-node job, unless set already
 
 # The variables the launch derives (not options): name -> (set by, meaning), for the documented table.
@@ -41,7 +44,13 @@ DERIVED = {
     TTY: ("`dtrain launch`, when its stdout is a terminal", "where rank 0 draws its progress bar"),
     ERROR_SPOOL: ("`dtrain launch` (not `--dry-run`)", "a folder of this node's, off the run directory's disk, where a "
                   "failed rank leaves its error record"),
+    SOURCES: ("every launch", "where each worker option given was set, as JSON: option -> `the command line`, its "
+              "`DTRAIN_*` variable, or `profile PATH`; `config.yaml` notes it beside the value"),
 }
+# dtrain's other variables, read by its recipes, scripts and tests: exported in a shell, they are no misspelling.
+OTHERS = ("DTRAIN_DATA_DIR", "DTRAIN_SLURM_DIR", "DTRAIN_SLURM_PORT", "DTRAIN_TEST_CRASH_AT", "DTRAIN_WRITE_EXPECTED")
+COMMAND_LINE = "the command line"
+VARIABLES = frozenset({option.env for option in WORKER_OPTIONS} | DERIVED.keys())  # every variable a launch sets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +71,7 @@ class WorkerEnv:
     tty: str | None
     deepspeed_config: str | None
     error_spool: str | None
+    sources: Mapping[str, str]  # DTRAIN_SOURCES: where each worker option given was set
     options: Mapping[str, Any]
 
     def __getattr__(self, name: str) -> Any:
@@ -95,6 +105,7 @@ def read_env(environ: Mapping[str, str] | None = None) -> WorkerEnv:
         tty=environ.get(TTY) or None,
         deepspeed_config=environ.get(DEEPSPEED_CONFIG) or None,
         error_spool=environ.get(ERROR_SPOOL) or None,
+        sources=json.loads(environ.get(SOURCES) or "{}"),
         options=options,
     )
 
@@ -102,8 +113,9 @@ def read_env(environ: Mapping[str, str] | None = None) -> WorkerEnv:
 def worker_env(spec: LaunchSpec, cpus: int, base: Mapping[str, str]) -> dict[str, str]:
     """The environment every worker process gets: the caller's, plus the DTRAIN_* contract."""
     env = dict(base)
+    sources = {option.name: spec.sources[option.name] for option in WORKER_OPTIONS if option.name in spec.sources}
     values = {DEVICE: spec.device, RUN_DIR: spec.run_dir, WORLD_SIZE: str(spec.world_size),
-              DEEPSPEED_CONFIG: spec.deepspeed_config_path}
+              DEEPSPEED_CONFIG: spec.deepspeed_config_path, SOURCES: json.dumps(sources) if sources else None}
     values.update({option.env: option.encode(spec.options[option.name]) for option in WORKER_OPTIONS})
     for key, value in values.items():
         if value is None:
@@ -116,6 +128,45 @@ def worker_env(spec: LaunchSpec, cpus: int, base: Mapping[str, str]) -> dict[str
         for name in NETWORK_INTERFACES:
             env.setdefault(name, spec.network["interface"])
     return env
+
+
+def options_from_environment(environ: Mapping[str, str], command: str) -> tuple[dict[str, Any], list[str]]:
+    """The options of `command` that `DTRAIN_*` variables of the user's shell set, checked as their flags are; and a
+    warning for each `DTRAIN_*` variable that dtrain does not read (a misspelling, named with its nearest option's).
+
+    These come after the command line and before a profile; a submitted spec (`dtrain launch --spec`) read them
+    when it was submitted, so the job's nodes do not read them again."""
+    values = {}
+    for option in for_command(command):
+        text = environ.get(option.env) if option.env else None
+        if text:
+            values[option.name] = _from_variable(option, text)
+    warnings = []
+    for name in sorted(n for n in environ if n.startswith("DTRAIN_") and n not in VARIABLES | set(OTHERS)):
+        near = difflib.get_close_matches(name, [option.env for option in WORKER_OPTIONS], n=1)
+        hint = f"did you mean {near[0]}?" if near else "the options' variables are listed in docs/architecture.md."
+        warnings.append(f"{name} is not a variable dtrain reads, and is ignored; {hint}")
+    return values, warnings
+
+
+_BOOLEAN = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+_KINDS = {int: "a whole number", float: "a number", bool: "1 or 0"}
+
+
+def _from_variable(option: Option, text: str) -> Any:
+    """A variable's text as its option's value, or one sentence naming the variable and what it takes."""
+    shown = f"{option.env}={text!r}"
+    try:
+        value = _BOOLEAN[text.strip().lower()] if option.kind is bool else \
+            option.kind(text) if option.kind in _KINDS else text
+    except (KeyError, ValueError):
+        example = f", e.g. {option.example}" if option.kind is not bool else ""
+        raise UsageError(f"{shown} is not {_KINDS[option.kind]}, which {option.flag} takes{example}; fix or unset "
+                         f"{option.env}.") from None
+    try:
+        return option.value(value)
+    except UsageError as exc:
+        raise UsageError(f"{str(exc).rstrip('.')} (from {shown}); fix or unset {option.env}.") from None
 
 
 def error_record(folder: str, rank: int) -> str:

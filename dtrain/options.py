@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import signal
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
@@ -93,6 +94,10 @@ class Option:
         if self.kind is tuple:
             return tuple(word for word in text.split(",") if word)
         return self.kind(text)
+
+    def shown(self, value: Any) -> str:
+        """The option as a user would type it with `value`."""
+        return self.flag if self.kind is bool else f"{self.flag} {self.encode(value)}"
 
     def argv(self, value: Any) -> list[str]:
         """The command-line words that give this option `value`."""
@@ -346,3 +351,9 @@ def for_command(command: str) -> tuple[Option, ...]:
 
 def default(name: str) -> Any:
     return BY_NAME[name].default
+
+
+def origins(values: Mapping[str, Any], sources: Mapping[str, str]) -> list[str]:
+    """`--timeout 30 (from DTRAIN_TIMEOUT_S)`: where each option in `sources` was set, in the table's order."""
+    return [f"{option.shown(values[option.name])} (from {sources[option.name]})" for option in OPTIONS
+            if option.name in sources]

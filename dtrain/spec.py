@@ -46,6 +46,7 @@ class LaunchSpec:
     options: Mapping[str, Any]
     deepspeed_config: Mapping[str, Any] | None = None  # merged, for the ZeRO strategies
     network: Mapping[str, str] | None = None  # a multi-node job: this node's {"address", "interface"} toward node 0
+    sources: Mapping[str, str] = dataclasses.field(default_factory=dict)  # option -> where it was set, if not default
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -110,10 +111,12 @@ def installed(package: str) -> bool:
 def resolve(options: Mapping[str, Any], gpus_available: int, free_port: int,
             is_installed: Callable[[str], bool] = installed, compute_capability: float | None = None,
             route: Callable[[str], tuple[str, str] | None] = lambda host: None,
-            cpu_flags: frozenset[str] | None = frozenset()) -> LaunchSpec:
-    """Turn merged CLI/profile options into a LaunchSpec, or raise UsageError saying what to fix.
+            cpu_flags: frozenset[str] | None = frozenset(), sources: Mapping[str, str] | None = None) -> LaunchSpec:
+    """Turn the options given (command line, DTRAIN_* variables, profile) into a LaunchSpec, or raise UsageError
+    saying what to fix.
 
-    Options not given are None; `route(host)` is this machine's (address, interface) toward a host
+    Options not given are None; `sources` says where each given one was set (kept for those away from their
+    default); `route(host)` is this machine's (address, interface) toward a host
     (`hardware.route_to`); `cpu_flags` and `compute_capability` decide `--precision auto`, and
     `cpu_flags=None` leaves it to the node that computes (a SLURM job's: `decide_precision`). Steps: 1. the
     device and processes per node, 2. the nodes and rendezvous (and, for many nodes, the address and
@@ -145,7 +148,8 @@ def resolve(options: Mapping[str, Any], gpus_available: int, free_port: int,
     return LaunchSpec(
         recipe=recipe, recipe_args=tuple(options.get("recipe_args") or ()), device=device, nproc=nproc,
         nodes=nodes, node_rank=node_rank, master_addr=value("master_addr"), master_port=master_port, name=name,
-        run_dir=run_dir, options=resolved, deepspeed_config=merged, network=network)
+        run_dir=run_dir, options=resolved, deepspeed_config=merged, network=network,
+        sources={name: where for name, where in (sources or {}).items() if options.get(name) != BY_NAME[name].default})
 
 
 def toward(master_addr: str, route: Callable[[str], tuple[str, str] | None]) -> dict[str, str] | None:

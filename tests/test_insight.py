@@ -20,11 +20,13 @@ HANG = str(TEST_RECIPES / "hang.py")
 
 
 def test_a_rank_that_hangs_is_named_with_its_step_and_line_once_the_collective_times_out(tmp_path):
+    """The time-out set as a user's shell sets it (DTRAIN_TIMEOUT_S), which config.yaml records."""
     run_dir = tmp_path / "run"
     begun = time.monotonic()
-    out = run_dtrain("launch", HANG, "--cpu", "--nproc", "2", "--timeout", "30", "--run-dir", str(run_dir),
-                     "--wandb", "disabled", "--", "--hang-at", "20", timeout=120)
+    out = run_dtrain("launch", HANG, "--cpu", "--nproc", "2", "--run-dir", str(run_dir), "--wandb", "disabled",
+                     "--", "--hang-at", "20", timeout=120, env={"DTRAIN_TIMEOUT_S": "30"})
     assert out.returncode == 1 and time.monotonic() - begun < 30 + 30, out.stderr
+    assert "  timeout: 30  # from DTRAIN_TIMEOUT_S\n" in (run_dir / "config.yaml").read_text()
     sleep_line = next(n for n, line in enumerate(open(HANG), 1) if "time.sleep(3600)" in line)
     report = out.stderr[out.stderr.index("dtrain: where each rank was"):].splitlines()
     assert report[1].startswith("  rank 0: step 20, waiting for the others, at ")

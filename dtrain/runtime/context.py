@@ -103,7 +103,7 @@ class Context:
         self.run_config: dict[str, Any] = {}
         if self.is_main:
             self.run_config = self.describe(config, rank_nodes)
-            write_config(self.run_dir / "config.yaml", self.run_config)
+            write_config(self.run_dir / "config.yaml", self.run_config, self.env.sources)
             self.logger = RunLogger(self.run_dir, env, self.run_config)
             self.progress = Progress(env.tty)
         self.checkpointer = checkpoint.Checkpointer(self.run_dir, env.rank, env.world_size, keep_last=env.keep_last,
@@ -143,7 +143,7 @@ class Context:
             "git": _git_commit(Path(sys.argv[0]).resolve().parent),
             "launch": {k: list(v) if isinstance(v, tuple) else redact(v) if isinstance(v, str) else v
                        for k, v in {**dataclasses.asdict(self.env), **self.env.options}.items()
-                       if k not in ("rank", "local_rank", "node_name", "tty", "error_spool", "options")},
+                       if k not in ("rank", "local_rank", "node_name", "tty", "error_spool", "sources", "options")},
             "network": {name: os.environ.get(name) for name in ("MASTER_ADDR", *NETWORK_INTERFACES)}
             if self.world_size > 1 else None,
             "precision": self.env.precision,
@@ -180,7 +180,7 @@ class Context:
             recipe_blocks, source = tuple(sorted(model._no_split_modules)), "the model's _no_split_modules"
         if recipe_blocks and self.is_main:
             self.run_config["blocks"] = {"classes": list(recipe_blocks), "from": source}
-            write_config(self.run_dir / "config.yaml", self.run_config)
+            write_config(self.run_dir / "config.yaml", self.run_config, self.env.sources)
         if self.env.activation_checkpointing:
             checkpointed = activation_checkpointing.checkpointed_classes(self.env.activation_checkpointing,
                                                                          recipe_blocks, model)
@@ -239,7 +239,7 @@ class Context:
     def _end_flop_count(self) -> None:
         if self.monitor.flops.stop(self.monitor.clock.last_batch_size) and self.is_main:
             self.run_config["flops_per_sample"] = self.monitor.flops.per_sample
-            write_config(self.run_dir / "config.yaml", self.run_config)
+            write_config(self.run_dir / "config.yaml", self.run_config, self.env.sources)
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip the prepared model's gradients by total norm, after undoing fp16 loss scaling; returns the

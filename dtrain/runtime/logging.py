@@ -77,9 +77,23 @@ class MetricsWriter:
             self._file = None
 
 
-def write_config(path: Path, config: Mapping[str, Any]) -> None:
+def write_config(path: Path, config: Mapping[str, Any], sources: Mapping[str, str]) -> None:
     """config.yaml, replaced whole: it is written again as the run learns more (blocks, FLOPs)."""
-    written(path, lambda: write_atomically(path, yaml.safe_dump(dict(config), sort_keys=False)))
+    written(path, lambda: write_atomically(path, config_text(config, sources)))
+
+
+def config_text(config: Mapping[str, Any], sources: Mapping[str, str]) -> str:
+    """The YAML of `config`, each launch option that `sources` names followed by where it was set, as in
+    `  timeout: 30  # from DTRAIN_TIMEOUT_S` (one line per key: no value is folded onto the next)."""
+    lines = yaml.safe_dump(dict(config), sort_keys=False, width=float("inf")).splitlines()
+    section = None
+    for n, line in enumerate(lines):
+        if not line.startswith(" "):
+            section = line.split(":", 1)[0]
+        key = line.strip().split(":", 1)[0]
+        if section == "launch" and line.startswith("  ") and not line.startswith("   ") and key in sources:
+            lines[n] = f"{line}  # from {sources[key]}"
+    return "\n".join(lines) + "\n"
 
 
 def wandb_run_id(run_dir: Path) -> str:

@@ -75,14 +75,19 @@ def test_stack_of_a_job_that_has_ended_says_so_and_signals_no_one(tmp_path):
                           f"job for its stacks (a job that hung or failed left its last ones in {tmp_path / 'debug'}).\n")
 
 
-def test_profile_fills_options_and_the_command_line_wins(tmp_path):
+def test_the_command_line_wins_over_a_variable_of_the_shell_which_wins_over_the_profile(tmp_path):
     profile = tmp_path / "p.yaml"
-    profile.write_text("cpu: true\nnproc: 2\nprecision: fp16\nseed: 5\n")
+    profile.write_text("cpu: true\nnproc: 2\nprecision: fp16\nseed: 5\ntimeout: 50\n")
     out = run_dtrain("launch", "recipes/mnist_cnn.py", "--profile", str(profile), "--precision", "bf16",
-                     "--name", "p", "--dry-run")
+                     "--name", "p", "--dry-run", env={"DTRAIN_TIMEOUT_S": "30", "DTRAIN_PRECISION": "fp32"})
     assert out.returncode == 0, out.stderr
     assert "--nproc-per-node 2" in out.stdout
     assert "DTRAIN_PRECISION=bf16" in out.stdout and "DTRAIN_SEED=5" in out.stdout
+    assert "DTRAIN_TIMEOUT_S=30" in out.stdout
+    assert out.stdout.splitlines()[:6] == [
+        f"# --cpu (from profile {profile})", "# --precision bf16 (from the command line)",
+        f"# --seed 5 (from profile {profile})", "# --name p (from the command line)",
+        "# --timeout 30 (from DTRAIN_TIMEOUT_S)", f"# --nproc 2 (from profile {profile})"]
 
 
 def test_shipped_profiles_are_valid():
@@ -139,15 +144,18 @@ def test_bad_input_gets_one_sentence_and_a_nonzero_exit(tmp_path, busy_port, cas
     assert not (tmp_path / "run").exists()
 
 
-def test_a_submitted_spec_launches_alone(tmp_path):
+def test_a_submitted_spec_launches_alone_with_the_variables_read_when_it_was_submitted(tmp_path):
     submit = run_dtrain("slurm", "submit", "recipes/mnist_cnn.py", "--cpu", "--run-dir", str(tmp_path / "r"),
-                        "--dry-run", "--", "--epochs", "1")
+                        "--dry-run", "--", "--epochs", "1", env={"DTRAIN_TIMEOUT_S": "30"})
     assert submit.returncode == 0, submit.stderr
     spec_text = submit.stdout.split("\n", 1)[1].split("\n#!/bin/bash", 1)[0]
     (tmp_path / "spec.json").write_text(spec_text)
-    out = run_dtrain("launch", "--spec", str(tmp_path / "spec.json"), "--dry-run")
-    assert out.returncode == 0, out.stderr
+    # sbatch exports the submitting shell to the job: a variable there (changed since, or misspelt) is not read again
+    out = run_dtrain("launch", "--spec", str(tmp_path / "spec.json"), "--dry-run",
+                     env={"DTRAIN_TIMEOUT_S": "45", "DTRAIN_TIMOUT_S": "1"})
+    assert (out.returncode, out.stderr) == (0, "")
     assert out.stdout.rstrip().endswith("recipes/mnist_cnn.py --epochs 1")
+    assert "DTRAIN_TIMEOUT_S=30" in out.stdout and """DTRAIN_SOURCES='{"timeout": "DTRAIN_TIMEOUT_S"}'""" in out.stdout
     refused = run_dtrain("launch", "--spec", str(tmp_path / "spec.json"), "--cpu", "--dry-run")
     assert refused.returncode == 2
     assert refused.stderr.strip() == "dtrain: error: --spec FILE holds every option of the job; give no other (--cpu)."

@@ -3,11 +3,16 @@ environment and its reader, and the documented contract all agree with it."""
 
 from __future__ import annotations
 
+import json
+import re
+import shlex
+
 import click
 import pytest
 
 from dtrain import contract, options
 from dtrain.cli import cli
+from dtrain.hardware import free_port
 from dtrain.options import OPTIONS, SPEC_OPTIONS, WORKER_OPTIONS
 from dtrain.spec import resolve
 
@@ -92,3 +97,95 @@ def test_the_documented_contract_is_the_table():
     assert text.count(contract.markdown_table()) == 1, "rewrite the table with: python -m dtrain.contract"
     readme = (ROOT / "README.md").read_text()
     assert not any(option.env in readme for option in WORKER_OPTIONS)
+
+
+
+def run_launch(monkeypatch, capsys, argv: list[str], environ: dict[str, str]) -> tuple[int, str, str]:
+    """`dtrain launch ARGV --dry-run` through the real entry point, in this process, with `environ` exported: its exit
+    code, stdout and stderr."""
+    from dtrain.cli import main
+
+    with monkeypatch.context() as shell:
+        for key, value in environ.items():
+            shell.setenv(key, value)
+        shell.setattr("sys.argv", ["dtrain", "launch", *argv, "--dry-run"])
+        with pytest.raises(SystemExit) as exit_:
+            main()
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
+
+
+def workers_variables(out: str) -> dict[str, str]:
+    """The variables a dry run prints before the command (after any file it would write): what every worker gets
+    from dtrain."""
+    command = out[re.search(r"^[A-Z][A-Z0-9_]*=", out, re.M).start():]
+    words = shlex.split(command.replace("\\\n", " "))
+    return dict(word.split("=", 1) for word in words[:next(n for n, word in enumerate(words) if "=" not in word)])
+
+
+def origins(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("# --")]
+
+
+def devices_for(group: str | None, monkeypatch) -> list[str]:
+    """The GPU group's examples need one GPU process: a GPU count and its capability are what this machine cannot
+    have, so they are the two facts mocked."""
+    if group != GPU_GROUP:
+        return ["--cpu", "--nproc", "2"]
+    monkeypatch.setattr("dtrain.hardware.visible_gpus", lambda: 1)
+    monkeypatch.setattr("dtrain.hardware.min_compute_capability", lambda: 9.0)
+    return ["--gpus", "1"]
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_worker_options_variable_in_the_shell_reaches_the_workers_as_its_flag_does(monkeypatch, capsys, group):
+    monkeypatch.chdir(ROOT)  # the examples' paths are the repository's
+    base = [RECIPE, *devices_for(group, monkeypatch), "--name", "env", "--master-port", str(free_port())]
+    chosen = [o for o in WORKER_OPTIONS if (o.group == group if group == GPU_GROUP else o.name in examples(group))]
+    exported = {o.env: o.encode(o.value(o.example)) for o in chosen}
+    code, by_flags, err = run_launch(monkeypatch, capsys, [*base, *(w for o in chosen for w in o.argv(o.example))], {})
+    assert code == 0, err
+    code, by_variables, err = run_launch(monkeypatch, capsys, base, exported)
+    assert (code, err) == (0, "")
+    flag_env, variable_env = workers_variables(by_flags), workers_variables(by_variables)
+    assert variable_env.pop(contract.SOURCES) != flag_env.pop(contract.SOURCES)
+    assert variable_env == flag_env  # every worker variable, and the command
+    assert by_variables.splitlines()[-1] == by_flags.splitlines()[-1]
+    set_away = [o for o in chosen if o.value(o.example) != o.default]
+    assert json.loads(workers_variables(by_variables)[contract.SOURCES]) == {o.name: o.env for o in set_away}
+    assert json.loads(workers_variables(by_flags)[contract.SOURCES]) == {o.name: contract.COMMAND_LINE for o in set_away}
+    assert [line for line in origins(by_variables) if "(from DTRAIN_" in line] == [
+        f"# {o.shown(o.value(o.example))} (from {o.env})" for o in set_away]
+
+    # A flag given as well wins: each option whose default is a value, given as a flag (a flag's variable set to 0).
+    flagged = [o for o in chosen if o.default not in (None, ())]
+    flags = [w for o in flagged for w in o.argv(True if o.kind is bool else o.default)]
+    against = {**exported, **{o.env: "0" for o in flagged if o.kind is bool}}
+    code, both, err = run_launch(monkeypatch, capsys, [*base, *flags], against)
+    assert code == 0, err
+    code, alone, err = run_launch(monkeypatch, capsys, [*base, *flags], {})
+    assert code == 0, err
+    assert flagged and all(workers_variables(both)[o.env] == workers_variables(alone)[o.env] for o in flagged)
+
+
+@pytest.mark.parametrize("variable, sentence", [
+    ("DTRAIN_TIMEOUT_S=abc", "DTRAIN_TIMEOUT_S='abc' is not a whole number, which --timeout takes, e.g. 120; fix or "
+                             "unset DTRAIN_TIMEOUT_S."),
+    ("DTRAIN_TIMEOUT_S=0", "--timeout must be at least 1, got 0 (from DTRAIN_TIMEOUT_S='0'); fix or unset "
+                           "DTRAIN_TIMEOUT_S."),
+    ("DTRAIN_PRECISION=fp8", "unknown --precision 'fp8'; use one of fp32, bf16, fp16, auto (from "
+                             "DTRAIN_PRECISION='fp8'); fix or unset DTRAIN_PRECISION."),
+    ("DTRAIN_ASYNC_CHECKPOINT=maybe", "DTRAIN_ASYNC_CHECKPOINT='maybe' is not 1 or 0, which --async-checkpoint "
+                                      "takes; fix or unset DTRAIN_ASYNC_CHECKPOINT."),
+])
+def test_a_malformed_variable_is_one_sentence_naming_it(monkeypatch, capsys, variable, sentence):
+    assert run_launch(monkeypatch, capsys, [RECIPE, "--cpu"], dict([variable.split("=", 1)])) == (
+        2, "", f"dtrain: error: {sentence}\n")
+
+
+def test_a_misspelt_variable_is_named_with_the_nearest_and_ignored(monkeypatch, capsys):
+    code, out, err = run_launch(monkeypatch, capsys, [RECIPE, "--cpu", "--name", "env"],
+                                {"DTRAIN_TIMOUT_S": "30", "DTRAIN_DATA_DIR": "/data"})
+    assert code == 0 and workers_variables(out)["DTRAIN_TIMEOUT_S"] == "600"
+    assert err == ("dtrain: warning: DTRAIN_TIMOUT_S is not a variable dtrain reads, and is ignored; did you mean "
+                   "DTRAIN_TIMEOUT_S?\n")

@@ -135,3 +135,19 @@ def test_cuda_graph_leaves_evaluation_and_the_first_call_eager_and_refuses_keywo
     compiled.compile()  # lazily: nothing is compiled before a call
     with pytest.raises(UsageError, match="this model is compiled"):
         GraphedForward(compiled)
+
+
+def test_config_yaml_says_beside_each_launch_option_where_it_was_set():
+    import yaml
+
+    from dtrain.runtime.logging import config_text
+
+    config = {"recipe": "r.py", "launch": {"timeout": 30, "tags": ["a", "b"], "seed": 0, "wandb_entity": "x" * 200,
+                                           "mlflow": "http://h:1/a b: c"}, "seed": 0, "config": {"timeout": 1}}
+    sources = {"timeout": "DTRAIN_TIMEOUT_S", "tags": "profile p.yaml", "wandb_entity": "the command line",
+               "mlflow": "DTRAIN_MLFLOW"}
+    text = config_text(config, sources)
+    assert yaml.safe_load(text) == config
+    assert "  timeout: 30  # from DTRAIN_TIMEOUT_S\n" in text and "  tags:  # from profile p.yaml\n" in text
+    assert f"  wandb_entity: {'x' * 200}  # from the command line\n" in text  # not folded onto a second line
+    assert "\nseed: 0\n" in text and "  seed: 0\n" in text and "\n  timeout: 1\n" in text  # only the launch section's

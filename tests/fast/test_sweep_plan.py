@@ -146,6 +146,7 @@ def test_a_dry_run_lists_each_run_and_writes_nothing(tmp_path):
                      "lr=1e-3,3e-4", "--dry-run", "--", "--epochs", "1")
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[1:] == [
+        "# --cpu (from the command line)", f"# --run-dir {tmp_path / 's'} (from the command line)",
         "000_lr=1e-3: dtrain launch recipes/mnist_mlp.py -- --lr 1e-3 --epochs 1",
         "001_lr=3e-4: dtrain launch recipes/mnist_mlp.py -- --lr 3e-4 --epochs 1"]
     assert not (tmp_path / "s").exists()
