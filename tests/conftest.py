@@ -73,12 +73,12 @@ GPU_GROUP = "cuda"  # the option rows whose examples need a GPU run (--cuda-grap
 
 
 def launch(run_dir: Path, *args: str, recipe: str = "recipes/mnist_cnn.py", devices: tuple[str, ...] = CPU_PAIR,
-           timeout: float = 600):
+           timeout: float = 600, env: dict | None = None):
     """`dtrain launch RECIPE DEVICES` (W&B disabled) with launch options and recipe options split by `--`;
     it must succeed."""
     cut = args.index("--") if "--" in args else len(args)
     out = run_dtrain("launch", recipe, *devices, "--run-dir", str(run_dir), "--wandb", "disabled",
-                     *args[:cut], "--", *args[cut + 1:], timeout=timeout)
+                     *args[:cut], "--", *args[cut + 1:], timeout=timeout, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     return out
 
