@@ -74,6 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dropout", type=float, default=0.5)
     parser.add_argument("--data-dir", default=os.environ.get("DTRAIN_DATA_DIR", "./data"))
     parser.add_argument("--limit-train-batches", type=int, default=None, help="batches per epoch, per process")
+    parser.add_argument("--limit-eval-batches", type=int, default=None, help="evaluation batches, per process")
     parser.add_argument("--log-every", type=int, default=50, help="log the training loss every N steps")
     parser.add_argument("--eval-every", type=int, default=None,
                         help="evaluate every N optimizer steps too (default: at each epoch's end only)")
@@ -113,7 +114,8 @@ def main() -> None:
     trainer = Trainer(ctx, model, optimizer, nn.CrossEntropyLoss(), batch_size=args.batch_size,
                       scheduler=scheduler, scheduler_interval="step", log_every=args.log_every,
                       eval_every=args.eval_every, stop_at=args.stop_at)
-    trainer.fit(train_set, test_set, epochs=args.epochs, limit_train_batches=args.limit_train_batches)
+    trainer.fit(train_set, test_set, epochs=args.epochs, limit_train_batches=args.limit_train_batches,
+                limit_eval_batches=args.limit_eval_batches)
     trainer.save_model()
     ctx.close()
 

@@ -92,11 +92,14 @@ def train_loss_at(run_dir: Path, step: int) -> float:
     return next(r["train/loss"] for r in metrics(run_dir, TRAIN) if r["step"] == step)
 
 
-def train_30_steps(run_dir: Path, data_dir: str, *options: str, devices: tuple[str, ...] = CPU_PAIR) -> float:
-    """The training loss at step 30 (the mean of steps 1-30) of the SGD MNIST recipe, without an evaluation."""
-    launch(run_dir, *options, "--max-steps", "30", "--checkpoint-every", "never", "--", "--lr", "0.01",
-           "--log-every", "30", "--data-dir", data_dir, recipe=str(TEST_RECIPES / "mnist_sgd.py"), devices=devices)
-    return train_loss_at(run_dir, 30)
+def train_steps(run_dir: Path, data_dir: str, *options: str, steps: int = 30,
+                devices: tuple[str, ...] = CPU_PAIR) -> float:
+    """The training loss at step `steps` (the mean of steps 1 to `steps`) of the SGD MNIST recipe in batches of 64,
+    without an evaluation."""
+    launch(run_dir, *options, "--max-steps", str(steps), "--checkpoint-every", "never", "--", "--lr", "0.01",
+           "--batch-size", "64", "--log-every", str(steps), "--data-dir", data_dir,
+           recipe=str(TEST_RECIPES / "mnist_sgd.py"), devices=devices)
+    return train_loss_at(run_dir, steps)
 
 
 def gradients_and_saved_bytes(make_model, loss_of, checkpointed: tuple[str, ...]) -> tuple[dict, int]:

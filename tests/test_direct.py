@@ -37,7 +37,8 @@ def test_the_run_directory_console_and_logs_are_the_agents(tmp_path, data_dir):
     for name, launcher in LAUNCHERS.items():
         out = run_dtrain("launch", "recipes/mnist_cnn.py", "--cpu", "--wandb", "disabled", "--run-dir",
                          str(tmp_path / name), "--checkpoint-every", "10", *launcher, "--", "--epochs", "1",
-                         "--limit-train-batches", "20", "--log-every", "10", "--data-dir", data_dir)
+                         "--limit-train-batches", "20", "--limit-eval-batches", "4", "--log-every", "10",
+                         "--data-dir", data_dir)
         assert out.returncode == 0, out.stderr
         runs[name] = out
     direct, agent = tmp_path / "direct", tmp_path / "torchrun"

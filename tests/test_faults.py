@@ -73,8 +73,8 @@ def tmpfs(tmp_path):
 
 def test_a_disk_that_fills_up_stops_the_run_in_one_sentence_and_the_run_resumes_once_there_is_room(tmpfs, data_dir):
     run_dir = tmpfs / "run"
-    args = ("--checkpoint-every", "20", "--", "--epochs", "1", "--limit-train-batches", "100", "--log-every", "20",
-            "--data-dir", data_dir)
+    args = ("--checkpoint-every", "20", "--", "--epochs", "1", "--limit-train-batches", "100", "--limit-eval-batches",
+            "4", "--log-every", "20", "--data-dir", data_dir)
     full = run_dtrain("launch", "recipes/mnist_cnn.py", "--cpu", "--nproc", "2", "--run-dir", str(run_dir),
                       "--wandb", "disabled", *args, timeout=300)
     assert full.returncode == 1
@@ -111,7 +111,7 @@ def test_a_model_file_that_does_not_fit_is_one_sentence_and_no_partial_file(tmpf
     run_dir = tmpfs / "run"
     full = run_dtrain("launch", "recipes/mnist_cnn.py", "--cpu", "--nproc", "2", "--run-dir", str(run_dir),
                       "--wandb", "disabled", "--checkpoint-every", "never", "--max-steps", "5", "--", "--epochs", "1",
-                      "--limit-train-batches", "5", "--data-dir", data_dir, timeout=300)
+                      "--limit-train-batches", "5", "--limit-eval-batches", "4", "--data-dir", data_dir, timeout=300)
     assert full.returncode == 1
     assert one_error(full) == (f"dtrain: error: rank 0 could not write {run_dir / 'model.pth'} (No space left on "
                                "device); free space and run again (the run wrote no checkpoint).")

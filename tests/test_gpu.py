@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from dtrain.metrics import EPOCH
 
-from conftest import ROOT, TEST_RECIPES, launch, metrics, train_30_steps
+from conftest import ROOT, TEST_RECIPES, launch, metrics, train_steps
 
 sys.path.insert(0, str(ROOT / "recipes"))
 import tiny_gpt
@@ -66,8 +66,8 @@ def test_a_world_of_one_gets_the_nccl_group_deepspeed_needs():
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_half_precision_on_the_gpu_tracks_fp32(tmp_path, data_dir, precision):
-    fp32 = train_30_steps(tmp_path / "fp32", data_dir, devices=ONE_GPU)
-    half = train_30_steps(tmp_path / precision, data_dir, "--precision", precision, devices=ONE_GPU)
+    fp32 = train_steps(tmp_path / "fp32", data_dir, devices=ONE_GPU)
+    half = train_steps(tmp_path / precision, data_dir, "--precision", precision, devices=ONE_GPU)
     assert math.isfinite(half) and abs(half - fp32) < 0.1 * fp32, (half, fp32)
 
 

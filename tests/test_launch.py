@@ -35,9 +35,11 @@ def wait_until_gone(run_dir: Path, seconds: float = 10) -> list[int]:
 
 @pytest.mark.slow
 def test_two_cpu_processes_train_mnist_to_98_percent(tmp_path, data_dir):
+    """Under FSDP (DDP's full epoch: the SLURM job's test, tests/test_slurm_cluster.py): the model sharded, the
+    accuracy, and model.pth gathered whole."""
     run_dir = tmp_path / "mnist"
-    out = run_dtrain("launch", "recipes/mnist_cnn.py", "--cpu", "--nproc", "2", "--run-dir", str(run_dir),
-                     "--", "--epochs", "1", "--data-dir", data_dir)
+    out = run_dtrain("launch", "recipes/mnist_cnn.py", "--cpu", "--nproc", "2", "--strategy", "fsdp", "--run-dir",
+                     str(run_dir), "--", "--epochs", "1", "--data-dir", data_dir)
     assert out.returncode == 0, out.stderr
     print(out.stdout)
     line = out.stdout.strip().splitlines()[-1]
@@ -69,7 +71,7 @@ def test_two_nodes_started_separately_form_one_job(tmp_path, data_dir):
     port = hardware.free_port()
     common = ["launch", "recipes/mnist_cnn.py", "--cpu", "--nproc", "1", "--nodes", "2", "--master-addr", "127.0.0.1",
               "--master-port", str(port), "--run-dir", str(run_dir), "--name", "two-nodes"]
-    recipe = ["--", "--epochs", "1", "--limit-train-batches", "30", "--data-dir", data_dir]
+    recipe = ["--", "--epochs", "1", "--limit-train-batches", "30", "--limit-eval-batches", "4", "--data-dir", data_dir]
     nodes = [subprocess.Popen([DTRAIN, *common, "--node-rank", str(rank), *recipe], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in (0, 1)]
     outputs = [node.communicate(timeout=300) for node in nodes]
@@ -131,7 +133,7 @@ def test_debug_runs_the_recipe_inside_the_dtrain_process(tmp_path):
 def test_debug_smoke_run_of_mnist(tmp_path, data_dir):
     run_dir = tmp_path / "debug"
     out = run_dtrain("debug", "recipes/mnist_cnn.py", "--run-dir", str(run_dir), "--",
-                     "--epochs", "1", "--limit-train-batches", "20", "--data-dir", data_dir)
+                     "--epochs", "1", "--limit-train-batches", "20", "--limit-eval-batches", "4", "--data-dir", data_dir)
     assert out.returncode == 0, out.stderr
     assert "Epoch 1/1" in out.stdout
     assert metrics(run_dir)[-1]["step"] == 20

@@ -93,7 +93,7 @@ def test_two_nodes_on_a_network_train_together(namespaces, tmp_path, data_dir, l
     port = str(29600 + ["torchrun", "accelerate", "deepspeed"].index(launcher))
     args = ("recipes/mnist_cnn.py", "--cpu", "--nproc", "1", "--launcher", launcher, "--name", f"net-{launcher}",
             "--master-port", port, "--timeout", "60", "--rdzv-timeout", "60", "--checkpoint-every", "never",
-            "--max-steps", "20", "--", "--epochs", "1", "--log-every", "10", "--data-dir", data_dir)
+            "--max-steps", "20", "--", "--epochs", "1", "--log-every", "10", "--limit-eval-batches", "4", "--data-dir", data_dir)
     nodes = [start(namespaces, node, run_dir, *args) for node in (0, 1)]
     outputs = [node.communicate(timeout=300) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs
@@ -135,13 +135,13 @@ def wait_for_step(run_dir, step: int, nodes, seconds: float = 120) -> None:
 def test_a_node_that_drops_off_the_network_is_named_within_the_collective_time_out(namespaces, tmp_path, data_dir):
     run_dir = tmp_path / "run"
     args = ("recipes/mnist_cnn.py", "--cpu", "--nproc", "1", "--name", "drop", "--master-port", "29611", "--timeout",
-            "20", "--checkpoint-every", "never", "--", "--epochs", "1", "--log-every", "10", "--data-dir", data_dir)
+            "10", "--checkpoint-every", "never", "--", "--epochs", "1", "--log-every", "10", "--data-dir", data_dir)
     nodes = [start(namespaces, node, run_dir, *args) for node in (0, 1)]
     wait_for_step(run_dir, 20, nodes)
     ip("-n", namespaces[1][0], "link", "set", namespaces[1][1], "down")
     dropped = time.monotonic()
     stdout, stderr = nodes[0].communicate(timeout=120)
-    assert nodes[0].returncode == 1 and time.monotonic() - dropped < 20 + 30, stderr
+    assert nodes[0].returncode == 1 and time.monotonic() - dropped < 10 + 30, stderr
     dtrains = [line for line in stderr.splitlines() if line.startswith("dtrain: ")]
     assert dtrains[0].startswith("dtrain: rank 0 failed first (RuntimeError: ") and "Timed out waiting" in dtrains[0]
     assert dtrains[-1].startswith(f"dtrain: node 1 ({ADDRESSES[1]}) did not answer on the network when the "
@@ -154,7 +154,7 @@ def test_a_node_whose_workers_die_restarts_with_the_other_and_resumes(namespaces
     args = ("recipes/mnist_cnn.py", "--cpu", "--nproc", "1", "--name", "restart", "--master-port", "29612",
             "--max-restarts", "1", "--checkpoint-every", "10", "--timeout", "60", "--rdzv-timeout", "60",
             "--max-steps", "60", "--",
-            "--epochs", "1", "--log-every", "10", "--data-dir", data_dir)
+            "--epochs", "1", "--log-every", "10", "--limit-eval-batches", "4", "--data-dir", data_dir)
     nodes = [start(namespaces, node, run_dir, *args) for node in (0, 1)]
     wait_for_step(run_dir, 20, nodes)
     workers = [pid for pid in namespace_pids(namespaces[1][0]) if b"torch.distributed.run" in cmdline(parent(pid))]

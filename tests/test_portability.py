@@ -1,9 +1,10 @@
 """One recipe under every strategy, launcher and precision: the portability matrix, with real processes.
 
-Every recipe x strategy under torchrun in fp32 trains a few steps and its loss goes down; once per
-strategy a run stops and resumes; bf16 under ddp and fsdp, and the accelerate and deepspeed
-launchers, on one recipe each. Then: ctx.clip_grad_norm means the same under ZeRO as under DDP,
-an HF model's blocks come from the model, and a refused combination is one sentence from rank 0.
+Every recipe x strategy under torchrun in fp32 trains a few steps and its loss goes down; under ZeRO 1 and 3 a
+run stops and resumes (ddp, fsdp and zero2: tests/test_trainer.py, bit-exact). Half precision under each
+strategy: tests/test_strategies.py; the accelerate and deepspeed launchers: there and tests/test_network.py.
+Then: ctx.clip_grad_norm means the same under ZeRO as under DDP, an HF model's blocks come from the model,
+and a refused combination is one sentence from rank 0.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from conftest import ROOT, TEST_RECIPES, gradients_and_saved_bytes, launch, metr
 STEPS = 20
 # Each recipe's arguments for a short run: STEPS optimizer steps, the loss logged every 5.
 RECIPES = {
-    "mnist_cnn": ["--epochs", "1", "--limit-train-batches", str(STEPS), "--log-every", "5"],
+    "mnist_cnn": ["--epochs", "1", "--limit-train-batches", str(STEPS), "--limit-eval-batches", "4", "--log-every", "5"],
     "mnist_mlp": ["--epochs", "1", "--limit-train-batches", str(STEPS), "--log-every", "5"],
     "tiny_gpt": ["--d-model", "32", "--block", "32", "--layers", "2", "--batch-size", "8", "--max-chars", "60000",
                  "--limit-train-batches", str(STEPS), "--log-every", "5", "--warmup-steps", "5"],
@@ -28,7 +29,7 @@ RECIPES = {
                      "--limit-train-batches", str(STEPS), "--log-every", "5", "--warmup-steps", "5"],
 }
 STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
-RESUMED = {"ddp": "mnist_cnn", "fsdp": "tiny_gpt", "zero1": "mnist_mlp", "zero2": "hf_causal_lm", "zero3": "tiny_gpt"}
+RESUMED = {"zero1": "mnist_mlp", "zero3": "tiny_gpt"}  # ddp, fsdp, zero2: tests/test_trainer.py
 
 
 def recipe_args(recipe: str, data_dir: str) -> list[str]:
@@ -48,7 +49,7 @@ def losses(run_dir) -> list[float]:
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_every_recipe_learns_under_every_strategy(tmp_path, data_dir, recipe, strategy):
     run_dir = tmp_path / "run"
-    if RESUMED[strategy] == recipe:  # this strategy's save-and-resume
+    if RESUMED.get(strategy) == recipe:  # this strategy's save-and-resume
         train(run_dir, recipe, data_dir, "--strategy", strategy, "--max-steps", str(STEPS // 2))
         out = train(run_dir, recipe, data_dir, "--strategy", strategy)
         assert f"(step {STEPS // 2}," in out.stdout and "resuming from" in out.stdout, out.stdout
@@ -59,17 +60,6 @@ def test_every_recipe_learns_under_every_strategy(tmp_path, data_dir, recipe, st
     assert rows[-1]["train/loss"] < rows[0]["train/loss"], losses(run_dir)
     flops = yaml.safe_load((run_dir / "config.yaml").read_text()).get("flops_per_sample")
     assert flops and (recipe != "mnist_cnn" or flops == 24_995_328)  # the same count under every strategy
-
-
-@pytest.mark.parametrize("options", [("--strategy", "ddp", "--precision", "bf16"),
-                                     ("--strategy", "fsdp", "--precision", "bf16"),
-                                     ("--launcher", "accelerate"),
-                                     ("--launcher", "deepspeed", "--strategy", "zero2")],
-                         ids=["ddp-bf16", "fsdp-bf16", "accelerate", "deepspeed-launcher"])
-def test_precisions_and_launchers_on_one_recipe(tmp_path, data_dir, options):
-    recipe = "tiny_gpt" if "deepspeed" in options else "mnist_mlp"
-    train(tmp_path / "run", recipe, data_dir, *options)
-    assert losses(tmp_path / "run")[-1] < losses(tmp_path / "run")[0]
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen) -> None:
 def test_signal_to_dtrain_launch_checkpoints_every_rank_and_the_rerun_continues_the_run(tmp_path, data_dir):
     """Also the W&B side (offline): the rerun continues the same W&B run, with no step logged twice."""
     run_dir = tmp_path / "run"
-    args = ("--epochs", "1", "--limit-train-batches", "120", "--log-every", "10", "--data-dir", data_dir)
+    args = ("--epochs", "1", "--limit-train-batches", "120", "--limit-eval-batches", "4", "--log-every", "10", "--data-dir", data_dir)
     proc = start(run_dir, "recipes/mnist_cnn.py", "--wandb", "offline", *args)
     wait_for_step(run_dir, 20, proc)
     proc.send_signal(signal.SIGUSR2)

@@ -44,7 +44,8 @@ def test_two_node_mnist_job_trains_to_98_percent_across_n1_and_n2(slurm_env, dat
 def test_preempted_job_checkpoints_requeues_itself_and_resumes(slurm_env, data_dir, tmp_path):
     job_id = submit(slurm_env, tmp_path, str(ROOT / "recipes" / "mnist_cnn.py"), "--nodes", "2", "--cpu",
                     "--nproc", "1", "--name", "preempt", "--max-requeues", "2", "--",
-                    "--epochs", "1", "--limit-train-batches", "150", "--log-every", "10", "--data-dir", data_dir)
+                    "--epochs", "1", "--limit-train-batches", "150", "--limit-eval-batches", "4", "--log-every", "10",
+                    "--data-dir", data_dir)
     run_dir = tmp_path / "runs" / "preempt"
     deadline = time.monotonic() + 300
     while max((m["step"] for m in read_metrics(run_dir)), default=0) < 30:

@@ -58,11 +58,16 @@ TINY = ["--d-model", "32", "--block", "32", "--layers", "2", "--batch-size", "8"
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2"])
 def test_tiny_gpts_per_step_warmup_and_cosine_continue_exactly_after_a_resume(tmp_path, strategy):
+    """Stopped mid-epoch and resumed, each strategy ends on the parameters of an uninterrupted run, bit for bit."""
     run_dir = tmp_path / "run"
     common = ("--strategy", strategy, "--checkpoint-every", "epoch")
     launch(run_dir, *common, "--max-steps", "17", "--", *TINY, recipe="recipes/tiny_gpt.py")  # stops in epoch 1
     out = launch(run_dir, *common, "--", *TINY, recipe="recipes/tiny_gpt.py")
     assert "resuming from" in out.stdout and "(step 17, epoch 1, batch 17)" in out.stdout, out.stdout
+    launch(tmp_path / "straight", "--strategy", strategy, "--checkpoint-every", "never", "--", *TINY,
+           recipe="recipes/tiny_gpt.py")
+    straight, resumed = weights(tmp_path / "straight"), weights(run_dir)
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
     rows = metrics(run_dir, "train")
     assert [r["step"] for r in rows] == list(range(2, 49, 2))  # 2 x 24 steps, each logged once
     for row in rows:

@@ -21,7 +21,9 @@ from collections.abc import Iterator, Mapping
 from typing import Any, Callable
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, TensorDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset, TensorDataset, get_worker_info
+
+from dtrain.errors import UsageError
 
 
 def tree_map(fn: Callable[[torch.Tensor], Any], batch: Any) -> Any:
@@ -222,6 +224,16 @@ class StreamLoader:
 
     def __iter__(self) -> Iterator[Any]:
         return itertools.islice(_moved(iter(self.loader), self.device), self.start_batch, None)
+
+
+def head(dataset: Dataset, n: int) -> Dataset:
+    """The first `n` samples of a map-style dataset; a TensorDataset stays one (the in-memory path)."""
+    if isinstance(dataset, IterableDataset):
+        raise UsageError("limiting the batches of a stream (an IterableDataset) is up to the stream; pass a dataset "
+                         "with a length, or leave the limit out.")
+    if isinstance(dataset, TensorDataset):
+        return TensorDataset(*(tensor[:n] for tensor in dataset.tensors))
+    return Subset(dataset, range(min(n, len(dataset))))
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, rank: int, world_size: int, device: torch.device,

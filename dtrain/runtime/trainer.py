@@ -20,7 +20,7 @@ from dtrain.errors import UsageError
 from dtrain.metrics import EPOCH, EVAL, STARTUP, TARGET
 from dtrain.runtime.checkpoint import TrainState
 from dtrain.runtime.context import Context
-from dtrain.runtime.data import batch_size_of
+from dtrain.runtime.data import batch_size_of, head
 from dtrain.runtime.evaluation import evaluate
 
 SCHEDULER_INTERVALS = ("epoch", "step")
@@ -92,8 +92,11 @@ class Trainer:
         self.startup_pending = ctx.env.launch_time is not None  # logged once, at this process's first step
 
     def fit(self, train_set: Dataset, eval_set: Dataset | None = None, *, epochs: int,
-            limit_train_batches: int | None = None) -> dict[str, float]:
-        """Train for `epochs` (resuming per --resume), evaluating after each; one line per epoch on rank 0."""
+            limit_train_batches: int | None = None, limit_eval_batches: int | None = None) -> dict[str, float]:
+        """Train for `epochs` (resuming per --resume), evaluating after each; one line per epoch on rank 0.
+        `limit_train_batches` and `limit_eval_batches`: at most that many batches per process (smoke runs)."""
+        if eval_set is not None and limit_eval_batches is not None:
+            eval_set = head(eval_set, limit_eval_batches * self.eval_batch_size * self.ctx.world_size)
         self.epochs, self.eval_set, self.fit_started = epochs, eval_set, time.time()
         self.last_evaluation: tuple[int, dict[str, Any]] | None = None
         loader = self.ctx.loader(train_set, self.batch_size, shuffle=True, train=True, collate_fn=self.collate_fn)

@@ -152,3 +152,16 @@ def test_a_resumed_run_with_nothing_left_to_train_says_so(monkeypatch, tmp_path,
     assert "nothing left" not in run("5")[1]  # trains on: the epoch's 3rd batch
     steps, out = run("5")
     assert steps == 3 and "resumed at step 3 and has finished epoch 1 of 1" in out
+
+
+def test_an_evaluation_limited_to_n_batches_takes_the_first_samples():
+    from torch.utils.data import Subset
+
+    from dtrain.runtime.data import head
+
+    tensors = head(TensorDataset(torch.arange(10.0), torch.arange(10)), 4)
+    assert isinstance(tensors, TensorDataset) and tensors.tensors[1].tolist() == [0, 1, 2, 3]  # the in-memory path
+    samples = head(list(range(10)), 20)
+    assert isinstance(samples, Subset) and list(samples) == list(range(10))
+    with pytest.raises(UsageError, match="limiting the batches of a stream"):
+        head(Count(10), 4)
