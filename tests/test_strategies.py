@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -109,31 +110,36 @@ def test_tiny_gpt_learns_under_sharding_with_activation_checkpointing(tmp_path, 
 
 
 @pytest.fixture(scope="module")
-def fp32_ddp(tmp_path_factory, data_dir) -> Path:
-    """The reference for accumulation and half precision: 20 SGD steps of batches of 64 per process, fp32, DDP."""
-    run_dir = tmp_path_factory.mktemp("fp32") / "run"
-    train_steps(run_dir, data_dir, steps=20)
-    return run_dir
+def whole_batches(tmp_path_factory, data_dir) -> Callable[[str], Path]:
+    """A strategy's run of 20 SGD steps of batches of 64 per process in fp32, made when first asked for (each
+    strategy initialises and sums in its own way): DDP's is half precision's reference too."""
+    runs: dict[str, Path] = {}
+
+    def run(strategy: str) -> Path:
+        if strategy not in runs:
+            runs[strategy] = tmp_path_factory.mktemp(f"whole-{strategy}") / "run"
+            train_steps(runs[strategy], data_dir, "--strategy", strategy, steps=20)
+        return runs[strategy]
+    return run
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2"])
-def test_grad_accum_4_of_16_matches_batches_of_64(tmp_path, data_dir, fp32_ddp, strategy):
-    """20 optimizer steps; SGD (see tests/recipes/mnist_sgd.py for why not AdamW), no dropout. Every strategy
-    sums the two ranks' gradients alike: each is compared with DDP's run of whole batches."""
+def test_grad_accum_4_of_16_matches_batches_of_64(tmp_path, data_dir, whole_batches, strategy):
+    """20 optimizer steps; SGD (see tests/recipes/mnist_sgd.py for why not AdamW), no dropout."""
     accumulated = tmp_path / "accumulated"
     launch(accumulated, "--strategy", strategy, "--checkpoint-every", "never", "--max-steps", "20", "--grad-accum",
            "4", "--", "--batch-size", "16", "--lr", "0.01", "--log-every", "10", "--data-dir", data_dir,
            recipe=str(TEST_RECIPES / "mnist_sgd.py"))
-    assert max_difference(load_model(accumulated), load_model(fp32_ddp)) < 1e-5
+    assert max_difference(load_model(accumulated), load_model(whole_batches(strategy))) < 1e-5
     assert [r["step"] for r in metrics(accumulated, "train")] == [10, 20]
 
 
 @pytest.mark.parametrize("strategy, precision", [("ddp", "fp16"), ("fsdp", "fp16"), ("ddp", "bf16"),
                                                  ("fsdp", "bf16"), ("zero2", "bf16")])
-def test_half_precision_tracks_fp32(tmp_path, data_dir, fp32_ddp, strategy, precision):
+def test_half_precision_tracks_fp32(tmp_path, data_dir, whole_batches, strategy, precision):
     """20 steps only: this CPU has no fp16/bf16 units (about 10x slower than fp32)."""
-    loss, fp32_loss = train_steps(tmp_path / "run", data_dir, "--strategy", strategy, "--precision", precision,
-                                  steps=20), train_loss_at(fp32_ddp, 20)
+    loss = train_steps(tmp_path / "run", data_dir, "--strategy", strategy, "--precision", precision, steps=20)
+    fp32_loss = train_loss_at(whole_batches("ddp"), 20)
     assert math.isfinite(loss) and abs(loss - fp32_loss) < 0.1 * fp32_loss, (loss, fp32_loss)
 
 
