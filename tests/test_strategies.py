@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "recipes"))
 import tiny_gpt
 
 TINY_GPT = ["--d-model", "64", "--block", "64", "--batch-size", "16", "--max-chars", "300000"]
-TINY_GPT_VAL_LOSS = 2.3  # after 150 steps of 2 x 16 windows; uniform guessing is ln(97) = 4.57
+TINY_GPT_VAL_LOSS = 2.8  # after 90 steps of 2 x 16 windows (2.56 measured under FSDP); uniform guessing: ln(97) = 4.57
 
 
 def load_model(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -101,7 +101,7 @@ def test_mnist_reaches_97_5_percent_after_one_epoch(tmp_path, data_dir, options)
 @pytest.mark.parametrize("launcher, strategy", [("torchrun", "fsdp"), ("deepspeed", "zero3")])
 def test_tiny_gpt_learns_under_sharding_with_activation_checkpointing(tmp_path, launcher, strategy):
     out = launch(tmp_path / "run", "--launcher", launcher, "--strategy", strategy, "--activation-checkpointing",
-                 "--checkpoint-every", "never", "--", *TINY_GPT, "--limit-train-batches", "150",
+                 "--checkpoint-every", "never", "--", *TINY_GPT, "--limit-train-batches", "90",
                  recipe="recipes/tiny_gpt.py")
     val_loss = float(re.search(r"Eval Loss: ([\d.]+)", out.stdout).group(1))
     assert val_loss < TINY_GPT_VAL_LOSS, out.stdout
