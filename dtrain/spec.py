@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from dtrain import deepspeed_config, launchers, strategies
 from dtrain.errors import UsageError
-from dtrain.options import BY_NAME, SPEC_OPTIONS
+from dtrain.options import BY_NAME, OPTIONS, SPEC_OPTIONS
 
 DEFAULT_MASTER_PORT = 29500
 AUTO = "auto"
@@ -149,7 +149,13 @@ def resolve(options: Mapping[str, Any], gpus_available: int, free_port: int,
         recipe=recipe, recipe_args=tuple(options.get("recipe_args") or ()), device=device, nproc=nproc,
         nodes=nodes, node_rank=node_rank, master_addr=value("master_addr"), master_port=master_port, name=name,
         run_dir=run_dir, options=resolved, deepspeed_config=merged, network=network,
-        sources={name: where for name, where in (sources or {}).items() if options.get(name) != BY_NAME[name].default})
+        sources=_away_from_default(options, sources or {}))
+
+
+def _away_from_default(options: Mapping[str, Any], sources: Mapping[str, str]) -> dict[str, str]:
+    """Where each option given away from its default was set, in the table's order (the same spec every time)."""
+    return {option.name: sources[option.name] for option in OPTIONS
+            if option.name in sources and options.get(option.name) != option.default}
 
 
 def toward(master_addr: str, route: Callable[[str], tuple[str, str] | None]) -> dict[str, str] | None:
