@@ -108,8 +108,7 @@ def launch(ctx: click.Context, profile: str | None, dry_run: bool | None, spec: 
     if dry_run:
         for path, text in files.items():
             click.echo(f"# {path}\n{text.rstrip()}\n")
-        for line in options.origins({**given, **launch_spec.options}, launch_spec.sources):
-            click.echo(f"# {line}")
+        _echo_origins(given, launch_spec)
         click.echo(_render_command(argv, env, os.environ))
         return 0
     env[contract.LAUNCH_TIME] = f"{STARTED:.3f}"
@@ -202,8 +201,7 @@ def sweep(ctx: click.Context, profile: str | None, dry_run: bool | None, grid: t
                                 gpus_available if specs[0].device == "cuda" else hardware.cpu_count())
     if dry_run:
         click.echo(f"# {_relative(str(sweep_dir))}: {len(runs)} runs, {len(slots)} at a time")
-        for line in options.origins({**given, **specs[0].options}, specs[0].sources):
-            click.echo(f"# {line}")
+        _echo_origins(given, specs[0])
         for run, launch_spec in zip(runs, specs):
             click.echo(f"{run.name}: dtrain launch {shlex.join([launch_spec.recipe, '--', *launch_spec.recipe_args])}")
         return 0
@@ -604,18 +602,17 @@ def _given(ctx: click.Context, given: dict[str, Any], profile: str | None,
            command: str) -> tuple[dict[str, Any], dict[str, str]]:
     """The options from where a user sets them, the first one found winning: the command line, a DTRAIN_* variable
     of this shell, the profile (`resolve` fills in the defaults); and where each was set."""
-    on_line = {name for name in given if name in options.BY_NAME
-               and ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+    on_line = [name for name in given if name in options.BY_NAME
+               and ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
     from_environment, warnings = contract.options_from_environment(os.environ, command)
     for warning in warnings:
         click.echo(f"dtrain: warning: {warning}", err=True)
-    layers = [(_profile_values(ctx, profile), f"profile {profile}")] if profile is not None else []
-    layers.append((from_environment, None))  # each value's source: its variable
-    merged, sources = dict(given), {name: contract.COMMAND_LINE for name in on_line}
-    for values, source in layers:  # the later layer wins
-        for name, value in values.items():
-            if name not in on_line:
-                merged[name], sources[name] = value, source or options.BY_NAME[name].env
+    from_profile = _profile_values(ctx, profile) if profile is not None else {}
+    merged, sources = dict(given), dict.fromkeys(on_line, contract.COMMAND_LINE)
+    for name, value in {**from_profile, **from_environment}.items():  # a variable wins over the profile
+        if name not in sources:
+            merged[name] = value
+            sources[name] = options.BY_NAME[name].env if name in from_environment else f"profile {profile}"
     return merged, sources
 
 
@@ -662,6 +659,12 @@ def _check_port(launch_spec: LaunchSpec, explicit: bool) -> None:
             f"port {launch_spec.master_port} is already in use on this machine; pass another --master-port"
             + (" or leave it out to pick a free one." if launch_spec.nodes == 1 else ".")
         )
+
+
+def _echo_origins(given: Mapping[str, Any], launch_spec: LaunchSpec) -> None:
+    """A dry run's `# --timeout 30 (from DTRAIN_TIMEOUT_S)` lines: each value given away from its default."""
+    for line in options.origins({**given, **launch_spec.options}, launch_spec.sources):
+        click.echo(f"# {line}")
 
 
 def _render_command(argv: list[str], env: dict[str, str], base: os._Environ | dict) -> str:

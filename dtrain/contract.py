@@ -32,6 +32,7 @@ LAUNCH_TIME = "DTRAIN_LAUNCH_TIME"
 TTY = "DTRAIN_TTY"
 ERROR_SPOOL = "DTRAIN_ERROR_SPOOL"
 SOURCES = "DTRAIN_SOURCES"
+TEST_CRASH_AT = "DTRAIN_TEST_CRASH_AT"  # "point:rank:save": SIGKILL this rank there (crash tests only)
 NETWORK_INTERFACES = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")  # set for a multi-node job, unless set already
 
 # The variables the launch derives (not options): name -> (set by, meaning), for the documented table.
@@ -48,7 +49,7 @@ DERIVED = {
               "`DTRAIN_*` variable, or `profile PATH`; `config.yaml` notes it beside the value"),
 }
 # dtrain's other variables, read by its recipes, scripts and tests: exported in a shell, they are no misspelling.
-OTHERS = ("DTRAIN_DATA_DIR", "DTRAIN_SLURM_DIR", "DTRAIN_SLURM_PORT", "DTRAIN_TEST_CRASH_AT", "DTRAIN_WRITE_EXPECTED")
+OTHERS = ("DTRAIN_DATA_DIR", "DTRAIN_SLURM_DIR", "DTRAIN_SLURM_PORT", TEST_CRASH_AT, "DTRAIN_WRITE_EXPECTED")
 COMMAND_LINE = "the command line"
 VARIABLES = frozenset({option.env for option in WORKER_OPTIONS} | DERIVED.keys())  # every variable a launch sets
 
@@ -157,8 +158,12 @@ def _from_variable(option: Option, text: str) -> Any:
     """A variable's text as its option's value, or one sentence naming the variable and what it takes."""
     shown = f"{option.env}={text!r}"
     try:
-        value = _BOOLEAN[text.strip().lower()] if option.kind is bool else \
-            option.kind(text) if option.kind in _KINDS else text
+        if option.kind is bool:
+            value = _BOOLEAN[text.strip().lower()]
+        elif option.kind in (int, float):
+            value = option.kind(text)
+        else:  # words: Option.value splits a tuple's
+            value = text
     except (KeyError, ValueError):
         example = f", e.g. {option.example}" if option.kind is not bool else ""
         raise UsageError(f"{shown} is not {_KINDS[option.kind]}, which {option.flag} takes{example}; fix or unset "

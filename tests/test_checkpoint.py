@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtrain import checkpoints
+from dtrain import checkpoints, contract
 from dtrain.metrics import TRAIN
 
 from conftest import DTRAIN, ROOT, TEST_RECIPES, metrics, processes_with_env, run_dtrain
@@ -106,7 +106,7 @@ def test_a_kill_at_any_point_of_a_save_leaves_a_loadable_latest(tmp_path, point,
     recipe = str(TEST_RECIPES / "small_trainer.py")
     args = ["--run-dir", str(run_dir), "--checkpoint-every", "4", "--max-steps", "10"]
     crashed = run_dtrain("launch", recipe, "--cpu", "--nproc", "2", *args,
-                         env={"DTRAIN_TEST_CRASH_AT": f"{point}:{rank}:2"})
+                         env={contract.TEST_CRASH_AT: f"{point}:{rank}:2"})
     assert crashed.returncode == 137, crashed.stderr  # the worker's SIGKILL, as a shell reports it
     root = run_dir / "checkpoints"
     assert checkpoints.read_latest(root) == latest

@@ -16,8 +16,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from dtrain import contract, trackers
 from dtrain import metrics as metrics_file
-from dtrain import trackers
 from dtrain.hardware import free_port
 
 import wandb_file
@@ -66,7 +66,7 @@ def test_tensorboard_and_a_local_mlflow_store_hold_metrics_jsonl_across_a_crash(
     """W&B (offline), TensorBoard and MLflow at once; killed at the third save (step 60), resumed from step 40."""
     run_dir = tmp_path / "run"
     options = ("--wandb", "offline", "--tensorboard", "--mlflow", "--checkpoint-every", "20")
-    crashed = launch_mlp(run_dir, data_dir, *options, env={"DTRAIN_TEST_CRASH_AT": "started:0:3"})  # at step 60
+    crashed = launch_mlp(run_dir, data_dir, *options, env={contract.TEST_CRASH_AT: "started:0:3"})  # at step 60
     assert crashed.returncode == 137, crashed.stderr[-2000:]
     resumed = launch_mlp(run_dir, data_dir, *options)  # while the crashed attempt's trackers may still be ending
     assert resumed.returncode == 0, resumed.stderr[-2000:]

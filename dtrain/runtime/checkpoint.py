@@ -56,7 +56,7 @@ from dtrain.checkpoints import (
     step_dir_name,
     verify,
 )
-from dtrain.contract import write_atomically
+from dtrain.contract import TEST_CRASH_AT, write_atomically
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint import StorageWriter
@@ -67,7 +67,6 @@ if TYPE_CHECKING:
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 TRAINER_STATE = "trainer_state.json"
-CRASH_ENV = "DTRAIN_TEST_CRASH_AT"  # "point:rank:save" — SIGKILL this rank there, for crash tests only
 
 
 @dataclasses.dataclass
@@ -312,7 +311,7 @@ class Checkpointer:
         return path, notes, state, loaded, rng
 
     def _crash_point(self, point: str) -> None:
-        wanted = os.environ.get(CRASH_ENV)
+        wanted = os.environ.get(TEST_CRASH_AT)
         if wanted and wanted == f"{point}:{self.rank}:{self._saves}":
             os.kill(os.getpid(), signal.SIGKILL)
 
