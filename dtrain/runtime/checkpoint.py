@@ -264,6 +264,8 @@ class Checkpointer:
                 what = f"No space left on device ({_free_bytes(self.root)} bytes free)"
             else:
                 what = f"{type(error).__name__}: {error}"
+            if self.world_size > 1:
+                dist.barrier()  # every rank has read the disk as the failure left it, before rank 0 frees the partial
             raise self._stopped(partial, rank, f"could not write checkpoint {name} into {self.root}: {what}") from None
 
     def _stopped(self, partial: Path, rank: int, failure: str) -> CheckpointWriteError:

@@ -18,8 +18,10 @@ A custom loop reads like plain PyTorch with a few calls swapped in:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
+import gc
 import os
 import platform
 import random
@@ -55,6 +57,9 @@ from dtrain.trackers import redact
 def setup(config: Mapping[str, Any] | None = None) -> Context:
     """Seed, pick the device, join the process group, and (rank 0) write `config.yaml`."""
     env = read_env()
+    # Frozen objects are left out of the interpreter's last collection, which otherwise walks torch's
+    # millions of objects as every rank exits (~0.8 s each on a 2-core machine).
+    atexit.register(gc.freeze)
     seed_everything(env.seed + env.rank)
     dist_utils.install_error_hook(env)
     device = dist_utils.pick_device(env)
