@@ -146,12 +146,15 @@ def cpu_limited_cgroup(tag: str) -> Path | None:
     return None
 
 
-def rank_process(rank: int, recipe: str) -> int | None:
+def joined_rank(rank: int, recipe: str) -> int | None:
+    """The PID of `recipe`'s rank once it has joined the job: rank 0 writes config.yaml after a collective."""
     for entry in Path("/proc").iterdir():
         try:
+            environ = b"\0" + (entry / "environ").read_bytes()
             if entry.name.isdigit() and recipe.encode() in (entry / "cmdline").read_bytes() \
-                    and f"\0RANK={rank}\0".encode() in b"\0" + (entry / "environ").read_bytes():
-                return int(entry.name)
+                    and f"\0RANK={rank}\0".encode() in environ:
+                run_dir = environ.split(b"\0DTRAIN_RUN_DIR=", 1)[1].split(b"\0", 1)[0].decode()
+                return int(entry.name) if (Path(run_dir) / "config.yaml").exists() else None
         except OSError:
             continue
     return None
@@ -168,7 +171,7 @@ def test_the_doctors_preflight_names_a_rank_limited_to_a_fifth_of_a_cpu_and_none
         doctor = subprocess.Popen([DTRAIN, "doctor", "--nproc", "2"], cwd=ROOT, text=True, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
-        while (pid := rank_process(1, "preflight.py")) is None:
+        while (pid := joined_rank(1, "preflight.py")) is None:  # its imports at full speed: the preflight is slowed
             assert time.monotonic() < deadline and doctor.poll() is None, doctor.communicate()
             time.sleep(0.02)
         (group / "cgroup.procs").write_text(str(pid))

@@ -1,24 +1,17 @@
 """Trainer for any model, with real processes: batches of any structure and compute_loss (exact
 resume), evaluation beyond classification (exact mean loss over uneven shards; torchmetrics:
-test_logging.py),
-per-step schedules, evaluation every N steps and a target to stop at, callbacks and streams."""
+test_logging.py), a per-step schedule's end (tiny_gpt's warm-up and cosine across a resume:
+test_portability.py), evaluation every N steps and a target to stop at, callbacks and streams."""
 
 from __future__ import annotations
 
 import json
-import math
-import sys
 
 import pytest
 import torch
 from torch import nn
 
-from dtrain.runtime.schedules import lr_factor
-
-from conftest import ROOT, TEST_RECIPES, launch, metrics
-
-sys.path.insert(0, str(ROOT / "recipes"))
-import tiny_gpt
+from conftest import TEST_RECIPES, launch, metrics
 
 
 def weights(run_dir) -> dict[str, torch.Tensor]:
@@ -27,11 +20,11 @@ def weights(run_dir) -> dict[str, torch.Tensor]:
 
 def test_dict_batches_with_compute_loss_resume_bit_exact(tmp_path):
     recipe = str(TEST_RECIPES / "dict_batches.py")
-    launch(tmp_path / "straight", "--checkpoint-every", "never", recipe=recipe)
-    launch(tmp_path / "stopped", "--checkpoint-every", "7", "--max-steps", "13", recipe=recipe)  # mid-epoch 2
-    out = launch(tmp_path / "stopped", "--checkpoint-every", "7", recipe=recipe)
+    launch(tmp_path / "straight", "--checkpoint-every", "13", recipe=recipe)  # mid-epoch 2
+    out = launch(tmp_path / "resumed", "--resume", str(tmp_path / "straight" / "checkpoints" / "step_0000013"),
+                 recipe=recipe)
     assert "resuming from" in out.stdout and "(step 13, epoch 2, batch 3)" in out.stdout, out.stdout
-    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "stopped")
+    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     assert "Test Acc:" in out.stdout  # its compute_loss gave class scores and labels: a classifier's report
 
@@ -50,33 +43,6 @@ def test_eval_loss_over_uneven_shards_is_the_whole_sets_mean(tmp_path, strategy)
         expected = (model(data["x"]).double() - data["y"].double()).pow(2).mean().item()
     logged = metrics(run_dir, "epoch")[-1]["eval/loss"]
     assert abs(logged - expected) / expected < 1e-6, (logged, expected)
-
-
-TINY = ["--d-model", "32", "--block", "32", "--layers", "2", "--batch-size", "8", "--max-chars", "60000",
-        "--limit-train-batches", "24", "--epochs", "2", "--warmup-steps", "10", "--log-every", "2", "--lr", "0.003"]
-
-
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2"])
-def test_tiny_gpts_per_step_warmup_and_cosine_continue_exactly_after_a_resume(tmp_path, strategy):
-    """Stopped mid-epoch and resumed, each strategy ends on the parameters of an uninterrupted run, bit for bit."""
-    run_dir = tmp_path / "run"
-    common = ("--strategy", strategy, "--checkpoint-every", "epoch")
-    launch(run_dir, *common, "--max-steps", "17", "--", *TINY, recipe="recipes/tiny_gpt.py")  # stops in epoch 1
-    out = launch(run_dir, *common, "--", *TINY, recipe="recipes/tiny_gpt.py")
-    assert "resuming from" in out.stdout and "(step 17, epoch 1, batch 17)" in out.stdout, out.stdout
-    launch(tmp_path / "straight", "--strategy", strategy, "--checkpoint-every", "never", "--", *TINY,
-           recipe="recipes/tiny_gpt.py")
-    straight, resumed = weights(tmp_path / "straight"), weights(run_dir)
-    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
-    rows = metrics(run_dir, "train")
-    assert [r["step"] for r in rows] == list(range(2, 49, 2))  # 2 x 24 steps, each logged once
-    for row in rows:
-        assert row["lr"] == pytest.approx(0.003 * lr_factor(row["step"], 10, 48), rel=1e-12), row["step"]
-    epochs = metrics(run_dir, "epoch")
-    assert [r["epoch"] for r in epochs] == [1, 1, 2]  # the stopped run's partial epoch, then the two whole ones
-    assert all(r["eval/perplexity"] == pytest.approx(math.exp(r["eval/loss"]), rel=1e-9) for r in epochs)
-    assert epochs[-1]["eval/loss"] < math.log(len(tiny_gpt.VOCAB))  # it learnt something
-    assert "| perplexity: " in out.stdout
 
 
 def test_stop_at_a_target_ends_mnist_at_the_first_evaluation_that_reaches_it(tmp_path, data_dir):
