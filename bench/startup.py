@@ -6,6 +6,8 @@ Each program trains the MNIST recipe for one batch, then evaluates, with W&B and
 
     one process:   plain `python recipes/mnist_cnn.py`   against `dtrain launch --cpu` (no launcher: direct)
     two processes: plain `torchrun --nproc-per-node 2`   against `dtrain launch --cpu --nproc 2`
+    exit:          `dtrain launch --cpu --nproc 2` of the recipe through bench/unfrozen_exit.py (the interpreter's
+                   last collection at each rank's exit, as before `setup()` froze what is alive) against the same
 
 Within a pair the order alternates (ABBA); the answer is the median of the paired differences, with
 quartiles. Also the parts of dtrain's own time: the CLI up to the launch (`--dry-run`), and
@@ -44,6 +46,11 @@ def programs(data_dir: str, scratch: Path) -> dict[str, dict[str, list[str]]]:
         "2 processes": {
             "torchrun": [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", RECIPE, *args],
             "dtrain": [*launch, "--nproc", "2", "--run-dir", str(scratch / "dtrain2"), "--", *args],
+        },
+        "exit": {
+            "unfrozen": [*launch[:2], str(ROOT / "bench" / "unfrozen_exit.py"), *launch[3:], "--nproc", "2",
+                         "--run-dir", str(scratch / "unfrozen"), "--", RECIPE, *args],
+            "dtrain": [*launch, "--nproc", "2", "--run-dir", str(scratch / "frozen"), "--", *args],
         },
     }
 
