@@ -27,13 +27,15 @@ sys.path.insert(0, str(ROOT / "recipes"))
 import tiny_gpt
 
 STEPS = 20
+TINY_GPT_LR = 3e-3
 # Each recipe's arguments for a short run: STEPS optimizer steps, the loss logged every 5. tiny_gpt's and
 # mnist_mlp's two epochs put their checkpoint at step 5 mid-epoch, so a resume from it crosses an epoch.
 RECIPES = {
     "mnist_cnn": ["--epochs", "1", "--limit-train-batches", str(STEPS), "--limit-eval-batches", "4", "--log-every", "5"],
     "mnist_mlp": ["--epochs", "2", "--limit-train-batches", str(STEPS // 2), "--log-every", "5"],
     "tiny_gpt": ["--d-model", "32", "--block", "32", "--layers", "2", "--batch-size", "8", "--max-chars", "60000",
-                 "--epochs", "2", "--limit-train-batches", str(STEPS // 2), "--log-every", "5", "--warmup-steps", "5"],
+                 "--epochs", "2", "--limit-train-batches", str(STEPS // 2), "--log-every", "5", "--warmup-steps", "5",
+                 "--lr", str(TINY_GPT_LR)],
     "hf_causal_lm": ["--block", "32", "--n-embd", "32", "--batch-size", "8", "--max-chars", "60000",
                      "--limit-train-batches", str(STEPS), "--log-every", "5", "--warmup-steps", "5"],
 }
@@ -94,7 +96,7 @@ def test_a_resume_from_mid_epoch_ends_on_the_uninterrupted_runs_weights(tmp_path
     assert [row["step"] for row in metrics(resumed, "train")] == [10, 15, 20]  # each logged once
     if recipe == "tiny_gpt":
         for row in metrics(reference, "train") + metrics(resumed, "train"):
-            assert row["lr"] == pytest.approx(3e-3 * lr_factor(row["step"], 5, STEPS), rel=1e-12), row["step"]
+            assert row["lr"] == pytest.approx(TINY_GPT_LR * lr_factor(row["step"], 5, STEPS), rel=1e-12), row["step"]
         epochs = metrics(reference, "epoch")
         assert all(r["eval/perplexity"] == pytest.approx(math.exp(r["eval/loss"]), rel=1e-9) for r in epochs)
         assert epochs[-1]["eval/loss"] < math.log(len(tiny_gpt.VOCAB))  # it learnt something
