@@ -5,7 +5,8 @@
 Each program trains the MNIST recipe for one batch, then evaluates, with W&B and checkpoints off:
 
     one process:   plain `python recipes/mnist_cnn.py`   against `dtrain launch --cpu` (no launcher: direct)
-    two processes: plain `torchrun --nproc-per-node 2`   against `dtrain launch --cpu --nproc 2`
+    two processes: plain `torchrun --nproc-per-node 2`   against `dtrain launch --cpu --nproc 2` (dtrain's agent)
+    agent:         `dtrain launch --cpu --nproc 2 --launcher torchrun` against the same with dtrain's agent
     exit:          `dtrain launch --cpu --nproc 2` of the recipe through bench/unfrozen_exit.py (the interpreter's
                    last collection at each rank's exit, as before `setup()` froze what is alive) against the same
 
@@ -46,6 +47,11 @@ def programs(data_dir: str, scratch: Path) -> dict[str, dict[str, list[str]]]:
         "2 processes": {
             "torchrun": [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", RECIPE, *args],
             "dtrain": [*launch, "--nproc", "2", "--run-dir", str(scratch / "dtrain2"), "--", *args],
+        },
+        "agent": {
+            "torchrun": [*launch, "--nproc", "2", "--launcher", "torchrun", "--run-dir", str(scratch / "torchrun"),
+                         "--", *args],
+            "local": [*launch, "--nproc", "2", "--run-dir", str(scratch / "local"), "--", *args],
         },
         "exit": {
             "unfrozen": [*launch[:2], str(ROOT / "bench" / "unfrozen_exit.py"), *launch[3:], "--nproc", "2",

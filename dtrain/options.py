@@ -282,9 +282,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("peak_tflops", float, "The device's dense peak TFLOP/s at this precision, for MFU (default: from dtrain's "
            "table of GPUs; none on CPU).", env="DTRAIN_PEAK_TFLOPS", check=positive, example=100.0),
     # How the processes start: the commands that use a launcher.
-    Option("launcher", str, "What starts the processes: torchrun (default), accelerate launch, the deepspeed "
-           "launcher, or direct (no launcher: the default for one process on one node without --max-restarts).",
-           "launcher", default="torchrun", commands=JOB, choices=tuple(launchers.LAUNCHERS)),
+    Option("launcher", str, "What starts the processes: torchrun, accelerate launch, the deepspeed launcher, "
+           "local (dtrain's own agent, without torch: the default for many processes on one node without "
+           "--max-restarts) or direct (no launcher: the default for one process there); torchrun otherwise.",
+           "launcher", commands=JOB, choices=tuple(launchers.LAUNCHERS)),
     Option("nproc", int, "CPU processes per node (with --cpu).", "job", commands=JOB, check=at_least(1), example=2),
     Option("nodes", int, "Number of nodes (default 1).", "job", default=1, commands=JOB - {SWEEP},
            check=at_least(1)),

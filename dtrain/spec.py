@@ -139,9 +139,8 @@ def resolve(options: Mapping[str, Any], gpus_available: int, free_port: int,
     master_port = value("master_port", free_port if nodes == 1 else DEFAULT_MASTER_PORT)
     network = toward(value("master_addr"), route) if nodes > 1 else None
     name, run_dir = _run_dir(options, recipe, nodes)  # 3.
-    one_process = nodes == 1 and nproc == 1 and not value("max_restarts")
     parallel, merged = _parallelism(options, value, device, is_installed, compute_capability,  # 4.
-                                    nodes * nproc, one_process, cpu_flags)
+                                    nodes, nproc, cpu_flags)
     resolved = {**parallel, "wandb_group": value("wandb_group", name if nodes > 1 else None)}
     resolved = {option.name: resolved[option.name] if option.name in resolved else value(option.name)  # 5.
                 for option in SPEC_OPTIONS}
@@ -165,17 +164,24 @@ def toward(master_addr: str, route: Callable[[str], tuple[str, str] | None]) -> 
 
 
 def _parallelism(options: Mapping[str, Any], value: Callable[..., Any], device: str, is_installed: Callable[[str], bool],
-                 compute_capability: float | None, world_size: int, one_process: bool,
+                 compute_capability: float | None, nodes: int, nproc: int,
                  cpu_flags: frozenset[str] | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Launcher, strategy, precision and accumulation, checked together against the registries; and
-    the merged DeepSpeed config of a ZeRO strategy. One process on one node without restarts needs no
-    launcher (`direct`) unless one is named.
+    the merged DeepSpeed config of a ZeRO strategy. Unless one is named, the launcher of one node without
+    restarts is none for one process (`direct`) and dtrain's own agent for more (`local`); torchrun's
+    otherwise.
 
     A DeepSpeed JSON (--deepspeed-config) fills what the command line leaves out (ZeRO stage,
     precision, accumulation) and must agree with what it sets.
     """
-    launcher = launchers.get(value("launcher", launchers.DIRECT if one_process else None))
-    if not launcher.agent and not one_process:
+    world_size = nodes * nproc
+    one_node = nodes == 1 and not value("max_restarts")
+    launcher = launchers.get(value("launcher", (launchers.DIRECT if nproc == 1 else launchers.LOCAL) if one_node
+                                   else launchers.TORCHRUN))
+    if launcher.one_node and nodes > 1:
+        raise UsageError(f"--launcher {launcher.name} starts the processes of one node, and this job has {nodes}; "
+                         "leave --launcher out.")
+    if not launcher.agent and world_size > 1:
         raise UsageError(f"--launcher {launcher.name} runs one process on one node, without --max-restarts; leave "
                          "--launcher out for more.")
     source = options.get("deepspeed_config")

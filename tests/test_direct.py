@@ -1,5 +1,6 @@
 """One process on one node runs without a launcher (`direct`): the same run directory, logs, exit codes,
-failure reports and Ctrl-C as under torchrun's agent, which `--launcher torchrun` still picks."""
+failure reports and Ctrl-C as under torchrun's agent, which `--launcher torchrun` still picks, and as under
+dtrain's own agent (`local`, the default for more processes on one node)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import pytest
 
 from conftest import DTRAIN, ROOT, TEST_RECIPES, processes_with_env, run_dtrain
 
-LAUNCHERS = {"direct": (), "torchrun": ("--launcher", "torchrun")}
+LAUNCHERS = {"direct": (), "torchrun": ("--launcher", "torchrun"), "local": ("--launcher", "local")}
+AGENTS = ("torch.distributed.run", "dtrain.agent")
 
 
 def tree(run_dir: Path) -> set[str]:
@@ -41,16 +43,18 @@ def test_the_run_directory_console_and_logs_are_the_agents(tmp_path, data_dir):
                          "--data-dir", data_dir)
         assert out.returncode == 0, out.stderr
         runs[name] = out
-    direct, agent = tmp_path / "direct", tmp_path / "torchrun"
-    assert tree(direct) == tree(agent)
+    direct = tmp_path / "direct"
     assert "logs/<name>_<id>/attempt_0/0/stdout.log" in tree(direct)
-    for stream in ("stdout", "stderr"):
-        lines = [line.split(" | ")[0] for line in rank0_log(direct, stream).splitlines()]
-        assert lines == [line.split(" | ")[0] for line in rank0_log(agent, stream).splitlines()], stream
     assert "Epoch 1/1" in rank0_log(direct, "stdout")
     epoch_line = [line for line in runs["direct"].stdout.splitlines() if line.startswith("Epoch 1/1")]
-    assert epoch_line == [line for line in runs["torchrun"].stdout.splitlines() if line.startswith("Epoch 1/1")]
+    for agent in (tmp_path / "torchrun", tmp_path / "local"):
+        assert tree(direct) == tree(agent)
+        for stream in ("stdout", "stderr"):
+            lines = [line.split(" | ")[0] for line in rank0_log(direct, stream).splitlines()]
+            assert lines == [line.split(" | ")[0] for line in rank0_log(agent, stream).splitlines()], stream
+        assert epoch_line == [line for line in runs[agent.name].stdout.splitlines() if line.startswith("Epoch 1/1")]
     assert (direct / "logs" / "launcher.log").read_text() == ""  # no launcher, no launcher lines
+    assert (tmp_path / "local" / "logs" / "launcher.log").read_text() == ""  # dtrain's agent is silent
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
@@ -77,9 +81,9 @@ def test_ctrl_c_and_a_killed_worker_end_the_job_alike(tmp_path, launcher, sig, c
     try:
         assert proc.stdout.readline().startswith("ready rank 0")
         workers = processes_with_env("DTRAIN_RUN_DIR", str(run_dir))
-        assert len(workers) == (1 if launcher == "direct" else 2)  # the worker (and torchrun)
+        assert len(workers) == (1 if launcher == "direct" else 2)  # the worker (and the agent)
         if sig == signal.SIGKILL:
-            worker = [p for p in workers if "torch.distributed.run" not in Path(f"/proc/{p}/cmdline").read_text()]
+            worker = [p for p in workers if not any(a in Path(f"/proc/{p}/cmdline").read_text() for a in AGENTS)]
             assert len(worker) == 1
             os.kill(worker[0], signal.SIGKILL)
         else:

@@ -28,6 +28,7 @@ class Launcher:
     package: str | None  # what must be installed to use it
     rank_prefixes: bool  # each worker's line reaches dtrain tagged with its rank ("[rank3]: ...")
     restarts: bool  # can restart the workers (--max-restarts)
+    one_node: bool = False  # starts the processes of one node only
     agent: bool = True  # a process of its own starts the workers; without one, the worker is dtrain's child
 
     def implementation(self) -> ModuleType:
@@ -38,9 +39,13 @@ LAUNCHERS = {launcher.name: launcher for launcher in (
     Launcher("torchrun", "dtrain.launchers.torchrun", package=None, rank_prefixes=True, restarts=True),
     Launcher("accelerate", "dtrain.launchers.accelerate", package="accelerate", rank_prefixes=True, restarts=True),
     Launcher("deepspeed", "dtrain.launchers.deepspeed", package="deepspeed", rank_prefixes=False, restarts=False),
-    Launcher("direct", "dtrain.launchers.direct", package=None, rank_prefixes=False, restarts=False, agent=False),
+    Launcher("local", "dtrain.launchers.local", package=None, rank_prefixes=True, restarts=False, one_node=True),
+    Launcher("direct", "dtrain.launchers.direct", package=None, rank_prefixes=False, restarts=False, one_node=True,
+             agent=False),
 )}
-DIRECT = "direct"  # what a job of one process on one node, without restarts, uses unless --launcher says otherwise
+# What a job on one node without restarts uses unless --launcher says otherwise: no launcher for one process,
+# dtrain's own agent for more; torchrun otherwise.
+DIRECT, LOCAL, TORCHRUN = "direct", "local", "torchrun"
 
 
 @dataclasses.dataclass(frozen=True)

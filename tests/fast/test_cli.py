@@ -45,7 +45,7 @@ def test_dry_run_prints_the_exact_command_and_environment(tmp_path):
                      "--run-dir", str(tmp_path / "r"), "--dry-run", "--", "--epochs", "1", "--lr", "a b")
     assert out.returncode == 0, out.stderr
     assert "DTRAIN_PRECISION=bf16" in out.stdout and f"DTRAIN_RUN_DIR={tmp_path / 'r'}" in out.stdout
-    assert "-m torch.distributed.run --nnodes 1 --nproc-per-node 2" in out.stdout
+    assert "-m dtrain.agent --nproc 2 --master-addr 127.0.0.1" in out.stdout  # one node: dtrain's own agent
     assert out.stdout.rstrip().endswith("recipes/mnist_cnn.py --epochs 1 --lr 'a b'")
     assert not (tmp_path / "r").exists(), "a dry run must not create the run directory"
 
@@ -81,7 +81,7 @@ def test_the_command_line_wins_over_a_variable_of_the_shell_which_wins_over_the_
     out = run_dtrain("launch", "recipes/mnist_cnn.py", "--profile", str(profile), "--precision", "bf16",
                      "--name", "p", "--dry-run", env={"DTRAIN_TIMEOUT_S": "30", "DTRAIN_PRECISION": "fp32"})
     assert out.returncode == 0, out.stderr
-    assert "--nproc-per-node 2" in out.stdout
+    assert "-m dtrain.agent --nproc 2" in out.stdout
     assert "DTRAIN_PRECISION=bf16" in out.stdout and "DTRAIN_SEED=5" in out.stdout
     assert "DTRAIN_TIMEOUT_S=30" in out.stdout
     assert out.stdout.splitlines()[:6] == [

@@ -9,7 +9,7 @@ import pytest
 
 from dtrain.contract import error_record
 from dtrain.job import first_failure
-from dtrain.launchers import ExitStatus, accelerate, deepspeed, torchrun
+from dtrain.launchers import ExitStatus, accelerate, deepspeed, local, torchrun
 
 from conftest import file_size_limit
 
@@ -50,6 +50,16 @@ def test_the_deepspeed_launcher_gives_the_first_failed_workers_code_but_no_rank(
     assert deepspeed.exit_status(log, 1) == ExitStatus(3)
     assert deepspeed.exit_status(log.replace("= 3", "= -9"), 1) == ExitStatus(137, signal=9)
     assert deepspeed.exit_status("", 2) == ExitStatus(2)
+
+
+def test_dtrains_agent_gives_the_failed_workers_code_and_a_killed_one_as_the_cause():
+    """The agent SIGTERMs the others once one has failed; a worker killed by another signal left no error record."""
+    log = "[rank0]: Traceback ...\ndtrain agent: rank 1 failed (exitcode: 3)\n"
+    assert local.exit_status(log, 1) == ExitStatus(3)
+    killed = "dtrain agent: rank 0 failed (exitcode: 1)\ndtrain agent: rank 1 failed (exitcode: -9)\n"
+    assert local.exit_status(killed, 1) == ExitStatus(137, signal=9, rank=1)
+    assert local.exit_status("dtrain agent: rank 1 failed (exitcode: -15)\n", 1) == ExitStatus(143)
+    assert local.exit_status("", 1) == ExitStatus(1)
 
 
 def record(run_dir, rank, time, attempt=0, usage=False, message="ValueError: boom"):

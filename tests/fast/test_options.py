@@ -84,9 +84,7 @@ def test_the_gpu_groups_examples_reach_the_worker_of_a_one_gpu_run():
 def test_defaults_come_from_the_table():
     launch_spec = resolve({"recipe": RECIPE, "cpu": True, "nproc": 2}, gpus_available=0, free_port=29400)
     assert list(launch_spec.options) == [option.name for option in SPEC_OPTIONS]
-    assert launch_spec.options == {option.name: option.default for option in SPEC_OPTIONS}
-    one = resolve({"recipe": RECIPE, "cpu": True}, gpus_available=0, free_port=29400)
-    assert one.options == {**launch_spec.options, "launcher": "direct"}  # one process needs no launcher
+    assert launch_spec.options == {**{option.name: option.default for option in SPEC_OPTIONS}, "launcher": "local"}
     worker = contract.read_env({})
     assert worker.options == {option.name: option.default for option in WORKER_OPTIONS}
 

@@ -7,7 +7,7 @@ import pytest
 from dtrain import contract, hardware, spec, wandb_mode
 from dtrain.errors import UsageError
 from dtrain.job import console_text
-from dtrain.launchers import torchrun
+from dtrain.launchers import local, torchrun
 
 from conftest import ROOT
 
@@ -249,3 +249,36 @@ def test_precision_auto_is_decided_by_the_launch_and_left_to_the_node_under_slur
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 amx_bf16 avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")
     assert hardware.cpu_flags(str(cpuinfo)) == frozenset({"fpu", "sse2", "amx_bf16", "avx512_bf16"})
     assert hardware.cpu_flags(str(tmp_path / "none")) == frozenset()
+
+
+@pytest.mark.parametrize("options, launcher", [
+    ({"cpu": True}, "direct"),  # one process needs no launcher
+    ({"cpu": True, "nproc": 2}, "local"),  # one node: dtrain's own agent, which does not import torch
+    ({"gpus_available": 8}, "local"),
+    ({"cpu": True, "nproc": 2, "max_restarts": 1}, "torchrun"),  # restarts are torchrun's
+    ({"cpu": True, "nodes": 2, "name": "x"}, "torchrun"),  # so is a rendezvous of nodes
+    ({"cpu": True, "nproc": 2, "launcher": "torchrun"}, "torchrun"),
+])
+def test_the_launcher_is_none_for_one_process_dtrains_agent_on_one_node_and_torchrun_beyond(options, launcher):
+    options = dict(options)
+    available = options.pop("gpus_available", 0)
+    assert spec.resolve({"recipe": RECIPE, **options}, gpus_available=available, free_port=29400).launcher == launcher
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"launcher": "local", "nodes": 2, "name": "x"}, "--launcher local starts the processes of one node, and this "
+                                                     "job has 2; leave --launcher out."),
+    ({"launcher": "local", "max_restarts": 1}, "--launcher local does not restart workers"),
+    ({"launcher": "direct", "nproc": 2}, "--launcher direct runs one process on one node"),
+])
+def test_a_launcher_of_one_node_is_refused_beyond_it(options, words):
+    with pytest.raises(UsageError, match=words):
+        spec.resolve({"recipe": RECIPE, "cpu": True, **options}, gpus_available=0, free_port=29400)
+
+
+def test_dtrains_agent_takes_the_rendezvous_address_and_the_log_folder():
+    one_node = resolve(gpus_available=2, gpus=2, name="n", recipe_args=("--epochs", "2"))
+    argv, env = local.build_command(one_node, cpus=8, base_env={}, python="python")
+    assert argv == ["python", "-m", "dtrain.agent", "--nproc", "2", "--master-addr", "127.0.0.1", "--master-port",
+                    "41234", "--log-dir", "runs/n/logs", "--run-id", "n", RECIPE, "--epochs", "2"]
+    assert env["OMP_NUM_THREADS"] == "4"

@@ -1,0 +1,134 @@
+"""dtrain's own agent (`python -m dtrain.agent`): the workers of one node, without restarts, without torch.
+
+torchrun's agent imports torch before it starts a worker (2-3 s of one core on a small machine) and
+exits after them; on one node without restarts its rendezvous and its elastic machinery do nothing in
+return. This agent starts the same workers with the environment torchrun gives them (rank 0 hosts the
+store at MASTER_ADDR:MASTER_PORT), tags their lines as torchrun does (`[rankN]: `), keeps each rank's
+stdout and stderr in torchrun's layout (`<log-dir>/<run-id>_local/attempt_0/<rank>/`), and when a worker
+fails, stops the others (SIGTERM, then SIGKILL after a grace period) and prints one summary line per
+failed worker, which `dtrain.launchers.local.exit_status` reads. SIGTERM, SIGINT or SIGHUP to the agent
+stops every worker the same way. The preemption signal is not its business: `dtrain launch` sends it
+to the workers, and the agent inherits its being ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO
+
+from dtrain.job import die_with_parent
+
+GRACE_S = 30  # what a worker has to end after SIGTERM, as torchrun gives it
+FAILED = "dtrain agent: rank {rank} failed (exitcode: {code})"
+
+
+def rank_env(rank: int, nproc: int, master_addr: str, master_port: int) -> dict[str, str]:
+    """What torchrun gives each worker of a one-node job about its place in it."""
+    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
+            "GROUP_RANK": "0", "GROUP_WORLD_SIZE": "1", "ROLE_RANK": str(rank), "ROLE_WORLD_SIZE": str(nproc),
+            "ROLE_NAME": "default", "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)}
+
+
+def log_folder(log_dir: str, run_id: str, rank: int) -> Path:
+    return Path(log_dir) / f"{run_id}_local" / "attempt_0" / str(rank)
+
+
+def _tee(source: IO[str], log_path: Path, out: IO[str], prefix: str, lock: threading.Lock) -> None:
+    """Each line to the rank's log file (while its disk allows) and, tagged, to the agent's stream."""
+    try:
+        log = open(log_path, "w", buffering=1)
+    except OSError:
+        log = None
+    for line in source:
+        if log is not None:
+            try:
+                log.write(line)
+            except OSError:
+                log = None
+        with lock:
+            out.write(prefix + line)
+            out.flush()
+    if log is not None:
+        try:
+            log.close()
+        except OSError:
+            pass
+
+
+def run(nproc: int, master_addr: str, master_port: int, log_dir: str, run_id: str, argv: list[str]) -> int:
+    workers: list[subprocess.Popen] = []
+    pumps: list[threading.Thread] = []
+    locks = {sys.stdout: threading.Lock(), sys.stderr: threading.Lock()}
+    stopping: list[int] = []
+
+    def stop(signum, _frame):
+        stopping.append(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, stop)
+    for rank in range(nproc):
+        folder = log_folder(log_dir, run_id, rank)
+        folder.mkdir(parents=True, exist_ok=True)
+        worker = subprocess.Popen([sys.executable, "-u", *argv], env={**os.environ, **rank_env(rank, nproc, master_addr,
+                                                                                              master_port)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+                                  start_new_session=True, preexec_fn=die_with_parent)
+        workers.append(worker)
+        for source, name, out in ((worker.stdout, "stdout", sys.stdout), (worker.stderr, "stderr", sys.stderr)):
+            pump = threading.Thread(target=_tee, args=(source, folder / f"{name}.log", out, f"[rank{rank}]: ",
+                                                       locks[out]), daemon=True)
+            pump.start()
+            pumps.append(pump)
+
+    failed: list[tuple[int, int]] = []
+    while not stopping:
+        codes = [worker.poll() for worker in workers]
+        failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
+        if failed or None not in codes:
+            break
+        time.sleep(0.05)
+    if failed or stopping:
+        _stop(workers)
+    for pump in pumps:
+        pump.join()
+    for rank, code in failed:
+        print(FAILED.format(rank=rank, code=code), file=sys.stderr, flush=True)
+    if stopping:
+        return 128 + stopping[0]
+    return 1 if failed else 0
+
+
+def _stop(workers: list[subprocess.Popen]) -> None:
+    for worker in workers:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + GRACE_S
+    for worker in workers:
+        try:
+            worker.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m dtrain.agent", description=__doc__.split("\n")[0])
+    parser.add_argument("--nproc", type=int, required=True)
+    parser.add_argument("--master-addr", required=True)
+    parser.add_argument("--master-port", type=int, required=True)
+    parser.add_argument("--log-dir", required=True)
+    parser.add_argument("--run-id", required=True)
+    parser.add_argument("argv", nargs=argparse.REMAINDER, help="the recipe and its arguments")
+    args = parser.parse_args()
+    sys.exit(run(args.nproc, args.master_addr, args.master_port, args.log_dir, args.run_id, args.argv))
+
+
+if __name__ == "__main__":
+    main()
