@@ -92,12 +92,12 @@ def train_loss_at(run_dir: Path, step: int) -> float:
     return next(r["train/loss"] for r in metrics(run_dir, TRAIN) if r["step"] == step)
 
 
-def train_steps(run_dir: Path, data_dir: str, *options: str, steps: int = 30,
+def train_steps(run_dir: Path, data_dir: str, *options: str, steps: int = 30, log_every: int | None = None,
                 devices: tuple[str, ...] = CPU_PAIR) -> float:
-    """The training loss at step `steps` (the mean of steps 1 to `steps`) of the SGD MNIST recipe in batches of 64,
-    without an evaluation."""
+    """The training loss at step `steps` (the mean of the `log_every` steps up to it, by default all) of the SGD MNIST
+    recipe in batches of 64, without an evaluation."""
     launch(run_dir, *options, "--max-steps", str(steps), "--checkpoint-every", "never", "--", "--lr", "0.01",
-           "--batch-size", "64", "--log-every", str(steps), "--data-dir", data_dir,
+           "--batch-size", "64", "--log-every", str(log_every or steps), "--data-dir", data_dir,
            recipe=str(TEST_RECIPES / "mnist_sgd.py"), devices=devices)
     return train_loss_at(run_dir, steps)
 

@@ -1,10 +1,13 @@
 """One recipe under every strategy, launcher and precision: the portability matrix, with real processes.
 
-Every recipe x strategy under torchrun in fp32 trains a few steps and its loss goes down; tiny_gpt under every
+Every recipe x strategy under the default launcher (dtrain's own agent) in fp32 trains a few steps and its loss
+goes down, tiny_gpt under the sharded strategies with its blocks' activations checkpointed; tiny_gpt under every
 strategy, and the custom-loop mnist_mlp under ZeRO 1, resume from a mid-epoch checkpoint of that run and end on
-its weights bit for bit. Half precision under each strategy: tests/test_strategies.py; the accelerate and
-deepspeed launchers: there and tests/test_network.py. Then: ctx.clip_grad_norm means the same under ZeRO as
-under DDP, an HF model's blocks come from the model, and a refused combination is one sentence from rank 0.
+its weights bit for bit. accelerate launch and the deepspeed launcher train what the default launcher does, bit
+for bit (torchrun: tests/test_direct.py, tests/test_launch.py, every restart and every job of several nodes). Half
+precision under each strategy: tests/test_strategies.py.
+Then: ctx.clip_grad_norm means the same under ZeRO as under DDP, an HF model's blocks come from the model, and a
+refused combination is one sentence from rank 0.
 """
 
 from __future__ import annotations
@@ -41,11 +44,15 @@ RECIPES = {
 }
 STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
 RESUMED = [("tiny_gpt", strategy) for strategy in STRATEGIES] + [("mnist_mlp", "zero1")]
+CHECKPOINTED = {("tiny_gpt", "fsdp"), ("tiny_gpt", "zero3")}  # activation checkpointing under sharding
+LAUNCHERS = [("accelerate", "ddp"), ("deepspeed", "zero2")]
 
 
-def train(run_dir: Path, recipe: str, data_dir: str, *options: str):
+def train(run_dir: Path, recipe: str, data_dir: str, strategy: str, *options: str):
     recipe_args = RECIPES[recipe] + (["--data-dir", data_dir] if recipe.startswith("mnist") else [])
-    return launch(run_dir, "--checkpoint-every", "5", *options, "--", *recipe_args, recipe=f"recipes/{recipe}.py")
+    checkpointed = ("--activation-checkpointing",) if (recipe, strategy) in CHECKPOINTED else ()
+    return launch(run_dir, "--checkpoint-every", "5", "--strategy", strategy, *checkpointed, *options, "--",
+                  *recipe_args, recipe=f"recipes/{recipe}.py")
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -65,7 +72,7 @@ def straight(tmp_path_factory, data_dir) -> Callable[[str, str], tuple[Path, str
     def run(recipe: str, strategy: str) -> tuple[Path, str]:
         if (recipe, strategy) not in runs:
             run_dir = tmp_path_factory.mktemp(f"{recipe}-{strategy}") / "run"
-            runs[recipe, strategy] = run_dir, train(run_dir, recipe, data_dir, "--strategy", strategy).stdout
+            runs[recipe, strategy] = run_dir, train(run_dir, recipe, data_dir, strategy).stdout
         return runs[recipe, strategy]
 
     return run
@@ -88,19 +95,33 @@ def test_a_resume_from_mid_epoch_ends_on_the_uninterrupted_runs_weights(tmp_path
     """The optimizer, the sampler's place and (tiny_gpt) the per-step warm-up and cosine come back."""
     reference, console = straight(recipe, strategy)
     resumed = tmp_path / "resumed"
-    out = train(resumed, recipe, data_dir, "--strategy", strategy,
-                "--resume", str(reference / "checkpoints" / "step_0000005"))
+    out = train(resumed, recipe, data_dir, strategy, "--resume", str(reference / "checkpoints" / "step_0000005"))
     assert "resuming from" in out.stdout and "(step 5, epoch 1, batch 5)" in out.stdout, out.stdout
     expected, got = weights(reference), weights(resumed)
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
     assert [row["step"] for row in metrics(resumed, "train")] == [10, 15, 20]  # each logged once
     if recipe == "tiny_gpt":
+        assert got["head.weight"].shape == (len(tiny_gpt.VOCAB), 32)  # the whole model, gathered
         for row in metrics(reference, "train") + metrics(resumed, "train"):
             assert row["lr"] == pytest.approx(TINY_GPT_LR * lr_factor(row["step"], 5, STEPS), rel=1e-12), row["step"]
         epochs = metrics(reference, "epoch")
         assert all(r["eval/perplexity"] == pytest.approx(math.exp(r["eval/loss"]), rel=1e-9) for r in epochs)
         assert epochs[-1]["eval/loss"] < math.log(len(tiny_gpt.VOCAB))  # it learnt something
         assert "| perplexity: " in console
+
+
+@pytest.mark.parametrize("launcher, strategy", LAUNCHERS, ids=[f"{lr}-{s}" for lr, s in LAUNCHERS])
+def test_another_launcher_trains_what_the_default_one_does(tmp_path, data_dir, straight, launcher, strategy):
+    """The launcher only starts the processes: one job of the same world, the same weights bit for bit. DeepSpeed's
+    CPU all-reduce maps a /dev/shm file per rank (69 MB each here) and never removes it; dtrain does."""
+    shared_memory = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+    reference, _ = straight("mnist_cnn", strategy)
+    run_dir = tmp_path / launcher
+    train(run_dir, "mnist_cnn", data_dir, strategy, "--launcher", launcher)
+    expected, got = weights(reference), weights(run_dir)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert losses(run_dir) == losses(reference)
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) == shared_memory
 
 
 @pytest.fixture(scope="module")
