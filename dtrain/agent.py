@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +28,12 @@ from dtrain.job import die_with_parent
 
 GRACE_S = 30  # what a worker has to end after SIGTERM, as torchrun gives it
 FAILED = "dtrain agent: rank {rank} failed (exitcode: {code})"
+_FAILED = re.compile(r"^dtrain agent: rank (\d+) failed \(exitcode: (-?\d+)\)$", re.MULTILINE)
+
+
+def failures(agent_log: str) -> list[tuple[int, int]]:
+    """(rank, exit code) of each worker that failed, as the agent's lines say (-N: killed by signal N)."""
+    return [(int(rank), int(code)) for rank, code in _FAILED.findall(agent_log)]
 
 
 def rank_env(rank: int, nproc: int, master_addr: str, master_port: int) -> dict[str, str]:

@@ -18,6 +18,7 @@ import torch
 
 from dtrain import checkpoints, contract
 from dtrain.metrics import TRAIN
+from dtrain.runtime.checkpoint import export_model
 
 from conftest import DTRAIN, ROOT, TEST_RECIPES, metrics, processes_with_env, run_dtrain
 
@@ -168,8 +169,8 @@ def test_a_checkpoint_reshards_from_two_processes_to_one_and_back(tmp_path, data
     two = tmp_path / "two"
     out = launch(two, data_dir, "--max-steps", "30", recipe_args=["--epochs", "1", *FAST])
     assert out.returncode == 0, out.stderr
-    exported = tmp_path / "two.pth"
-    assert run_dtrain("ckpt", "export", str(two), "--out", str(exported)).returncode == 0
+    exported = tmp_path / "two.pth"  # in this process: `dtrain ckpt export` itself is test_ckpt_ls_and_export's
+    export_model(two / "checkpoints" / "step_0000030", exported)
     assert_bit_equal(weights(exported), weights(two / "model.pth"))
 
     # 2 -> 1: load the 2-process checkpoint on 1 process; the weights arrive unchanged ...
@@ -187,7 +188,7 @@ def test_a_checkpoint_reshards_from_two_processes_to_one_and_back(tmp_path, data
     back = launch(two, data_dir, "--max-steps", "40", recipe_args=["--epochs", "2", *FAST])
     assert back.returncode == 0 and "step_0000040" in back.stdout, back.stderr
     exported_40 = tmp_path / "one.pth"
-    assert run_dtrain("ckpt", "export", str(two), "--step", "40", "--out", str(exported_40)).returncode == 0
+    export_model(two / "checkpoints" / "step_0000040", exported_40)
     assert_bit_equal(weights(exported_40), weights(two / "model.pth"))
 
 

@@ -6,16 +6,14 @@ see `dtrain/agent.py`.
 
 from __future__ import annotations
 
-import re
 import signal
 import sys
 from collections.abc import Mapping
 
+from dtrain.agent import failures
 from dtrain.contract import worker_env
 from dtrain.launchers import ExitStatus
 from dtrain.spec import LaunchSpec
-
-_FAILED = re.compile(r"^dtrain agent: rank (\d+) failed \(exitcode: (-?\d+)\)$", re.MULTILINE)
 
 
 def files(spec: LaunchSpec) -> dict[str, str]:
@@ -33,7 +31,7 @@ def build_command(spec: LaunchSpec, cpus: int, base_env: Mapping[str, str],
 def exit_status(launcher_log: str, launcher_code: int) -> ExitStatus:
     """The failed worker's exit code from the agent's summary; one killed by a signal other than the SIGTERM
     that stops the others is the cause (it left no error record)."""
-    failed = [(int(rank), int(code)) for rank, code in _FAILED.findall(launcher_log)]
+    failed = failures(launcher_log)
     for rank, code in failed:
         if code < 0 and -code != signal.SIGTERM:
             return ExitStatus(128 - code, signal=-code, rank=rank)
