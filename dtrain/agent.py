@@ -14,6 +14,7 @@ to the workers, and the agent inherits its being ignored.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import signal
@@ -63,10 +64,8 @@ def _tee(source: IO[str], log_path: Path, out: IO[str], prefix: str, lock: threa
             out.write(prefix + line)
             out.flush()
     if log is not None:
-        try:
+        with contextlib.suppress(OSError):
             log.close()
-        except OSError:
-            pass
 
 
 def run(nproc: int, master_addr: str, master_port: int, log_dir: str, run_id: str, argv: list[str]) -> int:
@@ -82,11 +81,12 @@ def run(nproc: int, master_addr: str, master_port: int, log_dir: str, run_id: st
         signal.signal(signum, stop)
     for rank in range(nproc):
         folder = log_folder(log_dir, run_id, rank)
-        folder.mkdir(parents=True, exist_ok=True)
-        worker = subprocess.Popen([sys.executable, "-u", *argv], env={**os.environ, **rank_env(rank, nproc, master_addr,
-                                                                                              master_port)},
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
-                                  start_new_session=True, preexec_fn=die_with_parent)
+        with contextlib.suppress(OSError):  # a full disk costs the rank's log files, not the job
+            folder.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **rank_env(rank, nproc, master_addr, master_port)}
+        worker = subprocess.Popen([sys.executable, "-u", *argv], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=True,
+                                  preexec_fn=die_with_parent)
         workers.append(worker)
         for source, name, out in ((worker.stdout, "stdout", sys.stdout), (worker.stderr, "stderr", sys.stderr)):
             pump = threading.Thread(target=_tee, args=(source, folder / f"{name}.log", out, f"[rank{rank}]: ",
