@@ -1,4 +1,5 @@
-"""torchrun (`python -m torch.distributed.run`): the default launcher, and the failure summary it prints."""
+"""torchrun (`python -m torch.distributed.run`): the launcher of several nodes and of restarts, and the failure
+summary it prints."""
 
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ def check_world(env: WorkerEnv) -> None:
     if env.launched_world_size is not None and env.launched_world_size != env.world_size:
         raise UsageError(f"this process was started as one of a world of {env.world_size}, but dtrain launched "
                          f"{env.launched_world_size} processes: the launcher did not join them into one job; "
-                         "check its configuration, or use the default launcher (torchrun).")
+                         "check its configuration, or leave --launcher out.")
 
 
 def init_process_group(env: WorkerEnv, device: torch.device) -> None:
