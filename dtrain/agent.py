@@ -4,7 +4,7 @@ torchrun's agent imports torch before it starts a worker (2-3 s of one core on a
 exits after them; on one node without restarts its rendezvous and its elastic machinery do nothing in
 return. This agent starts the same workers with the environment torchrun gives them (rank 0 hosts the
 store at MASTER_ADDR:MASTER_PORT), tags their lines as torchrun does (`[rankN]: `), keeps each rank's
-stdout and stderr in torchrun's layout (`<log-dir>/<run-id>_local/attempt_0/<rank>/`), and when a worker
+stdout and stderr in torchrun's layout (`<log-dir>/<rank>/`, `launchers.attempt_logs`), and when a worker
 fails, stops the others (SIGTERM, then SIGKILL after a grace period) and prints one summary line per
 failed worker, which `dtrain.launchers.local.exit_status` reads. SIGTERM, SIGINT or SIGHUP to the agent
 stops every worker the same way. The preemption signal is not its business: `dtrain launch` sends it
@@ -14,7 +14,6 @@ to the workers, and the agent inherits its being ignored.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import signal
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from dtrain.job import die_with_parent
+from dtrain.job import LauncherLog, die_with_parent
 
 GRACE_S = 30  # what a worker has to end after SIGTERM, as torchrun gives it
 FAILED = "dtrain agent: rank {rank} failed (exitcode: {code})"
@@ -44,31 +43,17 @@ def rank_env(rank: int, nproc: int, master_addr: str, master_port: int) -> dict[
             "ROLE_NAME": "default", "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)}
 
 
-def log_folder(log_dir: str, run_id: str, rank: int) -> Path:
-    return Path(log_dir) / f"{run_id}_local" / "attempt_0" / str(rank)
-
-
-def _tee(source: IO[str], log_path: Path, out: IO[str], prefix: str, lock: threading.Lock) -> None:
+def _tee(source: IO[str], log: LauncherLog, out: IO[str], prefix: str, lock: threading.Lock) -> None:
     """Each line to the rank's log file (while its disk allows) and, tagged, to the agent's stream."""
-    try:
-        log = open(log_path, "w", buffering=1)
-    except OSError:
-        log = None
     for line in source:
-        if log is not None:
-            try:
-                log.write(line)
-            except OSError:
-                log = None
+        log.write(line)
         with lock:
             out.write(prefix + line)
             out.flush()
-    if log is not None:
-        with contextlib.suppress(OSError):
-            log.close()
+    log.close()
 
 
-def run(nproc: int, master_addr: str, master_port: int, log_dir: str, run_id: str, argv: list[str]) -> int:
+def run(nproc: int, master_addr: str, master_port: int, log_dir: str, argv: list[str]) -> int:
     workers: list[subprocess.Popen] = []
     pumps: list[threading.Thread] = []
     locks = {sys.stdout: threading.Lock(), sys.stderr: threading.Lock()}
@@ -80,17 +65,14 @@ def run(nproc: int, master_addr: str, master_port: int, log_dir: str, run_id: st
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, stop)
     for rank in range(nproc):
-        folder = log_folder(log_dir, run_id, rank)
-        with contextlib.suppress(OSError):  # a full disk costs the rank's log files, not the job
-            folder.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **rank_env(rank, nproc, master_addr, master_port)}
         worker = subprocess.Popen([sys.executable, "-u", *argv], env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=True,
                                   preexec_fn=die_with_parent)
         workers.append(worker)
         for source, name, out in ((worker.stdout, "stdout", sys.stdout), (worker.stderr, "stderr", sys.stderr)):
-            pump = threading.Thread(target=_tee, args=(source, folder / f"{name}.log", out, f"[rank{rank}]: ",
-                                                       locks[out]), daemon=True)
+            log = LauncherLog(str(Path(log_dir) / str(rank) / f"{name}.log"))
+            pump = threading.Thread(target=_tee, args=(source, log, out, f"[rank{rank}]: ", locks[out]), daemon=True)
             pump.start()
             pumps.append(pump)
 
@@ -130,11 +112,10 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, required=True)
     parser.add_argument("--master-addr", required=True)
     parser.add_argument("--master-port", type=int, required=True)
-    parser.add_argument("--log-dir", required=True)
-    parser.add_argument("--run-id", required=True)
+    parser.add_argument("--log-dir", required=True, help="each rank's stdout.log and stderr.log go in <log-dir>/<rank>/")
     parser.add_argument("argv", nargs=argparse.REMAINDER, help="the recipe and its arguments")
     args = parser.parse_args()
-    sys.exit(run(args.nproc, args.master_addr, args.master_port, args.log_dir, args.run_id, args.argv))
+    sys.exit(run(args.nproc, args.master_addr, args.master_port, args.log_dir, args.argv))
 
 
 if __name__ == "__main__":

@@ -175,9 +175,11 @@ def _parallelism(options: Mapping[str, Any], value: Callable[..., Any], device: 
     precision, accumulation) and must agree with what it sets.
     """
     world_size = nodes * nproc
-    one_node = nodes == 1 and not value("max_restarts")
-    launcher = launchers.get(value("launcher", (launchers.DIRECT if nproc == 1 else launchers.LOCAL) if one_node
-                                   else launchers.TORCHRUN))
+    if nodes > 1 or value("max_restarts"):
+        default = launchers.TORCHRUN
+    else:
+        default = launchers.DIRECT if nproc == 1 else launchers.LOCAL
+    launcher = launchers.get(value("launcher", default))
     if launcher.one_node and nodes > 1:
         raise UsageError(f"--launcher {launcher.name} starts the processes of one node, and this job has {nodes}; "
                          "leave --launcher out.")

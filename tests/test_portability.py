@@ -121,7 +121,8 @@ def test_another_launcher_trains_what_the_default_one_does(tmp_path, data_dir, s
     expected, got = weights(reference), weights(run_dir)
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
     assert losses(run_dir) == losses(reference)
-    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) == shared_memory
+    if launcher == "deepspeed":
+        assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) == shared_memory
 
 
 @pytest.fixture(scope="module")

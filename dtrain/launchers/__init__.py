@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -56,6 +58,24 @@ class ExitStatus:
     signal: int | None = None  # a worker was killed by this signal (it left no error record) ...
     rank: int | None = None  # ... and this was its rank, when the launcher says
     rendezvous_timeout: bool = False  # the nodes never met: no worker started
+
+
+def worker_failure(failed: Sequence[tuple[int, int]], launcher_code: int) -> ExitStatus:
+    """The job's exit status from its launcher's account of each failed worker (rank, exit code; -N: killed by
+    signal N). A worker killed by a signal left no error record, and its peers' errors ("connection reset") are only
+    the consequence: it is the cause. SIGTERM does not count: the launcher sends it to the survivors when it tears
+    down. Otherwise the first worker's own code."""
+    for rank, code in failed:
+        if code < 0 and -code != signal.SIGTERM:
+            return ExitStatus(128 - code, signal=-code, rank=rank)
+    code = next((c for _, c in failed if c > 0), failed[0][1] if failed else 0)
+    return ExitStatus(128 - code if code < 0 else code or launcher_code)
+
+
+def attempt_logs(spec: LaunchSpec, launcher: str) -> Path:
+    """Where a launcher of dtrain's own (direct, local) keeps each rank's stdout and stderr: torchrun's layout,
+    `<rank>/{stdout,stderr}.log` under this folder, so every launch's run directory reads alike."""
+    return Path(spec.log_dir) / f"{spec.name}_{launcher}" / "attempt_0"
 
 
 def get(name: str) -> Launcher:

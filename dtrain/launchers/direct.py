@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 
 from dtrain.contract import worker_env
-from dtrain.launchers import ExitStatus
+from dtrain.launchers import DIRECT, ExitStatus, attempt_logs
 from dtrain.spec import LaunchSpec
 
 RANK_ZERO = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": "0"}
@@ -26,7 +25,7 @@ def files(spec: LaunchSpec) -> dict[str, str]:
 
 def rank_logs(spec: LaunchSpec) -> tuple[str, str]:
     """Where the worker's stdout and stderr are kept: torchrun's layout, as a world of one's."""
-    folder = Path(spec.log_dir) / f"{spec.name}_direct" / "attempt_0" / "0"
+    folder = attempt_logs(spec, DIRECT) / "0"
     return str(folder / "stdout.log"), str(folder / "stderr.log")
 
 

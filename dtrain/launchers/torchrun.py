@@ -4,12 +4,11 @@ summary it prints."""
 from __future__ import annotations
 
 import re
-import signal
 import sys
 from collections.abc import Mapping
 
 from dtrain.contract import worker_env
-from dtrain.launchers import ExitStatus
+from dtrain.launchers import ExitStatus, worker_failure
 from dtrain.spec import LaunchSpec
 
 # Global rank in front of every line torchrun copies to the console or a log file. Given through the
@@ -52,19 +51,14 @@ _SUMMARY_FAILURE = re.compile(r"rank\s*: (\d+) \(local_rank: \d+\)\s*\n\s*exitco
 
 
 def exit_status(launcher_log: str, launcher_code: int) -> ExitStatus:
-    """The failed worker's exit code (torchrun itself always exits 1), from torchrun's failure summary.
-
-    A worker killed by a signal left no error record, and its peers' errors ("connection reset") are
-    only the consequence: it is the cause. SIGTERM does not count: torchrun sends it to the survivors
-    when it tears down. Before any worker: the nodes never met (the rendezvous, or accelerate's static
-    store, timed out).
+    """The failed worker's exit code (torchrun itself always exits 1), from torchrun's failure summary
+    (`worker_failure`), else its last "failed (exitcode: N)" line. Before any worker: the nodes never met
+    (the rendezvous, or accelerate's static store, timed out).
     """
     if "RendezvousTimeoutError" in launcher_log or "client socket has timed out" in launcher_log:
         return ExitStatus(launcher_code, rendezvous_timeout=True)
     summary = [(int(rank), int(code)) for rank, code in _SUMMARY_FAILURE.findall(launcher_log)]
-    for rank, code in summary:
-        if code < 0 and -code != signal.SIGTERM:
-            return ExitStatus(128 - code, signal=-code, rank=rank)
-    codes = [code for _, code in summary] or [int(code) for code in _WORKER_FAILED.findall(launcher_log)[-1:]]
-    code = next((c for c in codes if c > 0), codes[0] if codes else 0)
+    if summary:
+        return worker_failure(summary, launcher_code)
+    code = next((int(code) for code in _WORKER_FAILED.findall(launcher_log)[-1:]), 0)
     return ExitStatus(128 - code if code < 0 else code or launcher_code)

@@ -280,5 +280,5 @@ def test_dtrains_agent_takes_the_rendezvous_address_and_the_log_folder():
     one_node = resolve(gpus_available=2, gpus=2, name="n", recipe_args=("--epochs", "2"))
     argv, env = local.build_command(one_node, cpus=8, base_env={}, python="python")
     assert argv == ["python", "-m", "dtrain.agent", "--nproc", "2", "--master-addr", "127.0.0.1", "--master-port",
-                    "41234", "--log-dir", "runs/n/logs", "--run-id", "n", RECIPE, "--epochs", "2"]
+                    "41234", "--log-dir", "runs/n/logs/n_local/attempt_0", RECIPE, "--epochs", "2"]
     assert env["OMP_NUM_THREADS"] == "4"
