@@ -39,7 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from dtrain import hardware, metrics  # noqa: E402  (no torch: GPU count from CUDA_VISIBLE_DEVICES / nvidia-smi)
+from dtrain.core import hardware, metrics  # noqa: E402  (no torch: GPU count from CUDA_VISIBLE_DEVICES / nvidia-smi)
 
 TRAIN_SAMPLES = 60_000
 TARGET_ACCURACY = 99.0

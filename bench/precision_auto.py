@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dtrain import hardware, spec  # noqa: E402
+from dtrain.core import hardware, spec  # noqa: E402
 
 from compare import logged_samples_per_s  # noqa: E402
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from dtrain import hardware, metrics  # noqa: E402
+from dtrain.core import hardware, metrics  # noqa: E402
 
 from compare import dtrain_launch, logged_samples_per_s, parse_epoch_line, publish  # noqa: E402
 

@@ -1,7 +1,7 @@
 """The `dtrain` command line. It must never import torch: `--help` and `--dry-run` stay instant.
 
-Every option comes from the table in `dtrain.options`; a command here takes the rows made for it,
-resolves them into a LaunchSpec (`dtrain.spec`) and acts on that spec.
+Every option comes from the table in `dtrain.core.options`; a command here takes the rows made for it,
+resolves them into a LaunchSpec (`dtrain.core.spec`) and acts on that spec.
 """
 
 from __future__ import annotations
@@ -22,11 +22,15 @@ from typing import Any, Callable
 import click
 from click.core import ParameterSource
 
-from dtrain import __version__, contract, hardware, launchers, options, slurm
+from dtrain import __version__
+from dtrain.core import contract, hardware, options, rundir
+from dtrain.core.options import DEBUG, LAUNCH, SUBMIT, SWEEP, Option
+from dtrain.core.rundir import RunDir
+from dtrain.core.spec import AUTO, DEFAULT_MASTER_PORT, LaunchSpec, decide_precision, default_name, resolve
+from dtrain.core.wandb_mode import wandb_mode
+from dtrain.engines import slurm
 from dtrain.errors import UsageError
-from dtrain.options import DEBUG, LAUNCH, SUBMIT, SWEEP, Option
-from dtrain.spec import AUTO, DEFAULT_MASTER_PORT, LaunchSpec, decide_precision, default_name, resolve
-from dtrain.wandb_mode import wandb_mode
+from dtrain.launch import launchers
 
 STARTED = time.time()
 
@@ -114,7 +118,7 @@ def launch(ctx: click.Context, profile: str | None, dry_run: bool | None, spec: 
     env[contract.LAUNCH_TIME] = f"{STARTED:.3f}"
     if launch_spec.device == "cpu" and spec is None and not given.get("cpu"):
         click.echo("dtrain: no GPU is visible; running 1 CPU process (use --cpu --nproc N for more).", err=True)
-    from dtrain.job import probe_run_dir, record_end, run_dir_lock, run_job, write_files
+    from dtrain.launch.job import probe_run_dir, record_end, run_dir_lock, run_job, write_files
 
     probe_run_dir(launch_spec.run_dir)
     with run_dir_lock(launch_spec):
@@ -166,8 +170,8 @@ def debug(ctx: click.Context, **given: Any) -> int:
     launch_spec = resolve(given, gpus_available, free_port=DEFAULT_MASTER_PORT, sources=sources,
                           **_precision_facts(given.get("precision"), gpus_available))
     launch_spec = _resolve_wandb(launch_spec.replace(nproc=1), quiet=False)
-    from dtrain.debug import run_in_process
-    from dtrain.job import probe_run_dir, run_dir_lock
+    from dtrain.launch.debug import run_in_process
+    from dtrain.launch.job import probe_run_dir, run_dir_lock
 
     probe_run_dir(launch_spec.run_dir)
     with run_dir_lock(launch_spec):
@@ -185,7 +189,7 @@ def sweep(ctx: click.Context, profile: str | None, dry_run: bool | None, grid: t
     \b
     dtrain sweep recipes/mnist_mlp.py --cpu --grid lr=1e-3,3e-4 --grid batch-size=64,128 --metric eval/accuracy
     """
-    from dtrain import sweep as sweeps
+    from dtrain.launch import sweep as sweeps
 
     given, sources = _given(ctx, given, profile, SWEEP)
     goal = sweeps.parse_metric(metric) if metric else None
@@ -206,7 +210,7 @@ def sweep(ctx: click.Context, profile: str | None, dry_run: bool | None, grid: t
             click.echo(f"{run.name}: dtrain launch {shlex.join([launch_spec.recipe, '--', *launch_spec.recipe_args])}")
         return 0
 
-    from dtrain.job import probe_run_dir, write_files
+    from dtrain.launch.job import probe_run_dir, write_files
 
     probe_run_dir(str(sweep_dir))
     write_files(plan.new_files())
@@ -216,9 +220,9 @@ def sweep(ctx: click.Context, profile: str | None, dry_run: bool | None, grid: t
         if sweeps.finished(launch_spec.run_dir):
             say(f"run {run.name}: finished before, skipped")
             continue
-        spec_file = Path(launch_spec.run_dir) / sweeps.SPEC_FILE
+        spec_file = launch_spec.paths.spec
         write_files({str(spec_file): launch_spec.to_json()})
-        console = Path(launch_spec.log_dir) / "console.log" if len(slots) > 1 else None
+        console = launch_spec.paths.console_log if len(slots) > 1 else None
         if console is not None:
             console.parent.mkdir(parents=True, exist_ok=True)
         commands.append((run.name, sweeps.launch_argv(spec_file), console))
@@ -241,9 +245,9 @@ def _sweep_summary(sweep_dir: Path, runs: list[Any], goal: tuple[str, str] | Non
     """Print the sweep's table (the best run marked by `goal`) and write it as summary.csv and summary.json;
     a metric that no run logged is refused first, when `required`. `read`: a run's rows (default: its
     metrics.jsonl)."""
-    from dtrain import metrics
-    from dtrain import sweep as sweeps
-    from dtrain.job import write_files
+    from dtrain.core import metrics
+    from dtrain.launch import sweep as sweeps
+    from dtrain.launch.job import write_files
 
     rows = sweeps.summary(sweep_dir, runs, read or metrics.read)
     best = sweeps.best(rows, goal, required) if goal else None
@@ -252,13 +256,13 @@ def _sweep_summary(sweep_dir: Path, runs: list[Any], goal: tuple[str, str] | Non
     click.echo(sweeps.format_table(rows, names, best))
     if best is not None:
         say(f"best run by {goal[0]} ({goal[1]}): {rows[best]['run']}")
-    say(f"summary in {_relative(str(sweep_dir / sweeps.SUMMARY_FILES[0]))} and {sweeps.SUMMARY_FILES[1]}")
+    say(f"summary in {_relative(str(sweep_dir / rundir.SUMMARIES[0]))} and {rundir.SUMMARIES[1]}")
     return rows
 
 
 @dataclasses.dataclass(frozen=True)
 class _SweepPlan:
-    runs: list[Any]  # dtrain.sweep.Run
+    runs: list[Any]  # dtrain.launch.sweep.Run
     fixed: tuple[str, ...]
     name: str
     sweep_dir: Path
@@ -266,16 +270,16 @@ class _SweepPlan:
 
     def new_files(self) -> dict[str, str]:
         """sweep.json, unless the sweep directory holds this plan already (another plan there is refused)."""
-        from dtrain import sweep as sweeps
+        from dtrain.launch import sweep as sweeps
 
         if sweeps.check_same_plan(self.sweep_dir, self.record):
             return {}
-        return {str(self.sweep_dir / sweeps.PLAN_FILE): json.dumps(self.record, indent=1) + "\n"}
+        return {str(RunDir.of(self.sweep_dir).plan): json.dumps(self.record, indent=1) + "\n"}
 
     def launch_options(self, given: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Each run's options for `resolve`: its run directory, name and recipe arguments; W&B's group is the
         sweep's unless given."""
-        from dtrain import sweep as sweeps
+        from dtrain.launch import sweep as sweeps
 
         return [{**given, "name": f"{self.name}-{run.index:03d}", "run_dir": str(self.sweep_dir / run.name),
                  "recipe_args": sweeps.recipe_args(run, self.fixed),
@@ -286,7 +290,7 @@ def _plan_sweep(given: Mapping[str, Any], grid: tuple[str, ...], draw: tuple[str
                 sweep_seed: int | None) -> _SweepPlan:
     """The runs of `dtrain sweep` or a job array, and the sweep directory (--run-dir, or runs/--name, or
     runs/ a name the same command always gives)."""
-    from dtrain import sweep as sweeps
+    from dtrain.launch import sweep as sweeps
 
     fixed = tuple(given.get("recipe_args") or ())
     runs = sweeps.plan(sweeps.parse_grid(grid), sweeps.parse_draws(draw), options.BY_NAME["draws"].value(draws),
@@ -294,7 +298,7 @@ def _plan_sweep(given: Mapping[str, Any], grid: tuple[str, ...], draw: tuple[str
     run_dir = given.get("run_dir")
     name = given.get("name") or (re.sub(r"[^A-Za-z0-9._-]", "_", Path(run_dir).name) if run_dir
                                  else sweeps.default_name(given["recipe"], runs, fixed))
-    return _SweepPlan(runs, fixed, name, Path(run_dir or Path("runs") / name),
+    return _SweepPlan(runs, fixed, name, Path(run_dir or rundir.DEFAULT / name),
                       sweeps.plan_record(given["recipe"], runs, fixed))
 
 
@@ -304,9 +308,9 @@ def _plan_sweep(given: Mapping[str, Any], grid: tuple[str, ...], draw: tuple[str
 def report(run_dir: str, metric: str | None) -> int:
     """Plot RUN_DIR's loss, learning rate, accuracy and confusion matrix (PNG, in RUN_DIR/report/) and summarise it.
     For a sweep's directory: the table of its runs (also as summary.csv and .json) and their curves overlaid."""
-    from dtrain import metrics as metrics_file
-    from dtrain import report as run_report
-    from dtrain import sweep as sweeps
+    from dtrain.core import metrics as metrics_file
+    from dtrain.launch import sweep as sweeps
+    from dtrain.outputs import report as run_report
 
     path = Path(run_dir)
     plan = sweeps.read_plan(path)
@@ -320,7 +324,7 @@ def report(run_dir: str, metric: str | None) -> int:
         click.echo(f"wrote {run_report.plot_sweep(path, curves, goal[0] if goal else None)}")
         return 0
     if metric is not None:
-        raise UsageError(f"--metric marks the best run of a sweep, and {run_dir} is one run (no {sweeps.PLAN_FILE}); "
+        raise UsageError(f"--metric marks the best run of a sweep, and {run_dir} is one run (no {rundir.PLAN}); "
                          "give a sweep's directory, or leave --metric out.")
     records, evaluations = run_report.read_run(path)
     for png in run_report.plot(path, records, evaluations):
@@ -333,9 +337,10 @@ def report(run_dir: str, metric: str | None) -> int:
 @click.argument("run_dir", type=click.Path(file_okay=False))
 def stack(run_dir: str) -> int:
     """Print the Python stacks of every rank of RUN_DIR's job that runs on this node, without stopping it."""
-    from dtrain import hangs, sweep
+    from dtrain.core import hangs
+    from dtrain.launch import sweep
 
-    debug = Path(run_dir) / hangs.DEBUG
+    debug = RunDir.of(run_dir).debug
     if not hangs.live_ranks(run_dir):
         raise UsageError(f"no rank has announced itself in {debug}; give the run directory of a job that dtrain "
                          "started (runs/NAME).")
@@ -354,12 +359,12 @@ def stack(run_dir: str) -> int:
 @cli.command()
 @click.option("--nproc", type=int, help="Also run the preflight on N CPU processes.")
 @click.option("--gpus", type=int, help="Also run the preflight on N GPUs.")
-@click.option("--runs", default="runs", show_default=True, help="The folder runs are written to (its free space).")
+@click.option("--runs", default=str(rundir.DEFAULT), show_default=True, help="The folder runs are written to (its free space).")
 def doctor(nproc: int | None, gpus: int | None, runs: str) -> int:
     """Versions, GPUs and their topology, network, SLURM and free space; with --nproc or --gpus, a preflight
     (a matmul on every rank, an all-reduce; on every node of a SLURM job run from its batch script) that names
     ranks slower than the others. Exit 1 if it names one."""
-    from dtrain import doctor as checks
+    from dtrain.launch import doctor as checks
 
     if nproc is not None and gpus is not None:
         raise UsageError("--nproc (CPU processes) and --gpus contradict each other; pass one of them.")
@@ -426,7 +431,7 @@ def slurm_submit(ctx: click.Context, profile: str | None, dry_run: bool | None, 
 def _submit_array(given: Mapping[str, Any], sources: Mapping[str, str], job: slurm.SlurmJob, template_text: str,
                   plan: _SweepPlan, at_once: int, dry_run: bool) -> int:
     """One job array for the sweep's unfinished runs; each task launches its run's spec (slurm/task-N.json)."""
-    from dtrain import sweep as sweeps
+    from dtrain.launch import sweep as sweeps
 
     sweep_dir = Path(os.path.abspath(plan.sweep_dir))
     plan = dataclasses.replace(plan, sweep_dir=sweep_dir)
@@ -457,7 +462,7 @@ def _submit_array(given: Mapping[str, Any], sources: Mapping[str, str], job: slu
 def _write_and_submit(files: Mapping[str, str], script: str, slurm_dir: Path) -> str:
     """Write the job's files and its script into `slurm_dir`, and submit it; if sbatch refuses, remove them
     (and the folders made for them) again."""
-    from dtrain.job import write_files
+    from dtrain.launch.job import write_files
 
     script_path = slurm_dir / "job.sbatch"
     written = [Path(p) for p in files] + [script_path]
@@ -481,7 +486,7 @@ def slurm_status(job_id: str) -> int:
     if "_" in job_id or not any(record.get("ArrayJobId") == job_id for record in records):
         click.echo(slurm.describe_job(records[0]))
         return 0
-    from dtrain import sweep as sweeps
+    from dtrain.launch import sweep as sweeps
 
     sweep_dir = Path(records[0].get("StdOut", "")).parent.parent
     plan = sweeps.read_plan(sweep_dir) if sweep_dir.name else None
@@ -541,14 +546,14 @@ def ckpt() -> None:
 @click.option("--verify", is_flag=True, help="Re-hash every file against its manifest (reads all the data).")
 def ckpt_ls(run_dir: str, verify: bool) -> int:
     """List RUN_DIR's checkpoints: step, epoch, time, size, state and the metrics at that step."""
-    from dtrain import checkpoints
+    from dtrain.core import checkpoints
 
     click.echo(checkpoints.format_table(_checkpoint_rows(run_dir, checksums=verify)))
     return 0
 
 
 def _checkpoint_rows(run_dir: str, checksums: bool, only: str | None = None) -> list[dict]:
-    from dtrain import checkpoints
+    from dtrain.core import checkpoints
 
     rows = checkpoints.describe(checkpoints.checkpoint_root(run_dir), checksums, only)
     if only is not None and not rows:
@@ -578,7 +583,7 @@ def ckpt_verify(run_dir: str, checkpoint: str | None) -> int:
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Where to write the state_dict file.")
 def ckpt_export(run_dir: str, step: int | None, out: str) -> int:
     """Write a checkpoint's model as a plain state_dict (`model.load_state_dict(torch.load(OUT))`)."""
-    from dtrain import checkpoints
+    from dtrain.core import checkpoints
 
     if step is None:
         choice = checkpoints.choose_for_resume(run_dir, "auto")
@@ -618,7 +623,7 @@ def _given(ctx: click.Context, given: dict[str, Any], profile: str | None,
 
 def _profile_values(ctx: click.Context, path: str) -> dict[str, Any]:
     """The profile's options, converted like command-line values."""
-    from dtrain import profiles
+    from dtrain.core import profiles
 
     params = {p.name: p for p in ctx.command.params
               if isinstance(p, click.Option) and p.name not in ("profile", "dry_run", "spec")}

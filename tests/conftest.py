@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from dtrain.hardware import free_port
-from dtrain.metrics import TRAIN
-from dtrain.metrics import read as read_metrics
-from dtrain.slurm import parse_job_record
+from dtrain.core.hardware import free_port
+from dtrain.core.metrics import TRAIN
+from dtrain.core.metrics import read as read_metrics
+from dtrain.engines.slurm import parse_job_record
 
 # `--wandb auto` would write an offline W&B run for every launch (seconds each); the tests about
 # W&B pass `--wandb offline` explicitly, which wins over this.

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtrain import checkpoints, contract
-from dtrain.metrics import TRAIN
+from dtrain.core import checkpoints, contract
+from dtrain.core.metrics import TRAIN
 from dtrain.runtime.checkpoint import export_model
 
 from conftest import DTRAIN, ROOT, TEST_RECIPES, metrics, processes_with_env, run_dtrain

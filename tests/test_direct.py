@@ -15,7 +15,7 @@ import pytest
 from conftest import DTRAIN, ROOT, TEST_RECIPES, processes_with_env, run_dtrain
 
 LAUNCHERS = {"direct": (), "torchrun": ("--launcher", "torchrun"), "local": ("--launcher", "local")}
-AGENTS = ("torch.distributed.run", "dtrain.agent")
+AGENTS = ("torch.distributed.run", "dtrain.launch.agent")
 
 
 def tree(run_dir: Path) -> set[str]:

@@ -12,8 +12,8 @@ import pytest
 import torch
 import yaml
 
-from dtrain import checkpoints
-from dtrain.hardware import free_port
+from dtrain.core import checkpoints
+from dtrain.core.hardware import free_port
 
 from conftest import TEST_RECIPES, launch, run_dtrain
 

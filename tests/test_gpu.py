@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dtrain.metrics import EPOCH
+from dtrain.core.metrics import EPOCH
 
 from conftest import ROOT, TEST_RECIPES, launch, metrics, train_steps
 
@@ -51,7 +51,7 @@ def test_two_ranks_reduce_over_nccl(tmp_path):
 def test_a_world_of_one_gets_the_nccl_group_deepspeed_needs():
     """What it shows: NCCL initialises on this GPU as the group dtrain gives a ZeRO strategy alone.
     What it cannot: a reduction with one rank is the identity (test_two_ranks_reduce_over_nccl)."""
-    from dtrain.contract import read_env
+    from dtrain.core.contract import read_env
     from dtrain.runtime import dist as dist_utils
 
     env = read_env({"DTRAIN_STRATEGY": "zero2", "DTRAIN_DEVICE": "cuda"})

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from dtrain import hardware
+from dtrain.core import hardware
 
 from conftest import DTRAIN, ROOT, TEST_RECIPES, metrics, processes_with_env, run_dtrain
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dtrain.report import classification_report
+from dtrain.outputs.report import classification_report
 
 import wandb_file
 from conftest import DTRAIN, ROOT, TEST_RECIPES, metrics, processes_with_env, run_dtrain
@@ -194,7 +194,7 @@ def test_training_does_not_wait_for_wandb_and_goes_on_when_it_refuses_to_start(t
 
 def test_the_trackers_process_reads_whole_lines_at_most_once_per_interval():
     """Batches keep the trackers' process (and wandb-core) from waking at every logged step."""
-    from dtrain.trackers import line_batches
+    from dtrain.outputs.trackers import line_batches
 
     read, write = os.pipe()
     os.write(write, b'{"step": 1}\n{"step"')

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dtrain import contract
-from dtrain.options import OPTIONS
+from dtrain.core import contract
+from dtrain.core.options import OPTIONS
 
 from conftest import GPU_GROUP, ROOT, TEST_RECIPES, run_dtrain, submit, wait_for
 

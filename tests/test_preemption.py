@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from dtrain.metrics import TRAIN
+from dtrain.core.metrics import TRAIN
 
 import wandb_file
 from conftest import DTRAIN, ROOT, metrics, processes_with_env, run_dtrain

@@ -15,8 +15,8 @@ from typing import Callable
 import pytest
 import torch
 
-from dtrain import contract
-from dtrain.hardware import free_port
+from dtrain.core import contract
+from dtrain.core.hardware import free_port
 
 from conftest import ROOT, TEST_RECIPES, launch, metrics, run_dtrain, train_loss_at, train_steps
 

@@ -10,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from dtrain import sweep
+from dtrain.launch import sweep
 
 from conftest import DTRAIN, ROOT, metrics, run_dtrain
 

@@ -16,9 +16,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dtrain import contract, trackers
-from dtrain import metrics as metrics_file
-from dtrain.hardware import free_port
+from dtrain.core import contract
+from dtrain.core import metrics as metrics_file
+from dtrain.core.hardware import free_port
+from dtrain.core.rundir import RunDir
+from dtrain.outputs import trackers
 
 import wandb_file
 from conftest import DTRAIN, ROOT, metrics, run_dtrain
@@ -42,7 +44,7 @@ def jsonl_series(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def tensorboard_series(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    events = EventAccumulator(str(run_dir / trackers.TENSORBOARD_DIR), size_guidance={"scalars": 0})
+    events = EventAccumulator(str(RunDir(run_dir).tensorboard), size_guidance={"scalars": 0})
     events.Reload()
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
@@ -79,7 +81,7 @@ def test_tensorboard_and_a_local_mlflow_store_hold_metrics_jsonl_across_a_crash(
 
     store = trackers.mlflow_store("auto", {}, run_dir)
     client = MlflowClient(store["uri"])
-    run_id = (run_dir / trackers.MLFLOW_DIR / "run-id").read_text().strip()
+    run_id = (RunDir(run_dir).mlflow / "run-id").read_text().strip()
     assert_same(expected, mlflow_series(client, run_id), rel=1e-12)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "run"
@@ -89,7 +91,7 @@ def test_tensorboard_and_a_local_mlflow_store_hold_metrics_jsonl_across_a_crash(
     assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run_id]  # one run, continued
     artifacts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "report")}
     assert {"model.pth", "report/loss_lr.png", "report/accuracy.png"} <= artifacts, artifacts
-    assert experiment.artifact_location.startswith((run_dir / trackers.MLFLOW_DIR).resolve().as_uri())
+    assert experiment.artifact_location.startswith((RunDir(run_dir).mlflow).resolve().as_uri())
 
     attempts = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(attempts) == 2 and {wandb_file.run_id(a) for a in attempts} == {
@@ -144,13 +146,13 @@ def test_a_preempted_run_continues_the_same_run_on_an_mlflow_server(tmp_path, da
     first.send_signal(signal.SIGUSR2)  # as SLURM's pre-timeout signal: checkpoint, stop
     out, err = first.communicate(timeout=120)
     assert "stopped at step" in out, out + err
-    run_id = (run_dir / trackers.MLFLOW_DIR / "run-id").read_text().strip()
+    run_id = (RunDir(run_dir).mlflow / "run-id").read_text().strip()
     client = MlflowClient(mlflow_server)
     assert client.get_run(run_id).info.status == "FINISHED"
 
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "resuming from" in again.stdout, again.stderr[-2000:]
-    assert (run_dir / trackers.MLFLOW_DIR / "run-id").read_text().strip() == run_id
+    assert (RunDir(run_dir).mlflow / "run-id").read_text().strip() == run_id
     expected = jsonl_series(run_dir)
     assert len(expected["train/loss"]) == 93  # 938 batches, a row every 10 steps: none lost, none twice
     assert_same(expected, mlflow_series(client, run_id), rel=1e-12)

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import enum
 import json
 import os
-import pickle
 import random
 import shutil
 import signal
@@ -37,8 +35,8 @@ from typing import IO, TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from dtrain import strategies
-from dtrain.checkpoints import (
+from dtrain.core import strategies
+from dtrain.core.checkpoints import (
     FORMAT,
     LATEST,
     MANIFEST,
@@ -56,7 +54,8 @@ from dtrain.checkpoints import (
     step_dir_name,
     verify,
 )
-from dtrain.contract import TEST_CRASH_AT, write_atomically
+from dtrain.core.contract import TEST_CRASH_AT
+from dtrain.core.rundir import TRAINER_STATE, fsync_dir, write_atomically
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint import StorageWriter
@@ -65,9 +64,6 @@ if TYPE_CHECKING:
 
 # A world of one has no process group; DCP then says so on every save and load. It is expected here.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-
-TRAINER_STATE = "trainer_state.json"
-
 
 @dataclasses.dataclass
 class TrainState:
@@ -219,9 +215,7 @@ class Checkpointer:
             os.rename(partial, final)
             fsync_dir(self.root)
             self._crash_point("rename")
-            _write_json(self.root / (LATEST + ".tmp"), None, text=final.name)
-            os.replace(self.root / (LATEST + ".tmp"), self.root / LATEST)
-            fsync_dir(self.root)
+            write_atomically(self.root / LATEST, final.name, durable=True)
             self._crash_point("latest")
             for old in retention_victims(self.root, self.keep_last):
                 shutil.rmtree(old)
@@ -323,7 +317,9 @@ def _choose_on_rank0(run_dir: Path, resume: str, rank: int, world_size: int) -> 
     choice: list[Any] = [None, []]
     if rank == 0:
         try:
-            picked = choose_for_resume(run_dir, resume, inspect=read_metadata_safely)
+            from dtrain.runtime import dcp_io
+
+            picked = choose_for_resume(run_dir, resume, inspect=dcp_io.read_metadata_safely)
             choice = [picked.path, list(picked.notes)]
         except CheckpointError as exc:
             choice = [exc, []]
@@ -366,8 +362,9 @@ def export_model(path: Path, out: Path) -> int:
     if strategy.export_hint:
         raise CheckpointError(f"checkpoint {path} was written under --strategy {strategy.name}: "
                               f"{strategy.export_hint}.")
-    read_metadata_safely(path)
     from dtrain.runtime import dcp_io
+
+    dcp_io.read_metadata_safely(path)
 
     state = dcp_io.load_whole(path)
     if "model" not in state:
@@ -400,7 +397,7 @@ class _KeepsWriteErrors:
 
 
 def save_atomically(obj: Any, path: Path) -> None:
-    """`torch.save`, written whole (`contract.write_atomically`); a write that fails (a full disk) raises its own
+    """`torch.save`, written whole (`rundir.write_atomically`); a write that fails (a full disk) raises its own
     OSError."""
 
     def save(file: IO[bytes]) -> None:
@@ -458,49 +455,6 @@ def _jsonable(value: Any) -> Any:
     return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
 
 
-# --- loading without running pickled code ----------------------------------------------------------
-
-_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Allows only the plain data classes DCP's metadata is made of; anything else is refused."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        obj = _lookup(module, name)
-        if module in _METADATA_MODULES and isinstance(obj, type) and (
-                dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
-            return obj
-        if module == "torch" and (obj is torch.Size or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format))):
-            return obj
-        if (module, name) in {("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-                              ("collections", "OrderedDict")}:
-            return obj
-        raise pickle.UnpicklingError(f"{module}.{name}")
-
-
-def _lookup(module: str, name: str) -> Any:
-    try:
-        obj = __import__(module, fromlist=[name])
-        for part in name.split("."):
-            obj = getattr(obj, part)
-        return obj
-    except (ImportError, AttributeError):
-        return None
-
-
-def read_metadata_safely(path: Path) -> Any:
-    file = path / ".metadata"
-    try:
-        with open(file, "rb") as fh:
-            return _MetadataUnpickler(fh).load()
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"checkpoint file {file} asks to run {exc} while loading; refusing it "
-                              "(a checkpoint never needs code).") from None
-    except (OSError, EOFError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint file {file} is unreadable ({exc}).") from None
-
-
 # --- small durable writes --------------------------------------------------------------------------
 
 def _rng_file(rank: int) -> str:
@@ -515,9 +469,9 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
-def _write_json(path: Path, value: Any, text: str | None = None) -> None:
+def _write_json(path: Path, value: Any) -> None:
     with open(path, "w") as fh:
-        fh.write(text if text is not None else json.dumps(value))
+        fh.write(json.dumps(value))
         fh.flush()
         os.fsync(fh.fileno())
 
@@ -525,12 +479,3 @@ def _write_json(path: Path, value: Any, text: str | None = None) -> None:
 def fsync_file(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-

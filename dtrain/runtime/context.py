@@ -37,12 +37,14 @@ import torch.distributed as dist
 from torch import nn
 
 import dtrain
-from dtrain.checkpoints import committed
-from dtrain.contract import NETWORK_INTERFACES, WorkerEnv, read_env
+from dtrain.core.checkpoints import committed
+from dtrain.core.contract import NETWORK_INTERFACES, WorkerEnv, read_env
+from dtrain.core.hardware import peak_tflops
+from dtrain.core.metrics import SYSTEM, TRAIN
+from dtrain.core.options import parse_checkpoint_every
+from dtrain.core.rundir import RunDir
 from dtrain.errors import UsageError
-from dtrain.hardware import peak_tflops
-from dtrain.metrics import SYSTEM, TRAIN
-from dtrain.options import parse_checkpoint_every
+from dtrain.outputs.trackers import redact
 from dtrain.runtime import activation_checkpointing, checkpoint, performance, stacks, tracing
 from dtrain.runtime import dist as dist_utils
 from dtrain.runtime.checkpoint import TrainState
@@ -51,7 +53,6 @@ from dtrain.runtime.logging import Progress, RunLogger, write_config
 from dtrain.runtime.precision import Precision
 from dtrain.runtime.preemption import Preemption
 from dtrain.runtime.strategies import make_strategy
-from dtrain.trackers import redact
 
 
 def setup(config: Mapping[str, Any] | None = None) -> Context:
@@ -108,7 +109,7 @@ class Context:
         self.run_config: dict[str, Any] = {}
         if self.is_main:
             self.run_config = self.describe(config, rank_nodes)
-            write_config(self.run_dir / "config.yaml", self.run_config, self.env.sources)
+            write_config(RunDir(self.run_dir).config, self.run_config, self.env.sources)
             self.logger = RunLogger(self.run_dir, env, self.run_config)
             self.progress = Progress(env.tty)
         self.checkpointer = checkpoint.Checkpointer(self.run_dir, env.rank, env.world_size, keep_last=env.keep_last,
@@ -185,7 +186,7 @@ class Context:
             recipe_blocks, source = tuple(sorted(model._no_split_modules)), "the model's _no_split_modules"
         if recipe_blocks and self.is_main:
             self.run_config["blocks"] = {"classes": list(recipe_blocks), "from": source}
-            write_config(self.run_dir / "config.yaml", self.run_config, self.env.sources)
+            write_config(RunDir(self.run_dir).config, self.run_config, self.env.sources)
         if self.env.activation_checkpointing:
             checkpointed = activation_checkpointing.checkpointed_classes(self.env.activation_checkpointing,
                                                                          recipe_blocks, model)
@@ -244,7 +245,7 @@ class Context:
     def _end_flop_count(self) -> None:
         if self.monitor.flops.stop(self.monitor.clock.last_batch_size) and self.is_main:
             self.run_config["flops_per_sample"] = self.monitor.flops.per_sample
-            write_config(self.run_dir / "config.yaml", self.run_config, self.env.sources)
+            write_config(RunDir(self.run_dir).config, self.run_config, self.env.sources)
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip the prepared model's gradients by total norm, after undoing fp16 loss scaling; returns the
@@ -287,7 +288,7 @@ class Context:
         return tensor
 
     def log(self, step: int, values: Mapping[str, Any], kind: str = TRAIN) -> None:
-        """Record scalars (rank 0) as a row of `kind` (dtrain.metrics). Tensors are read here, so call
+        """Record scalars (rank 0) as a row of `kind` (dtrain.core.metrics). Tensors are read here, so call
         it at an interval, not every step."""
         if self.logger is not None:
             self.logger.log(step, kind, {k: _scalar(v) for k, v in values.items()})
@@ -302,7 +303,7 @@ class Context:
 
     def save_model(self, model: nn.Module, path: str | os.PathLike | None = None) -> Path:
         """Write the plain `state_dict` (no `module.` prefix) that `model.load_state_dict` takes."""
-        path = Path(path) if path is not None else self.run_dir / "model.pth"
+        path = Path(path) if path is not None else RunDir(self.run_dir).model
         state = self.strategy.full_state_dict(model)  # a collective for sharded strategies
         failure = [None]
         if self.is_main:

@@ -9,7 +9,7 @@ before (a graph would freeze a learning rate held as a Python number).
 The graph is recorded at the second training call (the first one's FLOPs are counted, eagerly),
 for that call's input shapes; calls with other shapes (an epoch's last, partial batch) and calls
 in eval mode run the module's own forward. Where this is correct is decided on the launch side
-(`dtrain.spec`): one GPU process, a strategy without hooks of its own, no activation checkpointing.
+(`dtrain.core.spec`): one GPU process, a strategy without hooks of its own, no activation checkpointing.
 A replay's outputs live in the graph's memory until the next replay. Its parameter gradients do
 too, and autograd would take such a buffer as `.grad` itself, which the next replay then overwrites
 (pytorch/pytorch#181723: gradients summed over micro-batches come out wrong, silently): each is

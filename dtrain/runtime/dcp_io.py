@@ -5,6 +5,9 @@ metadata through dtrain's allow-list unpickler, DCP's non-tensor values through
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +19,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from dtrain.runtime.checkpoint import read_metadata_safely
+from dtrain.core.checkpoints import CheckpointError
 
-__all__ = ["CheckpointException", "async_save", "file_storage", "load", "load_whole", "save"]
+__all__ = ["CheckpointException", "async_save", "file_storage", "load", "load_whole", "read_metadata_safely", "save"]
 
 
 def file_storage(folder: Path) -> StorageWriter:
@@ -73,3 +76,46 @@ class SafeLoadPlanner(_WeightsOnlyBytes, DefaultLoadPlanner):
 
 class SafeEmptyPlanner(_WeightsOnlyBytes, _EmptyStateDictLoadPlanner):
     pass
+
+
+# --- loading without running pickled code ----------------------------------------------------------
+
+_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Allows only the plain data classes DCP's metadata is made of; anything else is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        obj = _lookup(module, name)
+        if module in _METADATA_MODULES and isinstance(obj, type) and (
+                dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
+            return obj
+        if module == "torch" and (obj is torch.Size or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format))):
+            return obj
+        if (module, name) in {("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                              ("collections", "OrderedDict")}:
+            return obj
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def _lookup(module: str, name: str) -> Any:
+    try:
+        obj = __import__(module, fromlist=[name])
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        return obj
+    except (ImportError, AttributeError):
+        return None
+
+
+def read_metadata_safely(path: Path) -> Any:
+    file = path / ".metadata"
+    try:
+        with open(file, "rb") as fh:
+            return _MetadataUnpickler(fh).load()
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"checkpoint file {file} asks to run {exc} while loading; refusing it "
+                              "(a checkpoint never needs code).") from None
+    except (OSError, EOFError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint file {file} is unreadable ({exc}).") from None

@@ -13,8 +13,9 @@ from typing import Callable, Protocol
 import torch
 import torch.distributed as dist
 
-from dtrain import strategies
-from dtrain.contract import WorkerEnv, error_record, write_json_atomically
+from dtrain.core import strategies
+from dtrain.core.contract import WorkerEnv
+from dtrain.core.rundir import RunDir, write_json_atomically
 from dtrain.errors import UsageError
 
 
@@ -184,15 +185,15 @@ def _peer_vanished(exc: BaseException) -> bool:
 
 
 def _write_error_records(env: WorkerEnv, message: str, text: str, usage: bool) -> bool:
-    """dtrain's record (the contract's `error_record`: in `dtrain launch`'s spool on this node, and in the
+    """dtrain's record (`RunDir.error_record`: in `dtrain launch`'s spool on this node, and in the
     run directory for the other nodes), and torchelastic's error file where the launcher asks for one
     (TORCHELASTIC_ERROR_FILE: its failure summary then names the right root cause). Whether the spool's
     was written, that is, whether `dtrain launch` will show it."""
     now = time.time()
     record = {"rank": env.rank, "message": message, "time": now, "usage": usage, "attempt": attempt()}
-    shown = env.error_spool is not None and write_json_atomically(error_record(env.error_spool, env.rank), record)
+    shown = env.error_spool is not None and write_json_atomically(RunDir.of(env.error_spool).error_record(env.rank), record)
     if env.launched_world_size is not None:
-        write_json_atomically(error_record(env.run_dir, env.rank), record)
+        write_json_atomically(RunDir.of(env.run_dir).error_record(env.rank), record)
     if os.environ.get("TORCHELASTIC_ERROR_FILE"):
         write_json_atomically(os.environ["TORCHELASTIC_ERROR_FILE"], {
             "message": {"message": message, "extraInfo": {"py_callstack": text, "timestamp": str(int(now))}}})

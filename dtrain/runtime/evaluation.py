@@ -6,7 +6,7 @@ as many forward passes, because a sharded model's forward is a collective: a ran
 out repeats a batch of its own and discards the result. The loss and the confusion matrix are
 summed over ranks in float64 with one all-reduce; metric objects (torchmetrics) gather their
 state themselves in `compute()`; everything else, the report users know from scikit-learn
-included, is computed from those sums (`dtrain.report`, which needs no torch). Evaluating leaves
+included, is computed from those sums (`dtrain.outputs.report`, which needs no torch). Evaluating leaves
 the random number generators as it found them: when and how often a run evaluates does not
 change its training.
 """
@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
 from dtrain.errors import UsageError
-from dtrain.report import classification_report
+from dtrain.outputs.report import classification_report
 from dtrain.runtime.checkpoint import rng_unchanged
 from dtrain.runtime.context import Context
 from dtrain.runtime.data import batch_size_of

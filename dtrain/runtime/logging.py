@@ -2,7 +2,7 @@
 MLflow), `config.yaml`, evaluation reports, and progress on the console.
 
 Only rank 0 builds a `RunLogger`, and it hands the trackers to a process of their own
-(`dtrain.trackers`): no training process imports wandb, tensorboard or mlflow. The W&B run id lives
+(`dtrain.outputs.trackers`): no training process imports wandb, tensorboard or mlflow. The W&B run id lives
 in `<run_dir>/wandb/run-id` (MLflow's in `mlflow/run-id`): a resumed or requeued job in the same run
 directory continues the same run. Steps that a resume replays (those after its checkpoint that an
 earlier attempt had logged) are not logged again, anywhere.
@@ -26,11 +26,13 @@ from typing import IO, Any
 
 import yaml
 
-from dtrain import metrics, trackers
-from dtrain.contract import WorkerEnv, write_atomically
+from dtrain.core import metrics
+from dtrain.core.contract import WorkerEnv
+from dtrain.core.rundir import RUN_ID, RunDir, write_atomically
+from dtrain.core.wandb_mode import wandb_mode
 from dtrain.errors import UsageError
+from dtrain.outputs import trackers
 from dtrain.runtime import dist as dist_utils
-from dtrain.wandb_mode import wandb_mode
 
 PROGRESS_LINE_EVERY_S = 10.0  # plain progress lines (no terminal): at most one per this many seconds
 
@@ -54,7 +56,7 @@ _unwritable: set[Path] = set()
 
 
 class MetricsWriter:
-    """Appends rows to `<run_dir>/metrics.jsonl` (`dtrain.metrics` is its schema; resumes continue it).
+    """Appends rows to `<run_dir>/metrics.jsonl` (`dtrain.core.metrics` is its schema; resumes continue it).
     Once a row cannot be written it writes no more, so that no row is cut in the middle of the file."""
 
     def __init__(self, path: Path):
@@ -98,7 +100,7 @@ def config_text(config: Mapping[str, Any], sources: Mapping[str, str]) -> str:
 
 def wandb_run_id(run_dir: Path) -> str:
     """The run directory's W&B run id, created on first use (8 characters, like wandb's own)."""
-    path = run_dir / "wandb" / "run-id"
+    path = RunDir(run_dir).wandb / RUN_ID
     existing = path.read_text().strip() if path.is_file() else ""
     if existing:
         return existing
@@ -110,7 +112,7 @@ def wandb_run_id(run_dir: Path) -> str:
 class RunLogger:
     def __init__(self, run_dir: Path, env: WorkerEnv, run_config: Mapping[str, Any]):
         self.run_dir = run_dir
-        self.metrics = MetricsWriter(run_dir / metrics.FILE)
+        self.metrics = MetricsWriter(RunDir(run_dir).metrics)
         self.logged_before: dict[str, int] = {}  # after a resume: each kind's last step an earlier attempt logged
         mode, notice = wandb_mode(env.wandb, os.environ)
         if notice:  # only when `auto` was left to this process (plain torchrun): dtrain launch decides it itself
@@ -157,7 +159,7 @@ class RunLogger:
 
     def log_evaluation(self, step: int, epoch: int, result: Mapping[str, Any]) -> Path:
         """Write the report and confusion matrix to `eval/epoch_NNN.json`; log them to W&B as tables."""
-        path = self.run_dir / "eval" / f"epoch_{epoch:03d}.json"
+        path = RunDir(self.run_dir).evaluation(epoch)
         record = {"step": step, "epoch": epoch, **result}
         written(path, lambda: write_atomically(path, json.dumps(record, indent=1)))
         if self.trackers is not None and not self._replayed(metrics.EPOCH, step):
@@ -178,7 +180,7 @@ def mlflow_params(run_config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class TrackerProcess:
-    """The trackers' runs, held by a `dtrain.trackers` process (see there why).
+    """The trackers' runs, held by a `dtrain.outputs.trackers` process (see there why).
 
     Training does not wait for a tracker to start (seconds: importing it, starting wandb-core): rows
     queue in the pipe meanwhile. A tracker that fails says so itself and is dropped; when none is
@@ -188,7 +190,7 @@ class TrackerProcess:
     PIPE_BYTES = 1 << 20  # room for thousands of rows while the process, at low priority, lags behind
 
     def __init__(self, init: Mapping[str, Any]):
-        self._process = subprocess.Popen([sys.executable, "-m", "dtrain.trackers"], stdin=subprocess.PIPE, text=True,
+        self._process = subprocess.Popen([sys.executable, "-m", "dtrain.outputs.trackers"], stdin=subprocess.PIPE, text=True,
                                          start_new_session=True)
         try:
             fcntl.fcntl(self._process.stdin.fileno(), fcntl.F_SETPIPE_SZ, self.PIPE_BYTES)

@@ -10,7 +10,7 @@ wait is not seen from the host: there it stays in the compute time.
 
 FLOPs are counted once, by `torch.utils.flop_counter` around the first step's forward and backward
 (they run as usual), per sample of that batch; TFLOP/s and MFU follow from the samples each rank
-trained per second, MFU only against a known peak (`dtrain.hardware.peak_tflops` or --peak-tflops).
+trained per second, MFU only against a known peak (`dtrain.core.hardware.peak_tflops` or --peak-tflops).
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from dtrain import slurm
-from dtrain.contract import WorkerEnv
+from dtrain.core.contract import WorkerEnv
+from dtrain.engines import slurm
 from dtrain.errors import UsageError
 
 CHECK_EVERY = 10

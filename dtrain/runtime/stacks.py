@@ -1,4 +1,4 @@
-"""A rank's side of the hang report (`dtrain.hangs` names the files and reads them).
+"""A rank's side of the hang report (`dtrain.core.hangs` names the files and reads them).
 
 Two ways in, because a hung rank's main thread may sit in C code for ever:
 - DUMP_SIGNAL (`dtrain stack`): faulthandler, registered at start, writes every thread's stack
@@ -32,8 +32,9 @@ import torch
 import torch.distributed as dist
 
 import dtrain
-from dtrain.contract import WorkerEnv, write_json_atomically
-from dtrain.hangs import DEBUG, DUMP_SIGNAL, stacks_header, stacks_path, state_path, timed_out
+from dtrain.core.contract import WorkerEnv
+from dtrain.core.hangs import DUMP_SIGNAL, stacks_header, timed_out
+from dtrain.core.rundir import RunDir, write_json_atomically
 from dtrain.runtime import dist as dist_utils
 
 FLIGHT_RECORDER_ENTRIES = 2000
@@ -48,7 +49,7 @@ def enable_flight_recorder(run_dir: str) -> None:
     """Before the process group exists: record every collective (the user's settings win)."""
     os.environ.setdefault("TORCH_FR_BUFFER_SIZE", str(FLIGHT_RECORDER_ENTRIES))
     os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
-    os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", os.path.join(run_dir, DEBUG, "flight-recorder-rank"))
+    os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", str(RunDir.of(run_dir).flight_recorder))
 
 
 class StackWatch:
@@ -61,7 +62,7 @@ class StackWatch:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         try:
-            path = stacks_path(env.run_dir, env.rank)
+            path = RunDir.of(env.run_dir).rank_stacks(env.rank)
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(path, "w")
             self._file.write(stacks_header(env.rank, os.getpid(), socket.gethostname()))
@@ -121,7 +122,7 @@ class StackWatch:
                  "frames": frames, "user_frame": next((f for f in reversed(frames) if _in_recipe(f[0])), None),
                  "collectives": {**flight_recorder_counts(),
                                  **{c.label: [c.last, c.label] for c in dist_utils.own_collectives()}}}
-        write_json_atomically(state_path(self.run_dir, self.rank), state)
+        write_json_atomically(RunDir.of(self.run_dir).rank_state(self.rank), state)
         if self._file is None:
             return
         try:

@@ -6,13 +6,13 @@ ACTIVE kept."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
-from dtrain.contract import WorkerEnv
-from dtrain.options import parse_trace
+from dtrain.core.contract import WorkerEnv
+from dtrain.core.options import parse_trace
+from dtrain.core.rundir import RunDir
 
 MEMORY_EVENTS = 100_000
 
@@ -25,7 +25,7 @@ class Tracer:
         if env.memory_snapshot and device.type != "cuda":
             print("dtrain: --memory-snapshot records CUDA memory, and this rank runs on CPU: --trace alone traces it.",
                   file=sys.stderr, flush=True)
-        self.folder = Path(env.run_dir) / "traces"
+        self.folder = RunDir.of(env.run_dir).traces
         self.rank = env.rank
         self.memory = env.memory_snapshot and device.type == "cuda"
         wait, warmup, active = parse_trace(env.trace)

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from dtrain.core.metrics import EPOCH, EVAL, STARTUP, TARGET
 from dtrain.errors import UsageError
-from dtrain.metrics import EPOCH, EVAL, STARTUP, TARGET
 from dtrain.runtime.checkpoint import TrainState
 from dtrain.runtime.context import Context
 from dtrain.runtime.data import batch_size_of, head

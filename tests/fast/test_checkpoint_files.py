@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dtrain import checkpoints
-from dtrain.checkpoints import CheckpointError
+from dtrain.core import checkpoints
+from dtrain.core.checkpoints import CheckpointError
 
 
 def make(root: Path, step: int, *, marker: bool = True, damage: bool = False) -> Path:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from dtrain import checkpoints
+from dtrain.core import checkpoints
 from dtrain.runtime.checkpoint import Checkpointer, TrainState, save_atomically
 from dtrain.runtime.strategies.ddp import DCPState
 

@@ -45,7 +45,7 @@ def test_dry_run_prints_the_exact_command_and_environment(tmp_path):
                      "--run-dir", str(tmp_path / "r"), "--dry-run", "--", "--epochs", "1", "--lr", "a b")
     assert out.returncode == 0, out.stderr
     assert "DTRAIN_PRECISION=bf16" in out.stdout and f"DTRAIN_RUN_DIR={tmp_path / 'r'}" in out.stdout
-    assert "-m dtrain.agent --nproc 2 --master-addr 127.0.0.1" in out.stdout  # one node: dtrain's own agent
+    assert "-m dtrain.launch.agent --nproc 2 --master-addr 127.0.0.1" in out.stdout  # one node: dtrain's own agent
     assert out.stdout.rstrip().endswith("recipes/mnist_cnn.py --epochs 1 --lr 'a b'")
     assert not (tmp_path / "r").exists(), "a dry run must not create the run directory"
 
@@ -62,11 +62,12 @@ def test_a_profile_key_that_is_no_option_is_named_with_the_nearest_one(tmp_path,
 
 def test_stack_of_a_job_that_has_ended_says_so_and_signals_no_one(tmp_path):
     """The ranks' pids are gone, or belong to other processes now: nothing is sent to them."""
-    from dtrain.hangs import announced_since, stacks_header, stacks_path
+    from dtrain.core.hangs import announced_since, stacks_header
+    from dtrain.core.rundir import RunDir
 
-    stacks_path(tmp_path, 0).parent.mkdir()
-    stacks_path(tmp_path, 0).write_text(stacks_header(0, 1, socket.gethostname()))  # pid 1: init, alive
-    os.utime(stacks_path(tmp_path, 0), (1000.0, 1000.0))
+    RunDir(tmp_path).rank_stacks(0).parent.mkdir()
+    RunDir(tmp_path).rank_stacks(0).write_text(stacks_header(0, 1, socket.gethostname()))  # pid 1: init, alive
+    os.utime(RunDir(tmp_path).rank_stacks(0), (1000.0, 1000.0))
     assert announced_since(tmp_path, 999.0) and not announced_since(tmp_path, 1000.0)  # a later `dtrain debug`: asked
     (tmp_path / "ended.json").write_text('{"exit_code": 0, "time": 1001.0}')
     out = run_dtrain("stack", str(tmp_path))
@@ -81,7 +82,7 @@ def test_the_command_line_wins_over_a_variable_of_the_shell_which_wins_over_the_
     out = run_dtrain("launch", "recipes/mnist_cnn.py", "--profile", str(profile), "--precision", "bf16",
                      "--name", "p", "--dry-run", env={"DTRAIN_TIMEOUT_S": "30", "DTRAIN_PRECISION": "fp32"})
     assert out.returncode == 0, out.stderr
-    assert "-m dtrain.agent --nproc 2" in out.stdout
+    assert "-m dtrain.launch.agent --nproc 2" in out.stdout
     assert "DTRAIN_PRECISION=bf16" in out.stdout and "DTRAIN_SEED=5" in out.stdout
     assert "DTRAIN_TIMEOUT_S=30" in out.stdout
     assert out.stdout.splitlines()[:6] == [

@@ -1,10 +1,10 @@
-"""The hang report from the ranks' dumps (dtrain.hangs): which rank never arrived, and where it was."""
+"""The hang report from the ranks' dumps (dtrain.core.hangs): which rank never arrived, and where it was."""
 
 from __future__ import annotations
 
 import json
 
-from dtrain.hangs import behind, hang_report, live_ranks, read_states, stacks_header, timed_out
+from dtrain.core.hangs import behind, hang_report, live_ranks, read_states, stacks_header, timed_out
 
 
 def state(rank, step, collectives, frame=("/r/train.py", 12, "main"), when=100.0):

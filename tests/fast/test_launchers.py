@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from dtrain.contract import error_record
-from dtrain.job import first_failure
-from dtrain.launchers import ExitStatus, accelerate, deepspeed, local, torchrun
+from dtrain.core.rundir import RunDir
+from dtrain.launch.job import first_failure
+from dtrain.launch.launchers import ExitStatus, accelerate, deepspeed, local, torchrun
 
 from conftest import file_size_limit
 
@@ -63,7 +63,7 @@ def test_dtrains_agent_gives_the_failed_workers_code_and_a_killed_one_as_the_cau
 
 
 def record(run_dir, rank, time, attempt=0, usage=False, message="ValueError: boom"):
-    path = error_record(str(run_dir), rank)
+    path = RunDir(run_dir).error_record(rank)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as fh:
         json.dump({"rank": rank, "message": message, "time": time, "usage": usage, "attempt": attempt}, fh)
@@ -90,7 +90,7 @@ def test_a_usage_error_is_the_one_shown(tmp_path):
 
 def test_the_launchers_own_log_goes_on_in_memory_when_its_disk_refuses(capsys):
     """/dev/full refuses every write with ENOSPC, as a full disk does."""
-    from dtrain.job import LauncherLog
+    from dtrain.launch.job import LauncherLog
 
     log = LauncherLog("/dev/full")
     for line in ("rank : 1 (local_rank: 1)\n", "exitcode : -9 (pid: 7)\n", "third\n"):
@@ -103,7 +103,7 @@ def test_the_launchers_own_log_goes_on_in_memory_when_its_disk_refuses(capsys):
 
 def test_a_record_that_cannot_be_written_whole_leaves_the_old_one_and_no_partial_file(tmp_path):
     """RLIMIT_FSIZE cuts the write short (EFBIG), as a disk that fills up in the middle of it does."""
-    from dtrain.contract import write_json_atomically
+    from dtrain.core.rundir import write_json_atomically
 
     path = tmp_path / "rank1.json"
     assert write_json_atomically(path, {"rank": 1})
@@ -114,8 +114,8 @@ def test_a_record_that_cannot_be_written_whole_leaves_the_old_one_and_no_partial
 
 
 def test_after_a_collective_time_out_the_nodes_that_do_not_answer_are_named(tmp_path):
-    from dtrain import spec
-    from dtrain.job import arrived_nodes, silent_nodes
+    from dtrain.core import spec
+    from dtrain.launch.job import arrived_nodes, silent_nodes
 
     two_nodes = spec.resolve({"recipe": "recipes/mnist_cnn.py", "cpu": True, "nodes": 3, "node_rank": 0,
                               "master_addr": "198.18.0.1", "run_dir": str(tmp_path), "rdzv_timeout": 60},
@@ -131,16 +131,16 @@ def test_after_a_collective_time_out_the_nodes_that_do_not_answer_are_named(tmp_
 
 
 def test_a_host_that_is_there_answers_though_nothing_listens():
-    from dtrain.hardware import answers
+    from dtrain.core.hardware import answers
 
     assert answers("127.0.0.1")  # the discard port is closed: refused at once (a host gone: tests/test_network.py)
 
 
 def test_a_second_launch_of_the_same_node_of_a_run_is_refused_while_the_first_holds_it(tmp_path):
     """flock is per open file: a second open in this process stands for a second `dtrain launch`."""
-    from dtrain import spec
+    from dtrain.core import spec
     from dtrain.errors import UsageError
-    from dtrain.job import run_dir_lock
+    from dtrain.launch.job import run_dir_lock
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from dtrain import metrics
+from dtrain.core import metrics
 from dtrain.errors import UsageError
 
 from conftest import ROOT, file_size_limit
@@ -46,7 +46,7 @@ def test_a_last_line_cut_short_is_left_out_and_damage_elsewhere_is_named(tmp_pat
 
 def test_a_report_that_does_not_fit_is_one_sentence_and_leaves_no_partial_png(tmp_path):
     """RLIMIT_FSIZE cuts the PNG short, as a full disk does; the next report, with room, draws it."""
-    from dtrain import report
+    from dtrain.outputs import report
 
     rows = [metrics.row(step, metrics.TRAIN, {"train/loss": 1 / step, "lr": 0.1}) for step in range(1, 30)]
     (tmp_path / metrics.FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))

@@ -10,11 +10,11 @@ import shlex
 import click
 import pytest
 
-from dtrain import contract, options
 from dtrain.cli import cli
-from dtrain.hardware import free_port
-from dtrain.options import OPTIONS, SPEC_OPTIONS, WORKER_OPTIONS
-from dtrain.spec import resolve
+from dtrain.core import contract, options
+from dtrain.core.hardware import free_port
+from dtrain.core.options import OPTIONS, SPEC_OPTIONS, WORKER_OPTIONS
+from dtrain.core.spec import resolve
 
 from conftest import GPU_GROUP, ROOT
 
@@ -90,9 +90,9 @@ def test_defaults_come_from_the_table():
 
 
 def test_the_documented_contract_is_the_table():
-    """docs/architecture.md holds `python -m dtrain.contract`'s table, once; the README points there."""
+    """docs/architecture.md holds `python -m dtrain.core.contract`'s table, once; the README points there."""
     text = (ROOT / "docs" / "architecture.md").read_text()
-    assert text.count(contract.markdown_table()) == 1, "rewrite the table with: python -m dtrain.contract"
+    assert text.count(contract.markdown_table()) == 1, "rewrite the table with: python -m dtrain.core.contract"
     readme = (ROOT / "README.md").read_text()
     assert not any(option.env in readme for option in WORKER_OPTIONS)
 
@@ -130,8 +130,8 @@ def devices_for(group: str | None, monkeypatch) -> list[str]:
     have, so they are the two facts mocked."""
     if group != GPU_GROUP:
         return ["--cpu", "--nproc", "2"]
-    monkeypatch.setattr("dtrain.hardware.visible_gpus", lambda: 1)
-    monkeypatch.setattr("dtrain.hardware.min_compute_capability", lambda: 9.0)
+    monkeypatch.setattr("dtrain.core.hardware.visible_gpus", lambda: 1)
+    monkeypatch.setattr("dtrain.core.hardware.min_compute_capability", lambda: 9.0)
     return ["--gpus", "1"]
 
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtrain import contract
+from dtrain.core import contract
+from dtrain.core.spec import launch_files
+from dtrain.core.spec import resolve as resolve_spec
 from dtrain.errors import UsageError
-from dtrain.launchers import accelerate, deepspeed
-from dtrain.spec import launch_files
-from dtrain.spec import resolve as resolve_spec
+from dtrain.launch.launchers import accelerate, deepspeed
 
 from conftest import ROOT, gradients_and_saved_bytes, run_dtrain
 

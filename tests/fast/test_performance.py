@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from dtrain.core.hardware import peak_tflops
+from dtrain.core.options import parse_trace
 from dtrain.errors import UsageError
-from dtrain.hardware import peak_tflops
-from dtrain.options import parse_trace
 from dtrain.runtime.performance import StepClock, system_row
 
 
@@ -58,7 +58,7 @@ def test_the_trace_window():
 
 
 def test_the_preflight_names_a_rank_slower_than_the_others_median_by_half():
-    from dtrain.doctor import preflight_lines, slow_ranks
+    from dtrain.launch.doctor import preflight_lines, slow_ranks
 
     assert slow_ranks([1.0, 1.1, 0.95, 1.6]) == [(3, 1.6)]
     assert slow_ranks([1.0, 1.4]) == [] and slow_ranks([0.31, 1.58]) == [(1, 1.58 / 0.31)]

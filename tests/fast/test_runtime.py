@@ -107,7 +107,7 @@ def test_low_precision_tracks_fp32_on_a_few_dozen_steps(monkeypatch, tmp_path, p
 ])
 def test_preemption_without_a_requeue_says_why(environ, says, capsys):
     """The two cases in which rank 0 must not run `scontrol requeue` (so none is called here)."""
-    from dtrain.contract import read_env
+    from dtrain.core.contract import read_env
     from dtrain.runtime.preemption import Preemption
 
     Preemption(read_env({"DTRAIN_PREEMPT_SIGNAL": "USR1", **environ}), torch.device("cpu")).stop_and_requeue(40)

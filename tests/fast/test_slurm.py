@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from dtrain import slurm, spec
+from dtrain.core import spec
+from dtrain.engines import slurm
 from dtrain.errors import UsageError
 
 from conftest import DTRAIN, ROOT, run_dtrain
@@ -99,7 +100,7 @@ def test_launch_in_an_allocation_outside_a_step_runs_itself_under_srun():
 
 
 def test_requeued_job_resumes_from_its_own_latest_checkpoint():
-    from dtrain.contract import read_env
+    from dtrain.core.contract import read_env
     assert read_env({"DTRAIN_RESUME": "never"}).resume == "never"
     assert read_env({"DTRAIN_RESUME": "never", "SLURM_RESTART_COUNT": "1"}).resume == "auto"
 

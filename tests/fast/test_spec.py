@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from dtrain import contract, hardware, spec, wandb_mode
+from dtrain.core import contract, hardware, spec, wandb_mode
 from dtrain.errors import UsageError
-from dtrain.job import console_text
-from dtrain.launchers import local, torchrun
+from dtrain.launch.job import console_text
+from dtrain.launch.launchers import local, torchrun
 
 from conftest import ROOT
 
@@ -125,13 +125,13 @@ def test_worker_env_is_the_dtrain_contract_and_keeps_the_callers_variables():
 @pytest.mark.parametrize("value, parsed", [("epoch", (None, True)), ("500", (500, False)), ("500,epoch", (500, True)),
                                            ("never", (None, False))])
 def test_checkpoint_every_values(value, parsed):
-    from dtrain.options import parse_checkpoint_every
+    from dtrain.core.options import parse_checkpoint_every
 
     assert parse_checkpoint_every(value) == parsed
 
 
 def test_profile_must_be_a_yaml_mapping(tmp_path):
-    from dtrain import profiles
+    from dtrain.core import profiles
 
     (tmp_path / "bad.yaml").write_text("nproc: [2\n")
     (tmp_path / "list.yaml").write_text("- nproc\n")
@@ -279,6 +279,6 @@ def test_a_launcher_of_one_node_is_refused_beyond_it(options, words):
 def test_dtrains_agent_takes_the_rendezvous_address_and_the_log_folder():
     one_node = resolve(gpus_available=2, gpus=2, name="n", recipe_args=("--epochs", "2"))
     argv, env = local.build_command(one_node, cpus=8, base_env={}, python="python")
-    assert argv == ["python", "-m", "dtrain.agent", "--nproc", "2", "--master-addr", "127.0.0.1", "--master-port",
+    assert argv == ["python", "-m", "dtrain.launch.agent", "--nproc", "2", "--master-addr", "127.0.0.1", "--master-port",
                     "41234", "--log-dir", "runs/n/logs/n_local/attempt_0", RECIPE, "--epochs", "2"]
     assert env["OMP_NUM_THREADS"] == "4"

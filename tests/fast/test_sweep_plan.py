@@ -8,8 +8,9 @@ import random
 
 import pytest
 
-from dtrain import sweep
+from dtrain.core.rundir import RunDir
 from dtrain.errors import UsageError
+from dtrain.launch import sweep
 
 from conftest import run_dtrain
 
@@ -67,7 +68,7 @@ def test_a_sweep_directory_keeps_its_plan(tmp_path):
     runs = sweep.plan({"lr": ["1", "2"]}, {}, None, 0, [])
     record = sweep.plan_record("r.py", runs, [])
     assert sweep.check_same_plan(tmp_path, record) is False
-    (tmp_path / sweep.PLAN_FILE).write_text(json.dumps(record))
+    RunDir(tmp_path).plan.write_text(json.dumps(record))
     assert sweep.check_same_plan(tmp_path, record) is True
     assert sweep.runs_of(sweep.read_plan(tmp_path)) == runs
     with pytest.raises(UsageError, match="holds a sweep of other runs"):
@@ -79,7 +80,7 @@ def test_a_run_is_finished_only_when_its_last_launch_exited_0(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("")
     assert sweep.status(tmp_path) == "running or stopped"
     for code, said in ((130, "interrupted"), (1, "failed (exit 1)"), (0, "finished")):
-        (tmp_path / sweep.ENDED_FILE).write_text(json.dumps({"exit_code": code}))
+        RunDir(tmp_path).ended.write_text(json.dumps({"exit_code": code}))
         assert sweep.status(tmp_path) == said and sweep.finished(tmp_path) == (code == 0)
 
 

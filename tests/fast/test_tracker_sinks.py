@@ -7,7 +7,8 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dtrain import trackers
+from dtrain.core.rundir import RunDir
+from dtrain.outputs import trackers
 
 
 def test_mlflow_without_a_uri_uses_the_environments_or_a_store_in_the_run_directory(tmp_path):
@@ -40,6 +41,6 @@ def test_rows_reach_tensorboard_and_a_tracker_that_fails_is_dropped_with_one_lin
     messages = [{"row": {"step": s, "time": 100.0 + s, "kind": "train", "train/loss": 1 / s}} for s in (1, 2)]
     assert group.take([*messages, {"step": 2, "evaluation": {}}, {"exit_code": 0}]) == 0
     group.each("finish", 0)
-    events = EventAccumulator(str(Path(tmp_path) / trackers.TENSORBOARD_DIR))
+    events = EventAccumulator(str(RunDir(Path(tmp_path)).tensorboard))
     events.Reload()
     assert [(e.step, e.value, e.wall_time) for e in events.Scalars("train/loss")] == [(1, 1.0, 101.0), (2, 0.5, 102.0)]

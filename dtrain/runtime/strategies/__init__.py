@@ -1,4 +1,4 @@
-"""The strategies' runtime implementations; `dtrain.strategies` is their registry."""
+"""The strategies' runtime implementations; `dtrain.core.strategies` is their registry."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import importlib
 
 import torch
 
-from dtrain import strategies
-from dtrain.contract import WorkerEnv
+from dtrain.core import strategies
+from dtrain.core.contract import WorkerEnv
 from dtrain.runtime.strategies.base import StrategyRuntime
 
 

@@ -13,9 +13,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from dtrain.contract import WorkerEnv
+from dtrain.core.contract import WorkerEnv
+from dtrain.core.strategies import Strategy
 from dtrain.runtime.precision import Precision
-from dtrain.strategies import Strategy
 
 
 class Checkpointable(Protocol):

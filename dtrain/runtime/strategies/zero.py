@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from dtrain import deepspeed_config
+from dtrain.core import deepspeed_config
+from dtrain.core.rundir import fsync_dir
 from dtrain.errors import UsageError
-from dtrain.runtime.checkpoint import CheckpointError, fsync_dir, fsync_file
+from dtrain.runtime.checkpoint import CheckpointError, fsync_file
 from dtrain.runtime.precision import Precision
 from dtrain.runtime.shared_memory import SHM_DIR
 from dtrain.runtime.strategies.base import StrategyRuntime, make_parameters_contiguous

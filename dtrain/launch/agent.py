@@ -1,12 +1,12 @@
-"""dtrain's own agent (`python -m dtrain.agent`): the workers of one node, without restarts, without torch.
+"""dtrain's own agent (`python -m dtrain.launch.agent`): the workers of one node, without restarts, without torch.
 
 torchrun's agent imports torch before it starts a worker (2-3 s of one core on a small machine) and
 exits after them; on one node without restarts its rendezvous and its elastic machinery do nothing in
 return. This agent starts the same workers with the environment torchrun gives them (rank 0 hosts the
 store at MASTER_ADDR:MASTER_PORT), tags their lines as torchrun does (`[rankN]: `), keeps each rank's
-stdout and stderr in torchrun's layout (`<log-dir>/<rank>/`, `launchers.attempt_logs`), and when a worker
+stdout and stderr in torchrun's layout (`<log-dir>/<rank>/`, `RunDir.attempt_logs`), and when a worker
 fails, stops the others (SIGTERM, then SIGKILL after a grace period) and prints one summary line per
-failed worker, which `dtrain.launchers.local.exit_status` reads. SIGTERM, SIGINT or SIGHUP to the agent
+failed worker, which `dtrain.launch.launchers.local.exit_status` reads. SIGTERM, SIGINT or SIGHUP to the agent
 stops every worker the same way. The preemption signal is not its business: `dtrain launch` sends it
 to the workers, and the agent inherits its being ignored.
 """
@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import IO
 
-from dtrain.job import LauncherLog, die_with_parent
+from dtrain.core.rundir import RunDir
+from dtrain.launch.job import LauncherLog, die_with_parent
 
 GRACE_S = 30  # what a worker has to end after SIGTERM, as torchrun gives it
 FAILED = "dtrain agent: rank {rank} failed (exitcode: {code})"
@@ -71,7 +72,7 @@ def run(nproc: int, master_addr: str, master_port: int, log_dir: str, argv: list
                                   preexec_fn=die_with_parent)
         workers.append(worker)
         for source, name, out in ((worker.stdout, "stdout", sys.stdout), (worker.stderr, "stderr", sys.stderr)):
-            log = LauncherLog(str(Path(log_dir) / str(rank) / f"{name}.log"))
+            log = LauncherLog(str(RunDir.rank_log(Path(log_dir), rank, name)))
             pump = threading.Thread(target=_tee, args=(source, log, out, f"[rank{rank}]: ", locks[out]), daemon=True)
             pump.start()
             pumps.append(pump)
@@ -108,7 +109,7 @@ def _stop(workers: list[subprocess.Popen]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m dtrain.agent", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dtrain.launch.agent", description=__doc__.split("\n")[0])
     parser.add_argument("--nproc", type=int, required=True)
     parser.add_argument("--master-addr", required=True)
     parser.add_argument("--master-port", type=int, required=True)

@@ -16,9 +16,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
-from dtrain import deepspeed_config, launchers, strategies
+from dtrain.core import deepspeed_config, launchers, rundir, strategies
+from dtrain.core.options import BY_NAME, OPTIONS, SPEC_OPTIONS
+from dtrain.core.rundir import RunDir
 from dtrain.errors import UsageError
-from dtrain.options import BY_NAME, OPTIONS, SPEC_OPTIONS
 
 DEFAULT_MASTER_PORT = 29500
 AUTO = "auto"
@@ -29,7 +30,7 @@ SPEC_FORMAT = "dtrain-spec-1"
 class LaunchSpec:
     """One job on one node: the launcher renders this into an argv and an environment.
 
-    `options` holds every worker and launcher option (dtrain.options), resolved; `spec.precision`
+    `options` holds every worker and launcher option (dtrain.core.options), resolved; `spec.precision`
     and the like read it.
     """
 
@@ -64,25 +65,26 @@ class LaunchSpec:
         return self.nodes * self.nproc
 
     @property
+    def paths(self) -> RunDir:
+        return RunDir.of(self.run_dir)
+
+    @property
     def deepspeed_config_path(self) -> str | None:
         """Where the launch writes the merged DeepSpeed JSON that the workers read."""
-        return str(Path(self.run_dir) / "deepspeed.json") if self.deepspeed_config is not None else None
+        return str(self.paths.deepspeed_config) if self.deepspeed_config is not None else None
 
     @property
     def log_dir(self) -> str:
-        return str(Path(self.run_dir) / "logs")
+        return str(self.paths.logs)
 
     @property
     def launcher_log(self) -> str:
-        """The launcher's own output; one file per node, since nodes may share the run directory."""
-        name = "launcher.log" if self.node_rank == 0 else f"launcher-node{self.node_rank}.log"
-        return str(Path(self.log_dir) / name)
+        return str(self.paths.launcher_log(self.node_rank))
 
     @property
     def launch_lock(self) -> str:
-        """Held by this node's `dtrain launch` (or `dtrain debug`) while it runs (`dtrain.job.run_dir_lock`)."""
-        name = "launch.lock" if self.node_rank == 0 else f"launch-node{self.node_rank}.lock"
-        return str(Path(self.run_dir) / name)
+        """Held by this node's `dtrain launch` (or `dtrain debug`) while it runs (`dtrain.launch.job.run_dir_lock`)."""
+        return str(self.paths.launch_lock(self.node_rank))
 
     def to_json(self) -> str:
         return json.dumps({"format": SPEC_FORMAT, **dataclasses.asdict(self)}, indent=1) + "\n"
@@ -314,7 +316,7 @@ def _run_dir(options: Mapping[str, Any], recipe: str, nodes: int) -> tuple[str, 
             raise UsageError("a multi-node launch needs --name (or --run-dir), the same on every node, "
                              "so that all nodes join one rendezvous and share one run directory.")
         name = default_name(recipe)
-    return name, str(Path("runs") / name)
+    return name, str(rundir.DEFAULT / name)
 
 
 def launch_files(spec: LaunchSpec) -> dict[str, str]:

@@ -3,26 +3,26 @@
 Both sides import this module (it imports no torch): `worker_env` writes the variables from a
 LaunchSpec, `read_env` reads them back in a worker, under `dtrain launch`, plain `torchrun`,
 `srun` (SLURM's variables) or plain `python recipe.py` (a world of one). The variables are the
-worker options of `dtrain.options` (one each) and the few below that the launch derives.
-`python -m dtrain.contract` prints the table docs/architecture.md holds.
+worker options of `dtrain.core.options` (one each) and the few below that the launch derives.
+`python -m dtrain.core.contract` prints the table docs/architecture.md holds.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import json
 import os
 import socket
-from collections.abc import Callable, Mapping
-from typing import IO, TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
+from dtrain.core.options import WORKER_OPTIONS, Option, for_command
+from dtrain.core.rundir import DEFAULT
 from dtrain.errors import UsageError
-from dtrain.options import WORKER_OPTIONS, Option, for_command
 
 if TYPE_CHECKING:
-    from dtrain.spec import LaunchSpec
+    from dtrain.core.spec import LaunchSpec
 
 DEVICE = "DTRAIN_DEVICE"
 RUN_DIR = "DTRAIN_RUN_DIR"
@@ -100,7 +100,7 @@ def read_env(environ: Mapping[str, str] | None = None) -> WorkerEnv:
         slurm_job_id=environ.get("SLURM_JOB_ID") or None,
         requeue_count=requeue_count,
         device=environ.get(DEVICE) or None,
-        run_dir=environ.get(RUN_DIR) or os.path.join("runs", "default"),
+        run_dir=environ.get(RUN_DIR) or str(DEFAULT / "default"),
         launched_world_size=int(environ[WORLD_SIZE]) if environ.get(WORLD_SIZE) else None,
         launch_time=float(environ[LAUNCH_TIME]) if environ.get(LAUNCH_TIME) else None,
         tty=environ.get(TTY) or None,
@@ -174,44 +174,12 @@ def _from_variable(option: Option, text: str) -> Any:
         raise UsageError(f"{str(exc).rstrip('.')} (from {shown}); fix or unset {option.env}.") from None
 
 
-def error_record(folder: str, rank: int) -> str:
-    """Where a worker records the exception that stopped it, in the error spool or the run directory
-    (`dtrain.runtime.dist` writes both, whatever the launcher; `dtrain.job` reads them to name the rank
-    that failed first: the spool is there when the run directory's disk is full)."""
-    return os.path.join(folder, "logs", "errors", f"rank{rank}.json")
-
-
 def markdown_table() -> str:
     """The contract as docs/architecture.md shows it: every variable, what sets it, what it means."""
     rows = [(f"`{option.env}`", f"`{option.flag}`", option.help.replace("|", "\\|")) for option in WORKER_OPTIONS]
     rows += [(f"`{name}`", set_by, meaning) for name, (set_by, meaning) in DERIVED.items()]
     lines = ["| variable | set by | meaning |", "| --- | --- | --- |"]
     return "\n".join(lines + [f"| {a} | {b} | {c} |" for a, b, c in rows])
-
-
-def write_atomically(path: str | os.PathLike, data: str | bytes | Callable[[IO[bytes]], Any]) -> None:
-    """Write `data` (text, bytes, or a function that writes into the binary file it is given) to a file of this
-    process's own, then rename it over `path`: a reader (or another node writing the same file) never sees half
-    of it. A write that fails (a full disk) leaves no partial file, and `path` as it was."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w" if isinstance(data, str) else "wb") as fh:
-            data(fh) if callable(data) else fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def write_json_atomically(path: str | os.PathLike, record: dict) -> bool:
-    """Whether `record` was written (`write_atomically`: the launcher reads the file while ranks write theirs)."""
-    try:
-        write_atomically(path, json.dumps(record))
-        return True
-    except OSError:
-        return False
 
 
 if __name__ == "__main__":

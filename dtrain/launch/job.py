@@ -31,13 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from dtrain import hardware, launchers
-from dtrain.contract import ERROR_SPOOL, error_record, write_atomically, write_json_atomically
+from dtrain.core import hardware, launchers
+from dtrain.core.contract import ERROR_SPOOL
+from dtrain.core.hangs import hang_report, read_states, timed_out
+from dtrain.core.rundir import RunDir, write_atomically, write_json_atomically
+from dtrain.core.spec import LaunchSpec
 from dtrain.errors import UsageError
-from dtrain.hangs import hang_report, read_states, timed_out
-from dtrain.launchers import ExitStatus
-from dtrain.spec import LaunchSpec
-from dtrain.sweep import ENDED_FILE
+from dtrain.launch.launchers import ExitStatus
 
 _PR_SET_PDEATHSIG = 1
 
@@ -66,7 +66,7 @@ def write_files(files: Mapping[str, str]) -> None:
 def record_end(run_dir: str, code: int | None) -> None:
     """`ended.json` in the run directory: how its last `dtrain launch` ended (None: it has started). A sweep
     reads it to skip finished runs; losing it to a full disk only means the run is launched again."""
-    path = Path(run_dir) / ENDED_FILE
+    path = RunDir.of(run_dir).ended
     try:
         if code is None:
             path.unlink(missing_ok=True)
@@ -102,7 +102,7 @@ def run_dir_lock(spec: LaunchSpec) -> Iterator[None]:
 def probe_run_dir(run_dir: str) -> None:
     """Refuse a run directory that cannot be written before any process starts: write, sync and remove a
     file there (a read-only mount stops root too, which permission bits do not)."""
-    probe = Path(run_dir) / f".dtrain-probe-{os.getpid()}"
+    probe = RunDir.of(run_dir).probe(os.getpid())
     try:
         probe.parent.mkdir(parents=True, exist_ok=True)
         with open(probe, "w") as fh:
@@ -244,16 +244,12 @@ def run_job(spec: LaunchSpec, argv: Sequence[str], env: Mapping[str, str], start
             shutil.rmtree(spool, ignore_errors=True)
 
 
-def _node_file(spec: LaunchSpec, node_rank: int) -> Path:
-    return Path(spec.log_dir) / "nodes" / f"node{node_rank}.json"
-
-
 def _announce_node(spec: LaunchSpec) -> None:
     """Say in the (shared) run directory that this node has come, so that a rendezvous that times out
     can say which nodes did (a node whose disk refuses is only missing from that message)."""
     record = {"node_rank": spec.node_rank, "host": os.uname().nodename, "time": time.time(),
               "address": (spec.network or {}).get("address")}
-    write_json_atomically(_node_file(spec, spec.node_rank), record)
+    write_json_atomically(spec.paths.node_record(spec.node_rank), record)
 
 
 def node_records(spec: LaunchSpec, started: float) -> dict[int, dict]:
@@ -262,7 +258,7 @@ def node_records(spec: LaunchSpec, started: float) -> dict[int, dict]:
     records = {}
     for node_rank in range(spec.nodes):
         try:
-            record = json.loads(_node_file(spec, node_rank).read_text())
+            record = json.loads(spec.paths.node_record(node_rank).read_text())
             if record["time"] >= started - spec.rdzv_timeout:
                 records[node_rank] = record
         except (OSError, ValueError, KeyError, TypeError):
@@ -385,15 +381,15 @@ def report_failure(status: ExitStatus, failure: RankFailure | None, logs: str) -
 def first_failure(folder: str, world_size: int, since: float) -> RankFailure | None:
     """The earliest error recorded in `folder` (the spool or the run directory) by a worker of the newest
     attempt since `since`; a usage error first: its sentence says what to do."""
-    failures = [f for f in (read_error_record(error_record(folder, rank)) for rank in range(world_size))
+    failures = [f for f in (read_error_record(RunDir.of(folder).error_record(rank)) for rank in range(world_size))
                 if f is not None and f.time >= since]
     newest = [f for f in failures if f.attempt == max((f.attempt for f in failures), default=0)]
     return min(newest, key=lambda f: (not f.usage, f.time), default=None)
 
 
-def read_error_record(path: str) -> RankFailure | None:
+def read_error_record(path: Path) -> RankFailure | None:
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(path.read_text())
         return RankFailure(rank=int(data["rank"]), message=str(data["message"]), time=float(data["time"]),
                            attempt=int(data.get("attempt", 0)), usage=bool(data["usage"]))
     except (OSError, ValueError, KeyError, TypeError):

@@ -19,11 +19,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dtrain import hardware, slurm
+from dtrain.core import hardware
+from dtrain.core.rundir import RunDir
+from dtrain.engines import slurm
 from dtrain.errors import UsageError
 
 SLOW = 1.5  # a rank whose matmul takes this many times the other ranks' median is named
-PREFLIGHT = Path(__file__).resolve().parent / "recipes" / "preflight.py"
+PREFLIGHT = Path(__file__).resolve().parent.parent / "recipes" / "preflight.py"
 
 
 def _version(package: str) -> str:
@@ -140,7 +142,7 @@ def run_preflight(devices: list[str], runs: str) -> dict:
                               run_dir, "--wandb", "disabled", "--checkpoint-every", "never", "--timeout", "120"],
                              capture_output=True, text=True)
         try:
-            return json.loads((Path(run_dir) / "preflight.json").read_text())
+            return json.loads(RunDir.of(run_dir).preflight.read_text())
         except (OSError, ValueError):
             tail = "\n".join(out.stderr.strip().splitlines()[-5:])
             raise UsageError(f"the preflight did not finish (exit {out.returncode}):\n{tail}") from None

@@ -20,13 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from dtrain.core.rundir import LATEST, MANIFEST, MARKER, PARTIAL, RunDir
 from dtrain.errors import UsageError
 
-CHECKPOINTS = "checkpoints"
-LATEST = "LATEST"
-MARKER = "COMMITTED"
-MANIFEST = "manifest.json"
-PARTIAL = ".partial"
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
 
 
@@ -48,7 +44,7 @@ def step_dir_name(step: int) -> str:
 
 
 def checkpoint_root(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / CHECKPOINTS
+    return RunDir.of(run_dir).checkpoints
 
 
 def step_dirs(root: Path) -> list[Path]:

@@ -18,9 +18,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from dtrain import options, profiles
+from dtrain.core import options, profiles
+from dtrain.core.spec import LaunchSpec, toward
 from dtrain.errors import UsageError
-from dtrain.spec import LaunchSpec, toward
 
 TEMPLATE = resources.files("dtrain") / "defaults" / "job.sbatch"
 OUTPUT_PATTERN = "slurm-%j.out"

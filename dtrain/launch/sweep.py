@@ -34,13 +34,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dtrain import metrics
+from dtrain.core import metrics
+from dtrain.core.rundir import SUMMARIES, RunDir
 from dtrain.errors import UsageError
+from dtrain.launch.job import die_with_parent
 
-PLAN_FILE = "sweep.json"
-SPEC_FILE = "spec.json"  # in each run directory: what its `dtrain launch --spec` runs
-ENDED_FILE = "ended.json"  # in a run directory: how its last `dtrain launch` ended
-SUMMARY_FILES = ("summary.csv", "summary.json")
 PLAN_FORMAT = "dtrain-sweep-1"
 INTERRUPTED = (130, 128 + signal.SIGTERM, 128 + signal.SIGHUP)
 
@@ -161,7 +159,7 @@ def plan_record(recipe: str, runs: Sequence[Run], fixed_args: Sequence[str]) -> 
 
 
 def read_plan(sweep_dir: str | Path) -> dict[str, Any] | None:
-    path = Path(sweep_dir) / PLAN_FILE
+    path = RunDir.of(sweep_dir).plan
     if not path.is_file():
         return None
     try:
@@ -192,7 +190,7 @@ def runs_of(record: Mapping[str, Any]) -> list[Run]:
 
 def ended(run_dir: str | Path) -> dict[str, Any] | None:
     try:
-        return json.loads((Path(run_dir) / ENDED_FILE).read_text())
+        return json.loads(RunDir.of(run_dir).ended.read_text())
     except (OSError, ValueError):
         return None
 
@@ -205,7 +203,7 @@ def finished(run_dir: str | Path) -> bool:
 def status(run_dir: str | Path) -> str:
     record = ended(run_dir)
     if record is None:
-        return "running or stopped" if (Path(run_dir) / metrics.FILE).is_file() else "not run"
+        return "running or stopped" if RunDir.of(run_dir).metrics.is_file() else "not run"
     code = record.get("exit_code")
     return "finished" if code == 0 else "interrupted" if code in INTERRUPTED else f"failed (exit {code})"
 
@@ -291,7 +289,7 @@ def summary_files(rows: Sequence[Mapping[str, Any]], names: Sequence[str], best_
         writer.writerow([row.get(c, "") for c in names] + [int(i == best_index)])
     record = {"metric": dict(zip(("name", "goal"), metric)) if metric else None,
               "best": rows[best_index]["run"] if best_index is not None else None, "runs": list(rows)}
-    return {SUMMARY_FILES[0]: out.getvalue(), SUMMARY_FILES[1]: json.dumps(record, indent=1) + "\n"}
+    return {SUMMARIES[0]: out.getvalue(), SUMMARIES[1]: json.dumps(record, indent=1) + "\n"}
 
 
 # --- starting runs --------------------------------------------------------------------------------
@@ -320,8 +318,6 @@ def start_runs(commands: Sequence[tuple[str, list[str], Path | None]], slots: Se
 
     Each run is in a session of its own, so that the terminal's Ctrl-C reaches it once, from here, and
     dies with this process; only `os.wait` here reaps them, so a pid signalled is still the run's."""
-    from dtrain.job import die_with_parent
-
     pending, running, codes = list(commands), {}, {}
     free = list(range(len(slots)))
     stopping: list[int] = []

@@ -13,22 +13,20 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from dtrain.contract import worker_env
-from dtrain.launchers import ExitStatus, torchrun
-from dtrain.spec import LaunchSpec
+from dtrain.core.contract import worker_env
+from dtrain.core.spec import LaunchSpec
+from dtrain.launch.launchers import ExitStatus, torchrun
 
 _MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
 def config_path(spec: LaunchSpec) -> str:
     """One file per node (it holds the node's rank), since nodes may share the run directory."""
-    name = "accelerate.yaml" if spec.node_rank == 0 else f"accelerate-node{spec.node_rank}.yaml"
-    return str(Path(spec.run_dir) / name)
+    return str(spec.paths.accelerate_config(spec.node_rank))
 
 
 def accelerate_config(spec: LaunchSpec) -> dict[str, Any]:

@@ -3,8 +3,8 @@
 A row says an option's flag (`--` + its name with dashes), type or choices, default, the
 `DTRAIN_*` variable that carries it to every worker (if it reaches them), its help, the commands
 that take it, and an example value for the tests generated from this table. The click commands
-(`dtrain.cli`), the spec's defaults and checks (`dtrain.spec`), the workers' environment and its
-reader (`dtrain.contract`) and the contract's table in docs/architecture.md all come from here:
+(`dtrain.cli`), the spec's defaults and checks (`dtrain.core.spec`), the workers' environment and its
+reader (`dtrain.core.contract`) and the contract's table in docs/architecture.md all come from here:
 a new option is one row plus the code that uses it.
 
 No torch, no click here: the launch side reads it, and so do the workers (through the contract).
@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
-from dtrain import launchers, strategies
+from dtrain.core import launchers, strategies
 from dtrain.errors import UsageError
 
 LAUNCH, DEBUG, SUBMIT, SWEEP = "launch", "debug", "submit", "sweep"
@@ -181,7 +181,7 @@ def checkpoint_every(flag: str, value: str) -> str:
 
 def resume(flag: str, value: str) -> str:
     if value not in ("auto", "never"):
-        from dtrain.checkpoints import check_committed
+        from dtrain.core.checkpoints import check_committed
 
         check_committed(Path(value))
     return value
@@ -323,7 +323,7 @@ OPTIONS: tuple[Option, ...] = (
            "array's %K.", "sweep", default=1, commands=SWEEPS, check=at_least(1)),
     Option("metric", str, "NAME[:min|max]: the series that marks the best run (without a goal: min for a loss or "
            "error, else max).", "sweep", commands=frozenset({SWEEP}), metavar="NAME[:min|max]"),
-    # What the job asks of SLURM: `dtrain slurm submit` only (dtrain.slurm.resolve_job checks them).
+    # What the job asks of SLURM: `dtrain slurm submit` only (dtrain.engines.slurm.resolve_job checks them).
     Option("gpus_per_node", int, "GPUs (= processes) per node.", "slurm", commands=SLURM),
     Option("cpus_per_task", int, "CPUs for each node's launcher and its processes.", "slurm", commands=SLURM),
     Option("mem", str, "Memory per node, as sbatch takes it (64G).", "slurm", commands=SLURM),

@@ -14,8 +14,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from dtrain import metrics
-from dtrain.contract import write_atomically
+from dtrain.core import metrics
+from dtrain.core.rundir import FIGURES, SWEEP_FIGURE, RunDir, write_atomically
 from dtrain.errors import UsageError
 
 
@@ -68,7 +68,7 @@ def format_report(report: dict[str, Any]) -> str:
 def read_run(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(metrics.jsonl rows, evaluation reports by epoch) of a run directory."""
     records = metrics.read(run_dir)
-    evaluations = [json.loads(p.read_text()) for p in sorted((run_dir / "eval").glob("epoch_*.json"))]
+    evaluations = [json.loads(p.read_text()) for p in sorted(RunDir(run_dir).evaluations.glob("epoch_*.json"))]
     return records, evaluations
 
 
@@ -134,14 +134,15 @@ def plot_sweep(sweep_dir: Path, runs: dict[str, list[dict]], metric: str | None)
         axes[1, 0].set_ylabel(metric)
     axes[-1, 0].set_xlabel("step")
     fig.suptitle(f"{sweep_dir.name}: {len(runs)} runs")
-    return _save(fig, sweep_dir / "report" / "sweep.png")
+    return _save(fig, RunDir.of(sweep_dir).report / SWEEP_FIGURE)
 
 
 def plot(run_dir: Path, records: list[dict], evaluations: list[dict]) -> list[Path]:
     """Loss and learning rate per step, accuracy per epoch, the last confusion matrix, and the ranks' compute,
     memory and TFLOP/s (the `system` rows): PNG files."""
     plt = _pyplot()
-    out = run_dir / "report"
+    out = RunDir(run_dir).report
+    loss_lr, system_png, accuracy, confusion = FIGURES
     written = []
     train = _training_loss(records)
     if train:
@@ -154,17 +155,17 @@ def plot(run_dir: Path, records: list[dict], evaluations: list[dict]) -> list[Pa
         lr_ax.set_ylabel("learning rate")
         lr_ax.set_xlabel("step")
         fig.suptitle(f"{run_dir.name}: training")
-        written.append(_save(fig, out / "loss_lr.png"))
+        written.append(_save(fig, out / loss_lr))
     system = [r for r in records if r["kind"] == metrics.SYSTEM]
     if system:
-        written.append(_save(_system_figure(plt, run_dir.name, system), out / "system.png"))
+        written.append(_save(_system_figure(plt, run_dir.name, system), out / system_png))
     if evaluations:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([e["epoch"] for e in evaluations], [100 * e["accuracy"] for e in evaluations], marker="o")
         ax.set_xlabel("epoch")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{run_dir.name}: evaluation")
-        written.append(_save(fig, out / "accuracy.png"))
+        written.append(_save(fig, out / accuracy))
 
         last = evaluations[-1]
         matrix = last["confusion_matrix"]
@@ -180,7 +181,7 @@ def plot(run_dir: Path, records: list[dict], evaluations: list[dict]) -> list[Pa
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(f"confusion matrix, epoch {last['epoch']}")
-        written.append(_save(fig, out / "confusion_matrix.png"))
+        written.append(_save(fig, out / confusion))
     return written
 
 

@@ -7,9 +7,9 @@ import re
 import sys
 from collections.abc import Mapping
 
-from dtrain.contract import worker_env
-from dtrain.launchers import ExitStatus, worker_failure
-from dtrain.spec import LaunchSpec
+from dtrain.core.contract import worker_env
+from dtrain.core.spec import LaunchSpec
+from dtrain.launch.launchers import ExitStatus, worker_failure
 
 # Global rank in front of every line torchrun copies to the console or a log file. Given through the
 # environment, which torchrun 2.11 and 2.14 both read: 2.11 has no --log-line-prefix-template flag.

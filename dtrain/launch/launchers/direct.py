@@ -12,9 +12,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 
-from dtrain.contract import worker_env
-from dtrain.launchers import DIRECT, ExitStatus, attempt_logs
-from dtrain.spec import LaunchSpec
+from dtrain.core.contract import worker_env
+from dtrain.core.launchers import DIRECT
+from dtrain.core.rundir import RunDir
+from dtrain.core.spec import LaunchSpec
+from dtrain.launch.launchers import ExitStatus
 
 RANK_ZERO = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": "0"}
 
@@ -25,8 +27,8 @@ def files(spec: LaunchSpec) -> dict[str, str]:
 
 def rank_logs(spec: LaunchSpec) -> tuple[str, str]:
     """Where the worker's stdout and stderr are kept: torchrun's layout, as a world of one's."""
-    folder = attempt_logs(spec, DIRECT) / "0"
-    return str(folder / "stdout.log"), str(folder / "stderr.log")
+    folder = spec.paths.attempt_logs(spec.name, DIRECT)
+    return str(RunDir.rank_log(folder, 0, "stdout")), str(RunDir.rank_log(folder, 0, "stderr"))
 
 
 def build_command(spec: LaunchSpec, cpus: int, base_env: Mapping[str, str],

@@ -21,16 +21,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-DEBUG = "debug"
+from dtrain.core.rundir import RunDir
+
 DUMP_SIGNAL = signal.SIGWINCH  # faulthandler dumps the stacks on it; a process that did not ask ignores it
-
-
-def stacks_path(run_dir: str | os.PathLike, rank: int) -> Path:
-    return Path(run_dir) / DEBUG / f"rank{rank}-stacks.txt"
-
-
-def state_path(run_dir: str | os.PathLike, rank: int) -> Path:
-    return Path(run_dir) / DEBUG / f"rank{rank}.json"
 
 
 def stacks_header(rank: int, pid: int, host: str) -> str:
@@ -46,7 +39,7 @@ def timed_out(message: str) -> bool:
 def read_states(run_dir: str | os.PathLike, since: float) -> list[dict]:
     """The ranks' dumps written since `since` (this launch's), in rank order."""
     states = []
-    for path in (Path(run_dir) / DEBUG).glob("rank*.json"):
+    for path in RunDir.of(run_dir).debug.glob("rank*.json"):
         try:
             state = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -90,7 +83,7 @@ def hang_report(states: list[dict], run_dir: str | os.PathLike) -> list[str]:
         return []
     missed = behind(states)
     lines = [f"dtrain: where each rank was when the collective timed out (every thread's stack: "
-             f"{_relative(str(Path(run_dir) / DEBUG))}/):"]
+             f"{_relative(str(RunDir.of(run_dir).debug))}/):"]
     for state in states:
         doing = f"never reached {missed[state['rank']]}" if state["rank"] in missed else "waiting for the others"
         lines.append(f"  rank {state['rank']}: step {state['step']}, {doing}, at {_where(state.get('user_frame'))}")
@@ -104,7 +97,7 @@ def hang_report(states: list[dict], run_dir: str | os.PathLike) -> list[str]:
 def live_ranks(run_dir: str | os.PathLike) -> list[tuple[int, int, str]]:
     """(rank, pid, host) of every rank that announced itself in the run's debug folder."""
     ranks = []
-    for path in (Path(run_dir) / DEBUG).glob("rank*-stacks.txt"):
+    for path in RunDir.of(run_dir).debug.glob("rank*-stacks.txt"):
         try:
             with open(path) as fh:
                 words = fh.readline().split()
@@ -116,7 +109,7 @@ def live_ranks(run_dir: str | os.PathLike) -> list[tuple[int, int, str]]:
 
 def announced_since(run_dir: str | os.PathLike, when: float) -> bool:
     """Whether a rank wrote to its stacks file after `when` (a `dtrain debug` in the folder of a job that ended)."""
-    return any(path.stat().st_mtime > when for path in (Path(run_dir) / DEBUG).glob("rank*-stacks.txt"))
+    return any(path.stat().st_mtime > when for path in RunDir.of(run_dir).debug.glob("rank*-stacks.txt"))
 
 
 def dump_live_stacks(run_dir: str | os.PathLike, send: Callable[[int, int], None] = os.kill,
@@ -130,7 +123,7 @@ def dump_live_stacks(run_dir: str | os.PathLike, send: Callable[[int, int], None
         if rank_host != host:
             notes.append(f"rank {rank} runs on {rank_host}: run `dtrain stack {run_dir}` there.")
             continue
-        path = stacks_path(run_dir, rank)
+        path = RunDir.of(run_dir).rank_stacks(rank)
         size = path.stat().st_size
         try:
             send(pid, DUMP_SIGNAL)

@@ -7,10 +7,10 @@ import runpy
 import sys
 from pathlib import Path
 
-from dtrain.contract import worker_env
-from dtrain.hardware import cpu_count
-from dtrain.job import write_files
-from dtrain.spec import LaunchSpec, launch_files
+from dtrain.core.contract import worker_env
+from dtrain.core.hardware import cpu_count
+from dtrain.core.spec import LaunchSpec, launch_files
+from dtrain.launch.job import write_files
 
 
 def run_in_process(spec: LaunchSpec) -> int:

@@ -13,15 +13,14 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 
-from dtrain.contract import worker_env
-from dtrain.launchers import ExitStatus
-from dtrain.spec import LaunchSpec
+from dtrain.core.contract import worker_env
+from dtrain.core.spec import LaunchSpec
+from dtrain.launch.launchers import ExitStatus
 
 
 def hostfile_path(spec: LaunchSpec) -> str:
-    return str(Path(spec.run_dir) / "hostfile")
+    return str(spec.paths.hostfile)
 
 
 def hostfile(spec: LaunchSpec) -> str:

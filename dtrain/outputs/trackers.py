@@ -1,6 +1,6 @@
 """Rank 0's experiment trackers (W&B, TensorBoard, MLflow): sinks of one process of its own.
 
-    python -m dtrain.trackers   # started by `RunLogger`, fed JSON lines on stdin
+    python -m dtrain.outputs.trackers   # started by `RunLogger`, fed JSON lines on stdin
 
 A tracker's client costs the caller Python time per logged row (W&B's about a millisecond, and its
 service more CPU on top; MLflow's an HTTP request). In the training process that work would compete
@@ -13,7 +13,7 @@ failed is recorded so.
 
 Protocol, one JSON object per line. In: first `{"run_dir": ..., "wandb": {wandb.init arguments} |
 null, "tensorboard": {} | null, "mlflow": {"uri", "experiment", "run_name", "tags", "params"} |
-null}`; then `{"row": {...}}` (a metrics.jsonl row, `dtrain.metrics`), `{"step": N, "evaluation":
+null}`; then `{"row": {...}}` (a metrics.jsonl row, `dtrain.core.metrics`), `{"step": N, "evaluation":
 {...}}`, and last `{"exit_code": C}`. End of input without an exit code (the training process
 died) ends the runs as failed. A tracker that cannot start, or fails later, is dropped with one
 line on stderr; the others, and metrics.jsonl, go on.
@@ -32,16 +32,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from dtrain import metrics
-from dtrain.contract import write_atomically
+from dtrain.core import metrics
+from dtrain.core.rundir import RUN_ID, RunDir, write_atomically
 
 # Rows are read once a second, in batches: every wake-up of this process (and of wandb-core after
 # it) preempts a loop that keeps the cores busy (the MNIST recipe logging every step on 2 cores:
 # 7.7-9.5% fewer steps/s with rows read one by one, 2.6-4.5% in batches; bench/RESULTS.md).
 BATCH_INTERVAL_S = 1.0
-TENSORBOARD_DIR = "tensorboard"
-LOCK_FILE = "trackers.lock"  # in the run directory: held by the run's trackers process
-MLFLOW_DIR = "mlflow"  # in the run directory: run-id, and the local store (mlflow.db, artifacts/)
 # Unless the user chose: MLflow retries a request 7 times with doubling back-off by default, minutes
 # before a server that is down counts as down while the run's end waits for this process; and its
 # INFO lines (creating a store's tables) are not for the training console.
@@ -61,8 +58,8 @@ def mlflow_store(requested: str, environ: Mapping[str, str], run_dir: str | Path
     uri = environ.get("MLFLOW_TRACKING_URI") if requested == "auto" else requested
     if uri:
         return {"uri": uri, "artifact_location": None}
-    local = Path(run_dir).resolve() / MLFLOW_DIR
-    return {"uri": f"sqlite:///{local / 'mlflow.db'}", "artifact_location": (local / "artifacts").as_uri()}
+    local = RunDir.of(Path(run_dir).resolve())
+    return {"uri": f"sqlite:///{local.mlflow_db}", "artifact_location": (local.mlflow / "artifacts").as_uri()}
 
 
 def numbers(row: Mapping[str, Any]) -> dict[str, float]:
@@ -116,7 +113,7 @@ class TensorBoardSink:
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
         self.event_pb2, self.summary_pb2 = event_pb2, summary_pb2
-        self.writer = EventFileWriter(str(run_dir / TENSORBOARD_DIR))
+        self.writer = EventFileWriter(str(RunDir(run_dir).tensorboard))
 
     def rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
         for row in rows:
@@ -149,7 +146,7 @@ class MlflowSink:
         self.Metric = Metric
         self.run_dir = run_dir
         self.client = MlflowClient(tracking_uri=arguments["uri"])
-        self.id_file = run_dir / MLFLOW_DIR / "run-id"
+        self.id_file = RunDir(run_dir).mlflow / RUN_ID
         self.run_id = self._existing_run()
         if self.run_id is not None:
             self.client.update_run(self.run_id, status="RUNNING")
@@ -198,7 +195,7 @@ class MlflowSink:
         if exit_code == 0:
             for path in report_plots(self.run_dir):
                 self.client.log_artifact(self.run_id, str(path), artifact_path="report")
-            model = self.run_dir / "model.pth"
+            model = RunDir(self.run_dir).model
             if model.is_file():
                 self.client.log_artifact(self.run_id, str(model))
         self.client.set_terminated(self.run_id, "FINISHED" if exit_code == 0 else "FAILED")
@@ -207,7 +204,7 @@ class MlflowSink:
 def report_plots(run_dir: Path) -> list[Path]:
     """`dtrain report`'s PNGs of the run (none without matplotlib)."""
     try:
-        from dtrain import report
+        from dtrain.outputs import report
 
         records, evaluations = report.read_run(run_dir)
         return list(report.plot(run_dir, records, evaluations))
@@ -266,7 +263,7 @@ class Trackers:
     def __init__(self, init: Mapping[str, Any]):
         self.sinks: list[Any] = []
         run_dir = Path(init["run_dir"])
-        self._lock = wait_for_lock(run_dir / LOCK_FILE)
+        self._lock = wait_for_lock(RunDir(run_dir).trackers_lock)
         for name, sink in SINKS.items():
             if init.get(name) is not None:
                 self._call(sink.label, lambda: self.sinks.append(sink(init[name], run_dir)))
