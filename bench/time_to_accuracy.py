@@ -34,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from dtrain.core import hardware, metrics  # noqa: E402
+from dtrain.core.rundir import RunDir  # noqa: E402
 
 from compare import dtrain_launch, logged_samples_per_s, parse_epoch_line, publish  # noqa: E402
 
@@ -65,7 +66,7 @@ class Result:
 
 def from_metrics(label: str, run_dir: Path, wall_s: float) -> Result:
     """A dtrain run's result from its metrics.jsonl."""
-    if not (run_dir / metrics.FILE).is_file():  # stopped before its first row
+    if not RunDir(run_dir).metrics.is_file():  # stopped before its first row
         return Result(label, wall_s, None)
     target = metrics.read(run_dir, metrics.TARGET)
     evaluations = [r["eval/accuracy"] for r in metrics.read(run_dir) if "eval/accuracy" in r]

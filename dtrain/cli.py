@@ -22,13 +22,12 @@ from typing import Any, Callable
 import click
 from click.core import ParameterSource
 
-from dtrain import __version__
+from dtrain import __version__, engines
 from dtrain.core import contract, hardware, options, rundir
 from dtrain.core.options import DEBUG, LAUNCH, SUBMIT, SWEEP, Option
 from dtrain.core.rundir import RunDir
-from dtrain.core.spec import AUTO, DEFAULT_MASTER_PORT, LaunchSpec, decide_precision, default_name, resolve
+from dtrain.core.spec import AUTO, DEFAULT_MASTER_PORT, LaunchSpec, decide_precision, resolve
 from dtrain.core.wandb_mode import wandb_mode
-from dtrain.engines import slurm
 from dtrain.errors import UsageError
 from dtrain.launch import launchers
 
@@ -52,17 +51,32 @@ def _click_option(option: Option) -> Callable[[Callable], Callable]:
     return click.option(option.flag, option.name, **kwargs)
 
 
-def _command_options(command: str, recipe_required: bool = True) -> Callable[[Callable], Callable]:
-    """RECIPE, its arguments (after `--`), and the table's options for `command`, in the table's order."""
+def _command_options(command: str, recipe_required: bool = True,
+                     extra: tuple[Option, ...] = ()) -> Callable[[Callable], Callable]:
+    """RECIPE, its arguments (after `--`), and the table's options for `command` (then `extra`, an engine's), in
+    the table's order."""
     def apply(func: Callable) -> Callable:
-        for option in reversed(options.for_command(command)):
+        for option in reversed(options.for_command(command) + extra):
             func = _click_option(option)(func)
         func = click.argument("recipe_args", nargs=-1, type=click.UNPROCESSED)(func)
         return click.argument("recipe", required=recipe_required)(func)
     return apply
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """dtrain's own commands, and a group for each cluster engine found (`dtrain.engines`)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *engines.submitters()])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        command = super().get_command(ctx, name)
+        if command is None and name in engines.submitters():
+            command = _engine_group(engines.submitters()[name])
+        return command
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="dtrain")
 def cli() -> None:
     """Launch PyTorch training recipes on one CPU, one GPU, many GPUs or many nodes."""
@@ -78,7 +92,7 @@ def launch(ctx: click.Context, profile: str | None, dry_run: bool | None, spec: 
     dtrain launch recipes/mnist_cnn.py --gpus 8
     dtrain launch recipes/mnist_cnn.py --cpu --nproc 2 -- --epochs 1
     """
-    allocation = slurm.allocation(os.environ)
+    allocation = engines.allocation(os.environ)
     if spec is not None:
         launch_spec = _submitted_spec(ctx, spec, allocation)
     else:
@@ -86,23 +100,24 @@ def launch(ctx: click.Context, profile: str | None, dry_run: bool | None, spec: 
             raise UsageError("dtrain launch needs a RECIPE (a Python training script), or --spec FILE.")
         given, sources = _given(ctx, given, profile, LAUNCH)
         if allocation is not None:
-            implied = slurm.launch_defaults(allocation, given["recipe"])
+            implied = engines.launch_defaults(allocation, given["recipe"])
             given = {**given, **{k: v for k, v in implied.items() if given.get(k) is None}}
         gpus_available = 0 if given.get("cpu") else hardware.visible_gpus()
         launch_spec = resolve(given, gpus_available, hardware.free_port(), route=hardware.route_to, sources=sources,
                               **_precision_facts(given.get("precision"), gpus_available))
 
-    if allocation is not None and not allocation.in_step:
-        # In an allocation (salloc, or an sbatch script) but not in a step: one task per node via srun.
-        argv = slurm.srun_command(allocation.nodes, [sys.executable, "-m", "dtrain.cli", *sys.argv[1:]])
+    if allocation is not None and not allocation.per_node:
+        # In a job (an allocation, or a batch script) but started once for all of it: once per node, by the engine.
+        engine = engines.submitters()[allocation.engine]
+        argv = engine.fan_out(allocation, [*engines.launch_argv(), *sys.argv[1:]])
         if dry_run:
             click.echo(shlex.join(argv))
             return 0
         try:
             os.execvp(argv[0], argv)
         except OSError as exc:
-            raise UsageError(f"cannot start srun inside SLURM job {allocation.job_id} ({exc.strerror}); "
-                             "put SLURM's commands on PATH.") from None
+            raise UsageError(f"cannot start {argv[0]} inside {allocation.engine} job {allocation.job_id} "
+                             f"({exc.strerror}); put the {allocation.engine} commands on PATH.") from None
 
     _check_port(launch_spec, explicit=given.get("master_port") is not None or allocation is not None)
     launch_spec = _resolve_wandb(launch_spec, quiet=bool(dry_run))
@@ -131,8 +146,8 @@ def launch(ctx: click.Context, profile: str | None, dry_run: bool | None, spec: 
     return code
 
 
-def _submitted_spec(ctx: click.Context, path: str, allocation: slurm.Allocation | None) -> LaunchSpec:
-    """The spec `dtrain slurm submit` saved, placed on this node of the job."""
+def _submitted_spec(ctx: click.Context, path: str, allocation: engines.Allocation | None) -> LaunchSpec:
+    """The spec `dtrain <engine> submit` saved, placed on this node of the job."""
     others = [p.opts[0] if isinstance(p, click.Option) else p.human_readable_name for p in ctx.command.params
               if p.name not in ("spec", "dry_run") and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
     if others:
@@ -140,11 +155,11 @@ def _submitted_spec(ctx: click.Context, path: str, allocation: slurm.Allocation 
     try:
         text = Path(path).read_text()
     except OSError as exc:
-        raise UsageError(f"cannot read the launch spec {path} ({exc.strerror}); `dtrain slurm submit` writes it "
-                         "into the run directory's slurm/ folder.") from None
+        raise UsageError(f"cannot read the launch spec {path} ({exc.strerror}); `dtrain <engine> submit` writes it "
+                         "into the run directory's folder of that engine.") from None
     launch_spec = LaunchSpec.from_json(text, path)
-    if allocation is not None and allocation.in_step:
-        launch_spec = slurm.place(launch_spec, allocation, route=hardware.route_to)
+    if allocation is not None and allocation.per_node:
+        launch_spec = engines.place(launch_spec, allocation, route=hardware.route_to)
     elif launch_spec.nodes == 1:  # a sweep's run: its port was free when the sweep began
         launch_spec = launch_spec.replace(master_port=hardware.free_port())
     gpus = hardware.visible_gpus() if launch_spec.device == "cuda" else 0  # nvidia-smi: asked once
@@ -152,7 +167,7 @@ def _submitted_spec(ctx: click.Context, path: str, allocation: slurm.Allocation 
     launch_spec = decide_precision(launch_spec, facts["cpu_flags"], facts["compute_capability"])
     if launch_spec.device == "cuda" and gpus < launch_spec.nproc:
         raise UsageError(f"this node sees {gpus} GPU(s), but the job runs {launch_spec.nproc} "
-                         "processes on each; ask SLURM for them (--gpus-per-node).")
+                         "processes on each; ask the job for them (--gpus-per-node).")
     return launch_spec
 
 
@@ -276,14 +291,25 @@ class _SweepPlan:
             return {}
         return {str(RunDir.of(self.sweep_dir).plan): json.dumps(self.record, indent=1) + "\n"}
 
-    def launch_options(self, given: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """Each run's options for `resolve`: its run directory, name and recipe arguments; W&B's group is the
-        sweep's unless given."""
+    def own_options(self, given: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """What each run sets over the options given: its run directory, name and recipe arguments; W&B's group
+        is the sweep's unless given."""
         from dtrain.launch import sweep as sweeps
 
-        return [{**given, "name": f"{self.name}-{run.index:03d}", "run_dir": str(self.sweep_dir / run.name),
+        return [{"name": f"{self.name}-{run.index:03d}", "run_dir": str(self.sweep_dir / run.name),
                  "recipe_args": sweeps.recipe_args(run, self.fixed),
                  "wandb_group": given.get("wandb_group") or self.name} for run in self.runs]
+
+    def launch_options(self, given: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Each run's options for `resolve`."""
+        return [{**given, **own} for own in self.own_options(given)]
+
+    def pending_runs(self, given: Mapping[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+        """(index, own options) of each run that has not finished: what a cluster job of the sweep runs."""
+        from dtrain.launch import sweep as sweeps
+
+        return [(run.index, own) for run, own in zip(self.runs, self.own_options(given))
+                if not sweeps.finished(own["run_dir"])]
 
 
 def _plan_sweep(given: Mapping[str, Any], grid: tuple[str, ...], draw: tuple[str, ...], draws: int | None,
@@ -318,7 +344,7 @@ def report(run_dir: str, metric: str | None) -> int:
         goal = sweeps.parse_metric(metric) if metric else None
         runs = sweeps.runs_of(plan)
         curves = {run.name: metrics_file.read(path / run.name) for run in runs
-                  if (path / run.name / metrics_file.FILE).is_file()}
+                  if RunDir(path / run.name).metrics.is_file()}
         _sweep_summary(path, runs, goal, required=True, say=lambda text: click.echo(f"dtrain report: {text}", err=True),
                        read=lambda run_dir: curves.get(run_dir.name, []))  # a run without metrics: no values
         click.echo(f"wrote {run_report.plot_sweep(path, curves, goal[0] if goal else None)}")
@@ -368,7 +394,7 @@ def doctor(nproc: int | None, gpus: int | None, runs: str) -> int:
 
     if nproc is not None and gpus is not None:
         raise UsageError("--nproc (CPU processes) and --gpus contradict each other; pass one of them.")
-    for label, text in checks.versions() + checks.gpus() + checks.network() + checks.slurm_facts() + checks.disk(runs):
+    for label, text in checks.versions() + checks.gpus() + checks.network() + checks.engine_facts() + checks.disk(runs):
         click.echo(f"{label:<12} {text}")
     if nproc is None and gpus is None:
         return 0
@@ -378,158 +404,114 @@ def doctor(nproc: int | None, gpus: int | None, runs: str) -> int:
     return 1 if slow else 0
 
 
-@cli.group("slurm")
-def slurm_group() -> None:
-    """Submit a recipe as a SLURM job, and follow, inspect or cancel it."""
+def _engine_group(engine: engines.Submitter) -> click.Group:
+    """`dtrain NAME submit|status|cancel|logs` for a cluster engine: the table's options of `submit` and the
+    engine's own; the engine renders the job's files and makes the calls."""
+    group = click.Group(engine.name, help=engine.description)
 
-
-@slurm_group.command("submit")
-@_command_options(SUBMIT)
-@click.pass_context
-def slurm_submit(ctx: click.Context, profile: str | None, dry_run: bool | None, cluster_profile: str | None,
-                 template: str | None, grid: tuple[str, ...], draw: tuple[str, ...], draws: int | None,
-                 sweep_seed: int | None, parallel: int | None, **given: Any) -> int:
-    """Submit RECIPE as a SLURM job: runs/NAME/slurm/ gets the sbatch script and the launch spec every node runs.
-    With --grid or --draw, one job array: a task per run of the sweep, each in its own run directory.
-
-    \b
-    dtrain slurm submit recipes/mnist_cnn.py --nodes 4 --gpus-per-node 8 --time 02:00:00
-    dtrain slurm submit recipes/mnist_cnn.py --nodes 2 --cpu --nproc 1 --dry-run -- --epochs 1
-    dtrain slurm submit recipes/mnist_mlp.py --cpu --grid lr=1e-3,3e-4 --grid batch-size=64,128 --parallel 2
-    """
-    given, sources = _given(ctx, given, profile, SUBMIT)
-    cluster = slurm.load_cluster_profile(cluster_profile) if cluster_profile else {}
-    job = slurm.resolve_job(given, cluster, cluster_profile)
-    template_text = slurm.read_template(template)
-    given = {**given, "nodes": job.nodes, "node_rank": 0, "gpus": job.gpus_per_node or None,
-             "preempt_signal": slurm.parse_signal(job.signal)[1],
-             "max_requeues": cluster.get("max_requeues") if given.get("max_requeues") is None else given["max_requeues"]}
-    if grid or draw:
-        return _submit_array(given, sources, job, template_text, _plan_sweep(given, grid, draw, draws, sweep_seed),
-                             options.BY_NAME["parallel"].value(parallel), bool(dry_run))
-    if draws is not None or parallel is not None:
-        raise UsageError("--draws and --parallel are for a sweep; give --grid or --draw too, or leave them out.")
-
-    name = given.get("name") or default_name(given["recipe"])
-    run_dir = os.path.abspath(given.get("run_dir") or os.path.join("runs", name))
-    launch_spec = resolve({**given, "name": name, "run_dir": run_dir}, gpus_available=job.gpus_per_node,
-                          free_port=DEFAULT_MASTER_PORT, cpu_flags=None, sources=sources)
-    script = slurm.render_script(template_text, job, launch_spec, python=sys.executable, workdir=os.getcwd())
-    spec_path = slurm.spec_path(run_dir)
-    if dry_run:
-        click.echo(f"# {_relative(str(spec_path))}\n{launch_spec.to_json()}")
-        click.echo(script, nl=False)
+    @group.command("submit")
+    @_command_options(SUBMIT, extra=engine.options)
+    @click.pass_context
+    def submit(ctx: click.Context, profile: str | None, dry_run: bool | None, grid: tuple[str, ...],
+               draw: tuple[str, ...], draws: int | None, sweep_seed: int | None, parallel: int | None,
+               **given: Any) -> int:
+        given, sources = _given(ctx, given, profile, SUBMIT)
+        sweep = None
+        plan: _SweepPlan | None = None
+        if grid or draw:
+            plan = _plan_sweep(given, grid, draw, draws, sweep_seed)
+            plan = dataclasses.replace(plan, sweep_dir=Path(os.path.abspath(plan.sweep_dir)))
+            pending = plan.pending_runs(given)
+            if not pending:
+                click.echo(f"every run of sweep {plan.name} has finished ({_relative(str(plan.sweep_dir))}); "
+                           "nothing to submit.")
+                return 0
+            sweep = engines.Sweep(plan.name, str(plan.sweep_dir), pending, total=len(plan.runs),
+                                  at_once=options.BY_NAME["parallel"].value(parallel))
+        elif draws is not None or parallel is not None:
+            raise UsageError("--draws and --parallel are for a sweep; give --grid or --draw too, or leave them out.")
+        submission = engine.render(given, sources, sweep, workdir=os.getcwd(), python=sys.executable)
+        if dry_run:
+            for path, text in submission.files.items():
+                if path != submission.script:
+                    click.echo(f"# {_relative(path)}\n{text}")
+            click.echo(submission.files[submission.script], nl=False)
+            return 0
+        job_id = _write_and_submit(engine, submission, plan.new_files() if plan is not None else {})
+        for line in submission.summary:
+            click.echo(line.replace("{job_id}", job_id))
         return 0
-    job_id = _write_and_submit({str(spec_path): launch_spec.to_json()}, script, spec_path.parent)
-    click.echo(f"submitted job {job_id}: {job.nodes} node(s), run directory {_relative(run_dir)}")
-    click.echo(f"  script  {_relative(str(spec_path.parent / 'job.sbatch'))}")
-    click.echo(f"  output  {_relative(str(slurm.output_path(run_dir, job_id)))}")
-    click.echo(f"  follow  dtrain slurm logs {job_id} --follow   (status, cancel: dtrain slurm status|cancel {job_id})")
-    return 0
+
+    submit.help = (f"Submit RECIPE as a {engine.name} job: the run directory's {engine.name}/ folder gets the job's "
+                   "files and the launch spec every node runs. With --grid or --draw, one job for the sweep's runs, "
+                   "each in its own run directory.")
+
+    @group.command("status")
+    @click.argument("job_id")
+    def status(job_id: str) -> int:
+        """State, nodes, requeues, time and output file of JOB_ID; for a sweep's job, each run's state."""
+        click.echo(engine.status(job_id, _sweep_status))
+        return 0
+
+    @group.command("cancel")
+    @click.argument("job_id")
+    def cancel(job_id: str) -> int:
+        """Cancel JOB_ID (every node's processes get SIGTERM, then SIGKILL)."""
+        engine.cancel(job_id)
+        click.echo(f"cancelled job {job_id}")
+        return 0
+
+    @group.command("logs")
+    @click.argument("job_id")
+    @click.option("--follow", "-f", is_flag=True, help="Keep printing new output until the job ends.")
+    def logs(job_id: str, follow: bool) -> int:
+        """Print JOB_ID's output file (all nodes, every requeue), from the run directory."""
+        path, ended = engine.output(job_id)
+        offset = 0
+        while True:
+            if path.is_file():
+                with open(path, errors="replace") as fh:
+                    fh.seek(offset)
+                    chunk = fh.read()
+                    offset = fh.tell()
+                click.echo(chunk, nl=False)
+            if not follow or ended:
+                break
+            time.sleep(1.0)
+            path, ended = engine.output(job_id)
+        if not path.is_file():
+            click.echo(f"dtrain: job {job_id} has not written {path} yet.", err=True)
+        return 0
+
+    return group
 
 
-def _submit_array(given: Mapping[str, Any], sources: Mapping[str, str], job: slurm.SlurmJob, template_text: str,
-                  plan: _SweepPlan, at_once: int, dry_run: bool) -> int:
-    """One job array for the sweep's unfinished runs; each task launches its run's spec (slurm/task-N.json)."""
+def _sweep_status(sweep_dir: Path) -> list[tuple[int, str, str]] | None:
+    """Each run of the sweep planned in `sweep_dir` (index, name, how it ended), or None without a plan there."""
     from dtrain.launch import sweep as sweeps
 
-    sweep_dir = Path(os.path.abspath(plan.sweep_dir))
-    plan = dataclasses.replace(plan, sweep_dir=sweep_dir)
-    specs = [resolve(run_given, gpus_available=job.gpus_per_node, free_port=DEFAULT_MASTER_PORT, cpu_flags=None,
-                     sources=sources) for run_given in plan.launch_options(given)]
-    pending = [run.index for run, spec in zip(plan.runs, specs) if not sweeps.finished(spec.run_dir)]
-    if not pending:
-        click.echo(f"every run of sweep {plan.name} has finished ({_relative(str(sweep_dir))}); nothing to submit.")
-        return 0
-    job = dataclasses.replace(job, array=slurm.array_spec(pending, at_once))
-    script = slurm.render_script(template_text, job, specs[0].replace(name=plan.name, run_dir=str(sweep_dir)),
-                                 python=sys.executable, workdir=os.getcwd())
-    tasks = {str(slurm.task_spec_path(str(sweep_dir), run.index)): spec.to_json()
-             for run, spec in zip(plan.runs, specs) if run.index in pending}
-    if dry_run:
-        for path, text in tasks.items():
-            click.echo(f"# {_relative(path)}\n{text}")
-        click.echo(script, nl=False)
-        return 0
-    slurm.check_array_size(max(pending), slurm.max_array_size())
-    job_id = _write_and_submit({**tasks, **plan.new_files()}, script, sweep_dir / "slurm")
-    click.echo(f"submitted job array {job_id}: {len(pending)} of the sweep's {len(plan.runs)} runs, {at_once} at a "
-               f"time, sweep directory {_relative(str(sweep_dir))}")
-    click.echo(f"  status  dtrain slurm status {job_id}   (one task: dtrain slurm logs {job_id}_{pending[0]})")
-    return 0
+    plan = sweeps.read_plan(sweep_dir)
+    if plan is None:
+        return None
+    return [(run.index, run.name, sweeps.status(sweep_dir / run.name)) for run in sweeps.runs_of(plan)]
 
 
-def _write_and_submit(files: Mapping[str, str], script: str, slurm_dir: Path) -> str:
-    """Write the job's files and its script into `slurm_dir`, and submit it; if sbatch refuses, remove them
-    (and the folders made for them) again."""
+def _write_and_submit(engine: engines.Submitter, submission: engines.Submission, more: Mapping[str, str]) -> str:
+    """Write the job's files (and `more`: a sweep's plan), and submit it; if the engine refuses, remove the job's
+    files (and the folders made for them) again."""
     from dtrain.launch.job import write_files
 
-    script_path = slurm_dir / "job.sbatch"
-    written = [Path(p) for p in files] + [script_path]
+    written = [Path(p) for p in {**submission.files, **more}]
     created = sorted({p for path in written for p in path.parents if not p.exists()}, key=lambda p: -len(p.parts))
-    write_files({**files, str(script_path): script})
+    write_files({**submission.files, **more})
     try:
-        return slurm.submit(script_path)
+        return engine.submit(submission)
     except UsageError:
         for path in written:
             path.unlink()
         for path in created:
             path.rmdir()
         raise
-
-
-@slurm_group.command("status")
-@click.argument("job_id")
-def slurm_status(job_id: str) -> int:
-    """State, nodes, requeues, time and output file of JOB_ID; for a job array, each task's state and run."""
-    records = slurm.show_jobs(job_id)
-    if "_" in job_id or not any(record.get("ArrayJobId") == job_id for record in records):
-        click.echo(slurm.describe_job(records[0]))
-        return 0
-    from dtrain.launch import sweep as sweeps
-
-    sweep_dir = Path(records[0].get("StdOut", "")).parent.parent
-    plan = sweeps.read_plan(sweep_dir) if sweep_dir.name else None
-    if plan is None:
-        raise UsageError(f"job array {job_id} was not submitted by dtrain (no sweep plan in {sweep_dir}); "
-                         "`scontrol show job` describes it.")
-    runs = [(run.index, run.name, sweeps.status(sweep_dir / run.name)) for run in sweeps.runs_of(plan)]
-    click.echo(slurm.describe_array(job_id, records[0].get("JobName", ""), runs, slurm.array_tasks(records)))
-    click.echo(f"  sweep directory {_relative(str(sweep_dir))}")
-    return 0
-
-
-@slurm_group.command("cancel")
-@click.argument("job_id")
-def slurm_cancel(job_id: str) -> int:
-    """Cancel JOB_ID (every node's processes get SIGTERM, then SIGKILL)."""
-    slurm.cancel(job_id)
-    click.echo(f"cancelled job {job_id}")
-    return 0
-
-
-@slurm_group.command("logs")
-@click.argument("job_id")
-@click.option("--follow", "-f", is_flag=True, help="Keep printing new output until the job ends.")
-def slurm_logs(job_id: str, follow: bool) -> int:
-    """Print JOB_ID's output file (all nodes, every requeue), from the run directory."""
-    fields = slurm.show_job(job_id)
-    path = Path(fields.get("StdOut", ""))
-    offset = 0
-    while True:
-        if path.is_file():
-            with open(path, errors="replace") as fh:
-                fh.seek(offset)
-                chunk = fh.read()
-                offset = fh.tell()
-            click.echo(chunk, nl=False)
-        if not follow or slurm.job_state(fields) in slurm.TERMINAL_STATES:
-            break
-        time.sleep(1.0)
-        fields = slurm.show_job(job_id)
-    if not path.is_file():
-        click.echo(f"dtrain: job {job_id} has not written {path} yet ({slurm.job_state(fields)}).", err=True)
-    return 0
 
 
 def _relative(path: str) -> str:

@@ -33,7 +33,7 @@ def test_two_node_mnist_job_trains_to_98_percent_across_n1_and_n2(slurm_env, dat
     assert fields["NodeList"] == "n[1-2]"
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["world_size"] == 2 and sorted(config["rank_nodes"]) == ["n1", "n2"]
-    assert config["slurm_job_id"] == job_id
+    assert config["cluster_job"] == {"engine": "slurm", "id": job_id, "requeues": 0}
     final = read_metrics(run_dir, "epoch")[-1]
     print(output, final)
     assert final["eval/accuracy"] >= 0.98, output
@@ -58,7 +58,7 @@ def test_preempted_job_checkpoints_requeues_itself_and_resumes(slurm_env, data_d
     assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", output
 
     stopped = [line for line in output.splitlines() if "stopped at step" in line]
-    assert len(stopped) == 1 and f"requeueing SLURM job {job_id} (requeue 1 of 2)" in stopped[0], output
+    assert len(stopped) == 1 and f"requeueing slurm job {job_id} (requeue 1 of 2)" in stopped[0], output
     saved_step = int(stopped[0].split("stopped at step ")[1].split()[0])
     assert saved_step >= 30
     assert f"resuming from {run_dir}/checkpoints/step_{saved_step:07d} (step {saved_step}," in output
@@ -188,11 +188,11 @@ def test_a_sweep_as_a_job_array_requeues_only_the_preempted_task(slurm_env, data
     outputs = [(sweep_dir / "slurm" / f"slurm-{array}_{i}.out").read_text() for i in range(4)]
     assert [t["JobState"] for t in tasks] == ["COMPLETED"] * 4, outputs
     assert [t["Restarts"] for t in tasks] == ["1", "0", "0", "0"], outputs
-    assert f"requeueing SLURM job {tasks[0]['JobId']} (requeue 1 of 3)" in outputs[0]
+    assert f"requeueing slurm job {tasks[0]['JobId']} (requeue 1 of 3)" in outputs[0]
     assert "resuming from" in outputs[0] and all("resuming from" not in o for o in outputs[1:])
     for name, task in zip(ARRAY_RUNS, tasks):
         config = yaml.safe_load((sweep_dir / name / "config.yaml").read_text())
-        assert config["slurm_job_id"] == task["JobId"] and config["launch"]["wandb_group"] == "grid"
+        assert config["cluster_job"]["id"] == task["JobId"] and config["launch"]["wandb_group"] == "grid"
         assert config["recipe_args"][:4] == ["--lr", name.split("_")[1][3:], "--batch-size", name.split("=")[-1]]
         epoch = read_metrics(sweep_dir / name, "epoch")
         assert len(epoch) == 1 and epoch[0]["eval/accuracy"] > 0.85

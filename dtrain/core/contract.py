@@ -2,7 +2,7 @@
 
 Both sides import this module (it imports no torch): `worker_env` writes the variables from a
 LaunchSpec, `read_env` reads them back in a worker, under `dtrain launch`, plain `torchrun`,
-`srun` (SLURM's variables) or plain `python recipe.py` (a world of one). The variables are the
+a cluster engine that starts the workers itself (its `Job`) or plain `python recipe.py` (a world of one). The variables are the
 worker options of `dtrain.core.options` (one each) and the few below that the launch derives.
 `python -m dtrain.core.contract` prints the table docs/architecture.md holds.
 """
@@ -55,6 +55,20 @@ VARIABLES = frozenset({option.env for option in WORKER_OPTIONS} | DERIVED.keys()
 
 
 @dataclasses.dataclass(frozen=True)
+class Job:
+    """What a worker learns of the cluster job it runs in, from its engine (`dtrain.engines`). The ranks are
+    set only where the engine started the workers itself (no launcher set RANK)."""
+
+    engine: str
+    job_id: str
+    requeue_count: int = 0  # how often the engine has put this job back in the queue
+    node_name: str | None = None  # the engine's name for this node (logical nodes may share a hostname)
+    rank: int | None = None
+    local_rank: int | None = None
+    world_size: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class WorkerEnv:
     """What a worker learns from its environment. `env.precision` and every other worker option
     read `options`, which holds each one's value (its default where the variable is absent)."""
@@ -62,9 +76,10 @@ class WorkerEnv:
     rank: int
     local_rank: int
     world_size: int
-    node_name: str  # SLURM's name for this node (logical nodes may share a hostname), else the hostname
-    slurm_job_id: str | None
-    requeue_count: int  # SLURM_RESTART_COUNT: how often SLURM has requeued this job
+    node_name: str  # the cluster engine's name for this node (logical nodes may share a hostname), else the hostname
+    engine: str | None  # the cluster engine whose job this is (`dtrain.engines`), None outside one
+    job_id: str | None
+    requeue_count: int  # how often the engine has requeued this job
     device: str | None  # "cuda", "cpu", or None: cuda when available
     run_dir: str
     launched_world_size: int | None  # what `dtrain launch` asked the launcher for
@@ -82,22 +97,24 @@ class WorkerEnv:
             raise AttributeError(f"WorkerEnv has no {name!r}") from None
 
 
-def read_env(environ: Mapping[str, str] | None = None) -> WorkerEnv:
+def read_env(environ: Mapping[str, str] | None = None, job: Job | None = None) -> WorkerEnv:
+    """The worker's view; `job` (`dtrain.engines.job`) is what the cluster engine says, where the launcher did not."""
     environ = os.environ if environ is None else environ
 
-    def first(*names: str, default: str) -> str:
-        return next((environ[n] for n in names if environ.get(n)), default)
+    def first(name: str, fallback: int | None, default: int) -> int:
+        return int(environ[name]) if environ.get(name) else default if fallback is None else fallback
 
     options = {option.name: option.decode(environ.get(option.env)) for option in WORKER_OPTIONS}
-    requeue_count = int(environ.get("SLURM_RESTART_COUNT") or 0)
+    requeue_count = job.requeue_count if job is not None else 0
     if requeue_count > 0:  # a requeued job continues from its own newest checkpoint, whatever --resume said
         options["resume"] = "auto"
     return WorkerEnv(
-        rank=int(first("RANK", "SLURM_PROCID", default="0")),
-        local_rank=int(first("LOCAL_RANK", "SLURM_LOCALID", default="0")),
-        world_size=int(first("WORLD_SIZE", "SLURM_NTASKS", default="1")),
-        node_name=environ.get("SLURMD_NODENAME") or socket.gethostname(),
-        slurm_job_id=environ.get("SLURM_JOB_ID") or None,
+        rank=first("RANK", job and job.rank, 0),
+        local_rank=first("LOCAL_RANK", job and job.local_rank, 0),
+        world_size=first("WORLD_SIZE", job and job.world_size, 1),
+        node_name=(job and job.node_name) or socket.gethostname(),
+        engine=job.engine if job is not None else None,
+        job_id=job.job_id if job is not None else None,
         requeue_count=requeue_count,
         device=environ.get(DEVICE) or None,
         run_dir=environ.get(RUN_DIR) or str(DEFAULT / "default"),

@@ -34,12 +34,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from dtrain.core.rundir import METRICS, RunDir
 from dtrain.errors import UsageError
 
 TRAIN, EPOCH, EVAL, TARGET, STARTUP, SYSTEM = "train", "epoch", "eval", "target", "startup", "system"
 KINDS = (TRAIN, EPOCH, EVAL, TARGET, STARTUP, SYSTEM)
 META = ("step", "time", "kind")  # what a row says about itself; every other key is a series
-FILE = "metrics.jsonl"
 
 
 def row(step: int, kind: str, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -68,9 +68,9 @@ def series(record: Mapping[str, Any]) -> dict[str, Any]:
 def read(run_dir: str | Path, of_kind: str | None = None) -> list[dict[str, Any]]:
     """The rows of a run (each with its kind), in the order written; a last line cut short by a crash is
     left out. With `of_kind`, only rows of that kind."""
-    path = Path(run_dir) / FILE
+    path = RunDir.of(run_dir).metrics
     if not path.is_file():
-        raise UsageError(f"{run_dir} has no {FILE}; pass the run directory of a dtrain run (runs/NAME).")
+        raise UsageError(f"{run_dir} has no {METRICS}; pass the run directory of a dtrain run (runs/NAME).")
     lines = path.read_text().splitlines()
     rows = []
     for number, line in enumerate(lines, 1):

@@ -30,7 +30,7 @@ SCOPES = {
     "workers": "every worker, through its DTRAIN_* variable (and the launch side, which checks it)",
     "launcher": "the launcher program (how it starts, restarts and joins the processes)",
     "job": "resolved into the job's shape: device, processes, nodes, rendezvous, run directory",
-    "slurm": "the sbatch script's #SBATCH lines and set-up",
+    "engine": "a cluster engine's job: what `dtrain <engine> submit` asks of the scheduler (each engine's own rows)",
     "command": "the command itself (where its options come from, what it prints)",
     "sweep": "the runs of a sweep: which recipe arguments each gets, how many run at once, which is best",
 }
@@ -215,9 +215,9 @@ def port(flag: str, value: int) -> int:
     return value
 
 
-ONE_NODE = frozenset({LAUNCH})  # one node of a job: SLURM gives these to a job's nodes itself
-SLURM = frozenset({SUBMIT})
-SWEEPS = frozenset({SWEEP, SUBMIT})  # a sweep runs here, or as a SLURM job array
+ONE_NODE = frozenset({LAUNCH})  # one node of a job: a cluster engine gives these to a job's nodes itself
+CLUSTER = frozenset({SUBMIT})
+SWEEPS = frozenset({SWEEP, SUBMIT})  # a sweep runs here, or as one cluster job
 
 OPTIONS: tuple[Option, ...] = (
     # What runs, and how: every command that runs a recipe.
@@ -245,7 +245,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("wandb_project", str, "W&B project (default dtrain).", default="dtrain", env="DTRAIN_WANDB_PROJECT",
            example="tests"),
     Option("wandb_entity", str, "W&B entity (team or user).", env="DTRAIN_WANDB_ENTITY", example="team"),
-    Option("wandb_group", str, "W&B group (default: the run name for multi-node jobs, slurm-JOBID under SLURM).",
+    Option("wandb_group", str, "W&B group (default: the run name for multi-node jobs, ENGINE-JOBID in a cluster job).",
            env="DTRAIN_WANDB_GROUP", example="group"),
     Option("tags", tuple, "W&B tags, comma-separated.", default=(), env="DTRAIN_TAGS", example="a,b"),
     Option("tensorboard", bool, "TensorBoard event files from rank 0, in runs/NAME/tensorboard/.", default=False,
@@ -293,23 +293,23 @@ OPTIONS: tuple[Option, ...] = (
            commands=JOB, check=at_least(0)),
     Option("rdzv_timeout", int, "Seconds the rendezvous waits for every node to join (default 600).", "launcher",
            default=600, commands=JOB, check=at_least(1)),
-    Option("max_requeues", int, "Under SLURM, requeue the job at most K times on the pre-timeout signal "
+    Option("max_requeues", int, "In a cluster job, requeue it at most K times on the pre-timeout signal "
            "(default 3).", default=3, env="DTRAIN_MAX_REQUEUES", commands=JOB, check=at_least(0), example=5),
-    Option("preempt_signal", str, "Signal that makes every rank checkpoint and stop (default USR2); under SLURM "
-           "rank 0 then requeues the job.", default="USR2", env="DTRAIN_PREEMPT_SIGNAL", commands=JOB,
+    Option("preempt_signal", str, "Signal that makes every rank checkpoint and stop (default USR2); in a cluster "
+           "job rank 0 then requeues it.", default="USR2", env="DTRAIN_PREEMPT_SIGNAL", commands=JOB,
            check=signal_name, example="USR1"),
     Option("profile", str, "YAML file of these options (see launch/); the command line wins.", "command",
            commands=JOB),
     Option("dry_run", bool, "Print what would run, run nothing.", "command", commands=JOB),
     Option("gpus", int, "GPUs (= processes) per node; default: every visible GPU.", "job",
            commands=ONE_NODE | {SWEEP}),
-    Option("node_rank", int, "This node's rank, 0 .. nodes-1 (under srun: SLURM_NODEID).", "job", default=0,
+    Option("node_rank", int, "This node's rank, 0 .. nodes-1 (in a cluster job: the engine's).", "job", default=0,
            commands=ONE_NODE),
-    Option("master_addr", str, "Rendezvous host: node rank 0's address (default 127.0.0.1; under SLURM the job's "
+    Option("master_addr", str, "Rendezvous host: node rank 0's address (default 127.0.0.1; in a cluster job its "
            "first node).", "job", default="127.0.0.1", commands=ONE_NODE),
     Option("master_port", int, "Rendezvous port (default: a free port on one node, 29500 on many, from the job id "
-           "under SLURM).", "job", commands=ONE_NODE, check=port),
-    Option("spec", str, "Launch the resolved options that `dtrain slurm submit` saved in FILE (as a job's nodes "
+           "in a cluster job).", "job", commands=ONE_NODE, check=port),
+    Option("spec", str, "Launch the resolved options that `dtrain <engine> submit` saved in FILE (as a job's nodes "
            "do); give no other option with it.", "command", commands=ONE_NODE, metavar="FILE"),
     # Which runs a sweep makes, and how they run.
     Option("grid", str, "A recipe argument and its values, KEY=V1,V2,... (repeat for more); the sweep runs every "
@@ -319,26 +319,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("draws", int, "Random draws per grid point (with --draw).", "sweep", commands=SWEEPS, check=at_least(1)),
     Option("sweep_seed", int, "Seed of the random draws (default 0): the same seed draws the same runs.", "sweep",
            default=0, commands=SWEEPS),
-    Option("parallel", int, "Runs at once (default 1): here if the CPUs or GPUs allow it; under SLURM the job "
-           "array's %K.", "sweep", default=1, commands=SWEEPS, check=at_least(1)),
+    Option("parallel", int, "Runs at once (default 1): here if the CPUs or GPUs allow it; in a cluster "
+           "job, how many of its runs at once.", "sweep", default=1, commands=SWEEPS, check=at_least(1)),
     Option("metric", str, "NAME[:min|max]: the series that marks the best run (without a goal: min for a loss or "
            "error, else max).", "sweep", commands=frozenset({SWEEP}), metavar="NAME[:min|max]"),
-    # What the job asks of SLURM: `dtrain slurm submit` only (dtrain.engines.slurm.resolve_job checks them).
-    Option("gpus_per_node", int, "GPUs (= processes) per node.", "slurm", commands=SLURM),
-    Option("cpus_per_task", int, "CPUs for each node's launcher and its processes.", "slurm", commands=SLURM),
-    Option("mem", str, "Memory per node, as sbatch takes it (64G).", "slurm", commands=SLURM),
-    Option("time", str, "Time limit: minutes, HH:MM:SS or D-HH:MM:SS.", "slurm", commands=SLURM),
-    Option("partition", str, "SLURM partition.", "slurm", commands=SLURM),
-    Option("account", str, "SLURM account.", "slurm", commands=SLURM),
-    Option("qos", str, "SLURM quality of service.", "slurm", commands=SLURM),
-    Option("constraint", str, "SLURM node features (sbatch --constraint).", "slurm", commands=SLURM),
-    Option("exclusive", bool, "Do not share the nodes with other jobs.", "slurm", commands=SLURM),
-    Option("signal", str, "Pre-timeout signal, [B:]NAME@SECONDS (default: --preempt-signal @90): checkpoint and "
-           "requeue.", "slurm", commands=SLURM),
-    Option("cluster_profile", str, "cluster/NAME.yaml: partition, account, GPUs per node, modules, setup.", "slurm",
-           commands=SLURM),
-    Option("template", str, "sbatch template (default: dtrain's job.sbatch, as in cluster/job.sbatch).", "slurm",
-           commands=SLURM),
+    # What a cluster job asks for, whatever its engine (`dtrain <engine> submit`); each engine adds rows of its own.
+    Option("gpus_per_node", int, "GPUs (= processes) per node.", "job", commands=CLUSTER),
 )
 
 BY_NAME = {option.name: option for option in OPTIONS}

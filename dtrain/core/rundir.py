@@ -30,9 +30,11 @@ FIGURES = ("loss_lr.png", "system.png", "accuracy.png", "confusion_matrix.png") 
 SWEEP_FIGURE = "sweep.png"  # in a sweep directory's report/
 
 
-def per_node(stem: str, suffix: str, node_rank: int) -> str:
-    """One file per node for what each node writes, since nodes may share the run directory."""
-    return f"{stem}{suffix}" if node_rank == 0 else f"{stem}-node{node_rank}{suffix}"
+def per_node(name: str, node_rank: int) -> str:
+    """One file per node for what each node writes, since nodes may share the run directory: launcher.log on
+    node 0, launcher-node1.log on node 1."""
+    stem, dot, suffix = name.partition(".")
+    return name if node_rank == 0 else f"{stem}-node{node_rank}{dot}{suffix}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +61,7 @@ class RunDir:
         return self.root / "deepspeed.json"
 
     def accelerate_config(self, node_rank: int) -> Path:
-        return self.root / per_node("accelerate", ".yaml", node_rank)
+        return self.root / per_node("accelerate.yaml", node_rank)
 
     @property
     def hostfile(self) -> Path:
@@ -67,7 +69,7 @@ class RunDir:
 
     def launch_lock(self, node_rank: int) -> Path:
         """Held by a node's `dtrain launch` (or `dtrain debug`) while it runs."""
-        return self.root / per_node("launch", ".lock", node_rank)
+        return self.root / per_node("launch.lock", node_rank)
 
     def probe(self, pid: int) -> Path:
         """A file the launch writes and removes at once, to learn that the folder is writable before starting."""
@@ -79,7 +81,7 @@ class RunDir:
 
     def launcher_log(self, node_rank: int) -> Path:
         """The launcher's own output."""
-        return self.logs / per_node("launcher", ".log", node_rank)
+        return self.logs / per_node("launcher.log", node_rank)
 
     @property
     def console_log(self) -> Path:

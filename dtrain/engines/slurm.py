@@ -1,15 +1,15 @@
-"""SLURM: what a job asks for, the sbatch script it runs, and the few calls to SLURM's commands.
+"""SLURM, the first cluster engine: both faces in one module, and the only one that names SLURM's variables and commands.
 
 The deciding functions are pure (parse `--time` and `--signal`, render the script, read a job
-step's variables, place a submitted spec on a node); `submit`, `show_job`, `cancel` and `requeue`
-only run sbatch/scontrol/scancel and turn their failures into one sentence. The job carries its
-resolved LaunchSpec as a file: every node launches that spec, with its own placement. Like the
-rest of the launch side, no torch here: the runtime imports `requeue` from this module too.
+step's variables); `submit`, `show_job`, `cancel` and `requeue` only run sbatch/scontrol/scancel and
+turn their failures into one sentence. The job carries its resolved LaunchSpec as a file: every
+node launches that spec, with its own placement. `ENGINE` is what `dtrain.engines` finds.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import shlex
 import subprocess
@@ -19,13 +19,18 @@ from pathlib import Path
 from typing import Any
 
 from dtrain.core import options, profiles
-from dtrain.core.spec import LaunchSpec, toward
+from dtrain.core.options import SUBMIT, Option
+from dtrain.core.rundir import DEFAULT, SPEC, RunDir
+from dtrain.core.spec import DEFAULT_MASTER_PORT, LaunchSpec, default_name, resolve
+from dtrain.engines import Allocation, Job, Submission, Sweep, launch_argv
 from dtrain.errors import UsageError
+
+NAME = "slurm"
 
 TEMPLATE = resources.files("dtrain") / "defaults" / "job.sbatch"
 OUTPUT_PATTERN = "slurm-%j.out"
 ARRAY_OUTPUT_PATTERN = "slurm-%A_%a.out"  # a job array's: in the sweep directory's slurm/ folder, one per task
-SPEC_FILE = "spec.json"  # in the run directory's slurm/ folder: what every node of the job launches
+SCRIPT = "job.sbatch"  # beside the spec every node launches, in the run directory's slurm/ folder
 TASK_SPEC = "task-{}.json"  # in a sweep directory's slurm/ folder: what array task N launches
 SIGNAL_LEAD_S = 90  # the default --signal: the preemption signal this long before the time limit
 # Rendezvous ports come from the job id, below Linux's ephemeral range (32768+).
@@ -50,6 +55,22 @@ class SlurmJob:
     modules: tuple[str, ...] = ()
     setup: tuple[str, ...] = ()
     array: str | None = None  # a job array's tasks, as sbatch --array takes them (0-3%2): one run of a sweep each
+
+
+_SUBMIT = frozenset({SUBMIT})
+OPTIONS: tuple[Option, ...] = tuple(Option(name, kind, help, "engine", commands=_SUBMIT) for name, kind, help in (
+    ("cpus_per_task", int, "CPUs for each node's launcher and its processes."),
+    ("mem", str, "Memory per node, as sbatch takes it (64G)."),
+    ("time", str, "Time limit: minutes, HH:MM:SS or D-HH:MM:SS."),
+    ("partition", str, "SLURM partition."),
+    ("account", str, "SLURM account."),
+    ("qos", str, "SLURM quality of service."),
+    ("constraint", str, "SLURM node features (sbatch --constraint)."),
+    ("exclusive", bool, "Do not share the nodes with other jobs."),
+    ("signal", str, "Pre-timeout signal, [B:]NAME@SECONDS (default: --preempt-signal @90): checkpoint and requeue."),
+    ("cluster_profile", str, "cluster/NAME.yaml: partition, account, GPUs per node, modules, setup."),
+    ("template", str, "sbatch template (default: dtrain's job.sbatch, as in cluster/job.sbatch)."),
+))
 
 
 # --- cluster profiles ------------------------------------------------------------------------------
@@ -202,15 +223,18 @@ def _max_tasks_per_node(value: str) -> int:
     return max(counts, default=1)
 
 
-@dataclasses.dataclass(frozen=True)
-class Allocation:
-    """Where `dtrain launch` runs inside a SLURM job."""
+def job(environ: Mapping[str, str]) -> Job | None:
+    """SLURM's account of the job a worker runs in; the ranks are SLURM's where srun started the workers."""
+    job_id = environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return None
 
-    job_id: str
-    nodes: int
-    in_step: bool  # started by srun (one task per node), not by the batch shell or salloc
-    node_rank: int
-    first_host: str
+    def number(name: str) -> int | None:
+        return int(environ[name]) if environ.get(name) else None
+
+    return Job(engine=NAME, job_id=job_id, requeue_count=number("SLURM_RESTART_COUNT") or 0,
+               node_name=environ.get("SLURMD_NODENAME") or None, rank=number("SLURM_PROCID"),
+               local_rank=number("SLURM_LOCALID"), world_size=number("SLURM_NTASKS"))
 
 
 def allocation(environ: Mapping[str, str]) -> Allocation | None:
@@ -227,42 +251,21 @@ def allocation(environ: Mapping[str, str]) -> Allocation | None:
         if tasks > 1:
             raise UsageError(f"srun started {tasks} copies of dtrain launch on a node; start one per node "
                              "(srun --ntasks-per-node=1 dtrain launch ...): dtrain starts the processes.")
-    return Allocation(job_id=job_id, nodes=int(nodes), in_step=in_step,
+    return Allocation(engine=NAME, job_id=job_id, nodes=int(nodes), per_node=in_step,
                       node_rank=int(environ.get("SLURM_NODEID", "0")) if in_step else 0,
-                      first_host=first_host(nodelist))
+                      first_host=first_host(nodelist), master_port=rendezvous_port(job_id))
 
 
-def launch_defaults(where: Allocation, recipe: str) -> dict[str, Any]:
-    """The `dtrain launch` options a job step implies; the command line still wins over them."""
-    return {
-        "nodes": where.nodes,
-        "node_rank": where.node_rank,
-        "master_addr": where.first_host,
-        "master_port": rendezvous_port(where.job_id),
-        "name": f"{Path(recipe).stem}-{where.job_id}",
-        "wandb_group": f"slurm-{where.job_id}",
-    }
+def job_dir(run_dir: str | Path) -> Path:
+    return RunDir.of(run_dir).engine_dir(NAME)
 
 
-def place(spec: LaunchSpec, where: Allocation,
-          route: Callable[[str], tuple[str, str] | None] = lambda host: None) -> LaunchSpec:
-    """A submitted spec on this node of the job: everything as submitted, but the placement (and, for
-    many nodes, this node's address and interface toward the first one: `route`, as `spec.resolve`)."""
-    if where.nodes != spec.nodes:
-        raise UsageError(f"the job step runs on {where.nodes} node(s), but {spec.run_dir} was submitted for "
-                         f"{spec.nodes}; start the step with srun --nodes={spec.nodes}.")
-    return spec.replace(node_rank=where.node_rank, master_addr=where.first_host,
-                        master_port=rendezvous_port(where.job_id),
-                        network=toward(where.first_host, route) if spec.nodes > 1 else None,
-                        wandb_group=spec.wandb_group or f"slurm-{where.job_id}")
+def spec_path(run_dir: str | Path) -> Path:
+    return job_dir(run_dir) / SPEC
 
 
-def spec_path(run_dir: str) -> Path:
-    return Path(run_dir) / "slurm" / SPEC_FILE
-
-
-def task_spec_path(sweep_dir: str, index: int | str) -> Path:
-    return Path(sweep_dir) / "slurm" / TASK_SPEC.format(index)
+def task_spec_path(sweep_dir: str | Path, index: int | str) -> Path:
+    return job_dir(sweep_dir) / TASK_SPEC.format(index)
 
 
 def array_spec(indices: Sequence[int], at_once: int) -> str:
@@ -319,7 +322,7 @@ def directives(job: SlurmJob, name: str, run_dir: str, workdir: str) -> list[str
         f"--signal={job.signal}",
         "--requeue",
         "--open-mode=append",
-        f"--output={Path(run_dir) / 'slurm' / (ARRAY_OUTPUT_PATTERN if job.array else OUTPUT_PATTERN)}",
+        f"--output={job_dir(run_dir) / (ARRAY_OUTPUT_PATTERN if job.array else OUTPUT_PATTERN)}",
         f"--chdir={workdir}",
     ]
     for line in lines:
@@ -344,7 +347,7 @@ def render_script(template: str, job: SlurmJob, spec: LaunchSpec, python: str, w
     spec_file = (shlex.quote(str(task_spec_path(spec.run_dir, ""))[:-len(".json")]) + '"${SLURM_ARRAY_TASK_ID}".json'
                  if job.array else shlex.quote(str(spec_path(spec.run_dir))))
     lines = [shlex.join(srun_command(job.nodes, [], job.cpus_per_task)),
-             f"{shlex.join([python, '-m', 'dtrain.cli', 'launch', '--spec'])} {spec_file}"]
+             f"{shlex.join([*launch_argv(python), 'launch', '--spec'])} {spec_file}"]
     setup = [f"module load {shlex.quote(module)}" for module in job.modules] + list(job.setup)
     values = {
         "directives": "\n".join(directives(job, spec.name, spec.run_dir, workdir)),
@@ -363,8 +366,8 @@ def render_script(template: str, job: SlurmJob, spec: LaunchSpec, python: str, w
     return re.sub(r"\{\{\s*(\w+)\s*\}\}", fill, template)
 
 
-def output_path(run_dir: str, job_id: str) -> Path:
-    return Path(run_dir) / "slurm" / OUTPUT_PATTERN.replace("%j", job_id)
+def output_path(run_dir: str | Path, job_id: str) -> Path:
+    return job_dir(run_dir) / OUTPUT_PATTERN.replace("%j", job_id)
 
 
 # --- calls to SLURM's commands -------------------------------------------------------------------
@@ -519,3 +522,106 @@ def read_template(path: str | None) -> str:
         return chosen.read_text()
     except OSError as exc:
         raise UsageError(f"cannot read the sbatch template {chosen} ({exc.strerror}); pass --template PATH.") from None
+
+
+def _shown(path: str | Path, workdir: str) -> str:
+    path = str(path)
+    return os.path.relpath(path, workdir) if path.startswith(workdir + os.sep) else path
+
+
+@dataclasses.dataclass(frozen=True)
+class Slurm:
+    """Both faces of SLURM, as `dtrain.engines` asks for them."""
+
+    name: str = NAME
+    description: str = "Submit a recipe as a SLURM job, and follow, inspect or cancel it."
+    options: tuple[Option, ...] = OPTIONS
+
+    def job(self, environ: Mapping[str, str]) -> Job | None:
+        return job(environ)
+
+    def allocation(self, environ: Mapping[str, str]) -> Allocation | None:
+        return allocation(environ)
+
+    def requeue(self, job_id: str) -> None:
+        requeue(job_id)
+
+    def fan_out(self, where: Allocation, argv: Sequence[str]) -> list[str]:
+        return srun_command(where.nodes, argv)
+
+    def render(self, given: Mapping[str, Any], sources: Mapping[str, str], sweep: Sweep | None, workdir: str,
+               python: str) -> Submission:
+        profile_path = given.get("cluster_profile")
+        cluster = load_cluster_profile(profile_path) if profile_path else {}
+        job = resolve_job(given, cluster, profile_path)
+        template_text = read_template(given.get("template"))
+        given = {**given, "nodes": job.nodes, "node_rank": 0, "gpus": job.gpus_per_node or None,
+                 "preempt_signal": parse_signal(job.signal)[1],
+                 "max_requeues": cluster.get("max_requeues") if given.get("max_requeues") is None
+                 else given["max_requeues"]}
+
+        def spec_of(run_options: Mapping[str, Any]) -> LaunchSpec:
+            return resolve(run_options, gpus_available=job.gpus_per_node, free_port=DEFAULT_MASTER_PORT,
+                           cpu_flags=None, sources=sources)
+
+        if sweep is not None:
+            specs = {index: spec_of({**given, **run}) for index, run in sweep.runs}
+            indices = list(specs)
+            job = dataclasses.replace(job, array=array_spec(indices, sweep.at_once))
+            first = specs[indices[0]].replace(name=sweep.name, run_dir=sweep.directory)
+            script = render_script(template_text, job, first, python=python, workdir=workdir)
+            script_path = job_dir(sweep.directory) / SCRIPT
+            files = {str(task_spec_path(sweep.directory, index)): spec.to_json() for index, spec in specs.items()}
+            summary = (f"submitted job array {{job_id}}: {len(indices)} of the sweep's {sweep.total} runs, "
+                       f"{sweep.at_once} at a time, sweep directory {_shown(sweep.directory, workdir)}",
+                       f"  status  dtrain slurm status {{job_id}}   (one task: dtrain slurm logs {{job_id}}_{indices[0]})")
+            return Submission({**files, str(script_path): script}, str(script_path), summary, tasks=tuple(indices))
+        name = given.get("name") or default_name(given["recipe"])
+        run_dir = os.path.abspath(given.get("run_dir") or Path(workdir) / DEFAULT / name)
+        spec = spec_of({**given, "name": name, "run_dir": run_dir})
+        script = render_script(template_text, job, spec, python=python, workdir=workdir)
+        script_path = job_dir(run_dir) / SCRIPT
+        summary = (f"submitted job {{job_id}}: {job.nodes} node(s), run directory {_shown(run_dir, workdir)}",
+                   f"  script  {_shown(script_path, workdir)}",
+                   f"  output  {_shown(output_path(run_dir, '{job_id}'), workdir)}",
+                   "  follow  dtrain slurm logs {job_id} --follow   (status, cancel: dtrain slurm status|cancel {job_id})")
+        return Submission({str(spec_path(run_dir)): spec.to_json(), str(script_path): script}, str(script_path),
+                          summary)
+
+    def submit(self, submission: Submission) -> str:
+        if submission.tasks:
+            check_array_size(max(submission.tasks), max_array_size())
+        return submit(Path(submission.script))
+
+    def status(self, job_id: str, sweep_status: Callable[[Path], list[tuple[int, str, str]] | None]) -> str:
+        records = show_jobs(job_id)
+        if "_" in job_id or not any(record.get("ArrayJobId") == job_id for record in records):
+            return describe_job(records[0])
+        sweep_dir = Path(records[0].get("StdOut", "")).parent.parent
+        runs = sweep_status(sweep_dir) if sweep_dir.name else None
+        if runs is None:
+            raise UsageError(f"job array {job_id} was not submitted by dtrain (no sweep plan in {sweep_dir}); "
+                             "`scontrol show job` describes it.")
+        return (describe_array(job_id, records[0].get("JobName", ""), runs, array_tasks(records))
+                + f"\n  sweep directory {sweep_dir}")
+
+    def cancel(self, job_id: str) -> None:
+        cancel(job_id)
+
+    def output(self, job_id: str) -> tuple[Path, bool]:
+        fields = show_job(job_id)
+        return Path(fields.get("StdOut", "")), job_state(fields) in TERMINAL_STATES
+
+    def doctor_facts(self, environ: Mapping[str, str]) -> list[tuple[str, str]]:
+        """The SLURM version (sinfo), and the job this runs in."""
+        try:
+            version = subprocess.run(["sinfo", "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return [("SLURM", "no sinfo here")]
+        job_id = environ.get("SLURM_JOB_ID")
+        where = (f"in job {job_id} ({environ.get('SLURM_JOB_NUM_NODES', '?')} node(s), this one "
+                 f"{environ.get('SLURMD_NODENAME', '?')})" if job_id else "not in a job")
+        return [("SLURM", f"{version}; {where}")]
+
+
+ENGINE = Slurm()

@@ -17,11 +17,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
+from dtrain import engines
 from dtrain.core import hardware
 from dtrain.core.rundir import RunDir
-from dtrain.engines import slurm
 from dtrain.errors import UsageError
 
 SLOW = 1.5  # a rank whose matmul takes this many times the other ranks' median is named
@@ -77,15 +78,10 @@ def network() -> list[tuple[str, str]]:
     return [("network", ", ".join(described))]
 
 
-def slurm_facts(environ: dict[str, str] | None = None) -> list[tuple[str, str]]:
+def engine_facts(environ: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+    """What each cluster engine says of this machine (its version, the job this runs in)."""
     environ = os.environ if environ is None else environ
-    version = _run(["sinfo", "--version"])
-    if version is None:
-        return [("SLURM", "no sinfo here")]
-    job = environ.get("SLURM_JOB_ID")
-    where = (f"in job {job} ({environ.get('SLURM_JOB_NUM_NODES', '?')} node(s), this one "
-             f"{environ.get('SLURMD_NODENAME', '?')})" if job else "not in a job")
-    return [("SLURM", f"{version}; {where}")]
+    return [fact for engine in engines.submitters().values() for fact in engine.doctor_facts(environ)]
 
 
 def disk(folder: str) -> list[tuple[str, str]]:
@@ -133,7 +129,7 @@ def run_preflight(devices: list[str], runs: str) -> dict:
     """`dtrain launch` the preflight on `devices` (--cpu --nproc N, or --gpus N) in a run directory of its own,
     and read its result. In a SLURM job of several nodes `dtrain launch` runs on every node, so the folder
     is one under `runs` that every node sees (rank 0 may be on any of them)."""
-    where = slurm.allocation(os.environ)
+    where = engines.allocation(os.environ)
     every_node = where is not None and where.nodes > 1
     if every_node:
         Path(runs).mkdir(parents=True, exist_ok=True)

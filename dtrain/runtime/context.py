@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 import dtrain
+from dtrain import engines
 from dtrain.core.checkpoints import committed
 from dtrain.core.contract import NETWORK_INTERFACES, WorkerEnv, read_env
 from dtrain.core.hardware import peak_tflops
@@ -57,7 +58,7 @@ from dtrain.runtime.strategies import make_strategy
 
 def setup(config: Mapping[str, Any] | None = None) -> Context:
     """Seed, pick the device, join the process group, and (rank 0) write `config.yaml`."""
-    env = read_env()
+    env = read_env(os.environ, engines.job(os.environ))
     # Frozen objects are left out of the interpreter's last collection, which otherwise walks torch's
     # millions of objects as every rank exits (~0.8 s each on a 2-core machine).
     atexit.register(gc.freeze)
@@ -142,8 +143,7 @@ class Context:
             "recipe_args": sys.argv[1:],
             "world_size": self.world_size,
             "rank_nodes": rank_nodes,
-            "slurm_job_id": self.env.slurm_job_id,
-            "slurm_requeues": self.env.requeue_count,
+            "cluster_job": {"engine": self.env.engine, "id": self.env.job_id, "requeues": self.env.requeue_count},
             "device": self.device.type,
             "hardware": _hardware(self.device),
             "git": _git_commit(Path(sys.argv[0]).resolve().parent),

@@ -1,8 +1,8 @@
-"""Preemption: a signal (SLURM's pre-timeout signal) makes every rank checkpoint at the same step.
+"""Preemption: a signal (a cluster engine's pre-timeout signal) makes every rank checkpoint at the same step.
 
 The signal may reach ranks at different steps, or only some of them, so no rank acts on it
 alone: every `CHECK_EVERY` steps the ranks all-reduce their flags (one scalar; no host sync on
-the other steps) and all see the same answer. After the checkpoint, rank 0 requeues the SLURM
+the other steps) and all see the same answer. After the checkpoint, rank 0 requeues the cluster
 job (at most --max-requeues times) and every rank exits.
 """
 
@@ -14,8 +14,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from dtrain import engines
 from dtrain.core.contract import WorkerEnv
-from dtrain.engines import slurm
 from dtrain.errors import UsageError
 
 CHECK_EVERY = 10
@@ -51,20 +51,20 @@ class Preemption:
         return self.agreed
 
     def stop_and_requeue(self, step: int) -> None:
-        """Rank 0, once the checkpoint is committed: say so, and requeue the SLURM job if allowed.
+        """Rank 0, once the checkpoint is committed: say so, and requeue the cluster job if allowed.
 
-        SLURM stops this job's processes as soon as the requeue is accepted, so the line comes first.
+        The engine stops this job's processes as soon as the requeue is accepted, so the line comes first.
         """
-        job, count, limit = self.env.slurm_job_id, self.env.requeue_count, self.env.max_requeues
+        engine, job, count, limit = self.env.engine, self.env.job_id, self.env.requeue_count, self.env.max_requeues
         done = f"dtrain: stopped at step {step} on SIG{self.env.preempt_signal} with a checkpoint"
-        if job is None:
-            print(f"{done}; not under SLURM, so run the same command again to resume.", flush=True)
+        if engine is None or job is None:
+            print(f"{done}; not in a cluster job, so run the same command again to resume.", flush=True)
         elif count >= limit:
-            print(f"{done}; SLURM job {job} has been requeued {count} times, the limit (--max-requeues {limit}), "
+            print(f"{done}; {engine} job {job} has been requeued {count} times, the limit (--max-requeues {limit}), "
                   "so it is not requeued.", flush=True)
         else:
-            print(f"{done}; requeueing SLURM job {job} (requeue {count + 1} of {limit}).", flush=True)
+            print(f"{done}; requeueing {engine} job {job} (requeue {count + 1} of {limit}).", flush=True)
             try:
-                slurm.requeue(job)
+                engines.get(engine).requeue(job)
             except UsageError as exc:
-                print(f"dtrain: could not requeue SLURM job {job}: {exc}", file=sys.stderr, flush=True)
+                print(f"dtrain: could not requeue {engine} job {job}: {exc}", file=sys.stderr, flush=True)

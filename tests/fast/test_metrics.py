@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from dtrain.core import metrics
+from dtrain.core.rundir import RunDir
 from dtrain.errors import UsageError
 
 from conftest import ROOT, file_size_limit
@@ -49,7 +50,7 @@ def test_a_report_that_does_not_fit_is_one_sentence_and_leaves_no_partial_png(tm
     from dtrain.outputs import report
 
     rows = [metrics.row(step, metrics.TRAIN, {"train/loss": 1 / step, "lr": 0.1}) for step in range(1, 30)]
-    (tmp_path / metrics.FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    RunDir(tmp_path).metrics.write_text("".join(json.dumps(row) + "\n" for row in rows))
     records, evaluations = report.read_run(tmp_path)
     with file_size_limit(2000), pytest.raises(UsageError) as refused:
         report.plot(tmp_path, records, evaluations)

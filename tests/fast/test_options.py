@@ -15,6 +15,7 @@ from dtrain.core import contract, options
 from dtrain.core.hardware import free_port
 from dtrain.core.options import OPTIONS, SPEC_OPTIONS, WORKER_OPTIONS
 from dtrain.core.spec import resolve
+from dtrain.engines import slurm
 
 from conftest import GPU_GROUP, ROOT
 
@@ -28,14 +29,16 @@ def examples(group: str | None) -> dict:
 
 
 def command(name: str) -> click.Command:
-    return {"launch": cli.commands["launch"], "debug": cli.commands["debug"],
-            "submit": cli.commands["slurm"].commands["submit"]}[name]
+    if name == "submit":
+        return cli.get_command(click.Context(cli), "slurm").commands["submit"]
+    return cli.commands[name]
 
 
 @pytest.mark.parametrize("name", ["launch", "debug", "submit"])
 def test_each_command_takes_exactly_its_rows_with_their_flags(name):
+    """The table's rows for the command, in its order (then, for `slurm submit`, the engine's own rows)."""
     params = {p.name: p for p in command(name).params if isinstance(p, click.Option)}
-    rows = options.for_command(name)
+    rows = options.for_command(name) + (slurm.OPTIONS if name == "submit" else ())
     assert list(params) == [row.name for row in rows]
     for row in rows:
         param = params[row.name]

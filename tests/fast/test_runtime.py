@@ -101,16 +101,18 @@ def test_low_precision_tracks_fp32_on_a_few_dozen_steps(monkeypatch, tmp_path, p
 
 
 @pytest.mark.parametrize("environ, says", [
-    ({}, "not under SLURM, so run the same command again to resume"),
+    ({}, "not in a cluster job, so run the same command again to resume"),
     ({"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "3", "DTRAIN_MAX_REQUEUES": "3"},
-     "SLURM job 7 has been requeued 3 times, the limit (--max-requeues 3), so it is not requeued"),
+     "slurm job 7 has been requeued 3 times, the limit (--max-requeues 3), so it is not requeued"),
 ])
 def test_preemption_without_a_requeue_says_why(environ, says, capsys):
     """The two cases in which rank 0 must not run `scontrol requeue` (so none is called here)."""
+    from dtrain import engines
     from dtrain.core.contract import read_env
     from dtrain.runtime.preemption import Preemption
 
-    Preemption(read_env({"DTRAIN_PREEMPT_SIGNAL": "USR1", **environ}), torch.device("cpu")).stop_and_requeue(40)
+    environ = {"DTRAIN_PREEMPT_SIGNAL": "USR1", **environ}
+    Preemption(read_env(environ, engines.job(environ)), torch.device("cpu")).stop_and_requeue(40)
     assert capsys.readouterr().out == f"dtrain: stopped at step 40 on SIGUSR1 with a checkpoint; {says}.\n"
 
 

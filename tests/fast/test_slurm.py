@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from dtrain import engines
 from dtrain.core import spec
 from dtrain.engines import slurm
 from dtrain.errors import UsageError
@@ -67,8 +68,9 @@ STEP_ENV = {  # what srun gives task 1 of a 2-node step (as seen on the local cl
 
 def test_a_job_step_gives_nodes_node_rank_and_the_rendezvous_host():
     where = slurm.allocation(STEP_ENV)
-    assert where == slurm.Allocation(job_id="4242", nodes=2, in_step=True, node_rank=1, first_host="gpu003")
-    assert slurm.launch_defaults(where, "recipes/mnist_cnn.py") == {
+    assert where == engines.Allocation(engine="slurm", job_id="4242", nodes=2, per_node=True, node_rank=1,
+                                       first_host="gpu003", master_port=10000 + 4242)
+    assert engines.launch_defaults(where, "recipes/mnist_cnn.py") == {
         "nodes": 2, "node_rank": 1, "master_addr": "gpu003", "master_port": 10000 + 4242, "name": "mnist_cnn-4242",
         "wandb_group": "slurm-4242"}
     assert slurm.allocation({}) is None
@@ -102,7 +104,8 @@ def test_launch_in_an_allocation_outside_a_step_runs_itself_under_srun():
 def test_requeued_job_resumes_from_its_own_latest_checkpoint():
     from dtrain.core.contract import read_env
     assert read_env({"DTRAIN_RESUME": "never"}).resume == "never"
-    assert read_env({"DTRAIN_RESUME": "never", "SLURM_RESTART_COUNT": "1"}).resume == "auto"
+    requeued = {"DTRAIN_RESUME": "never", "SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "1"}
+    assert read_env(requeued, slurm.job(requeued)).resume == "auto"
 
 
 def submitted_4x8() -> spec.LaunchSpec:
@@ -115,13 +118,15 @@ def submitted_4x8() -> spec.LaunchSpec:
 def test_each_node_launches_the_submitted_spec_with_its_own_placement(monkeypatch):
     monkeypatch.chdir(ROOT)
     submitted = submitted_4x8()
-    where = slurm.Allocation(job_id="4242", nodes=4, in_step=True, node_rank=3, first_host="gpu003")
-    placed = slurm.place(submitted, where)
+    where = engines.Allocation(engine="slurm", job_id="4242", nodes=4, node_rank=3, first_host="gpu003",
+                               master_port=10000 + 4242)
+    placed = engines.place(submitted, where)
     assert (placed.node_rank, placed.master_addr, placed.master_port) == (3, "gpu003", 10000 + 4242)
     assert placed.wandb_group == "mnist-4x8"  # a multi-node run's group: its name, as submitted
     assert placed.replace(node_rank=0, master_addr="127.0.0.1", master_port=29500) == submitted
-    with pytest.raises(UsageError, match="the job step runs on 2 node"):
-        slurm.place(submitted, slurm.Allocation(job_id="1", nodes=2, in_step=True, node_rank=0, first_host="a"))
+    with pytest.raises(UsageError, match="runs this step on 2 node"):
+        engines.place(submitted, engines.Allocation(engine="slurm", job_id="1", nodes=2, node_rank=0, first_host="a",
+                                                    master_port=10001))
 
 
 def render_4x8(monkeypatch) -> str:
