@@ -23,3 +23,5 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/pytest -q tests/fast/test_floors.py tests/fast/test_names.py

@@ -15,9 +15,9 @@ import re
 import shlex
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 from click.core import ParameterSource
@@ -269,7 +269,7 @@ def _sweep_summary(sweep_dir: Path, runs: list[Any], goal: tuple[str, str] | Non
     names = sweeps.columns(rows, runs, goal[0] if goal else None)
     write_files({str(sweep_dir / f): text for f, text in sweeps.summary_files(rows, names, best, goal).items()})
     click.echo(sweeps.format_table(rows, names, best))
-    if best is not None:
+    if best is not None and goal is not None:
         say(f"best run by {goal[0]} ({goal[1]}): {rows[best]['run']}")
     say(f"summary in {_relative(str(sweep_dir / rundir.SUMMARIES[0]))} and {rundir.SUMMARIES[1]}")
     return rows
@@ -599,7 +599,7 @@ def _given(ctx: click.Context, given: dict[str, Any], profile: str | None,
     for name, value in {**from_profile, **from_environment}.items():  # a variable wins over the profile
         if name not in sources:
             merged[name] = value
-            sources[name] = options.BY_NAME[name].env if name in from_environment else f"profile {profile}"
+            sources[name] = options.BY_NAME[name].variable if name in from_environment else f"profile {profile}"
     return merged, sources
 
 

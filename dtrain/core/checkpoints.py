@@ -16,9 +16,9 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from dtrain.core.rundir import LATEST, MANIFEST, MARKER, PARTIAL, RunDir
 from dtrain.errors import UsageError

@@ -17,6 +17,7 @@ import socket
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from dtrain.core.fields import WorkerOptions
 from dtrain.core.options import WORKER_OPTIONS, Option, for_command
 from dtrain.core.rundir import DEFAULT
 from dtrain.errors import UsageError
@@ -51,7 +52,7 @@ DERIVED = {
 # dtrain's other variables, read by its recipes, scripts and tests: exported in a shell, they are no misspelling.
 OTHERS = ("DTRAIN_DATA_DIR", "DTRAIN_SLURM_DIR", "DTRAIN_SLURM_PORT", TEST_CRASH_AT, "DTRAIN_WRITE_EXPECTED")
 COMMAND_LINE = "the command line"
-VARIABLES = frozenset({option.env for option in WORKER_OPTIONS} | DERIVED.keys())  # every variable a launch sets
+VARIABLES = frozenset({option.variable for option in WORKER_OPTIONS} | DERIVED.keys())  # every variable a launch sets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +70,9 @@ class Job:
 
 
 @dataclasses.dataclass(frozen=True)
-class WorkerEnv:
-    """What a worker learns from its environment. `env.precision` and every other worker option
-    read `options`, which holds each one's value (its default where the variable is absent)."""
+class WorkerEnv(WorkerOptions):
+    """What a worker learns from its environment: every worker option (`WorkerOptions`: its default where the
+    variable is absent), then where it runs."""
 
     rank: int
     local_rank: int
@@ -88,13 +89,10 @@ class WorkerEnv:
     deepspeed_config: str | None
     error_spool: str | None
     sources: Mapping[str, str]  # DTRAIN_SOURCES: where each worker option given was set
-    options: Mapping[str, Any]
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.__dict__["options"][name]
-        except KeyError:
-            raise AttributeError(f"WorkerEnv has no {name!r}") from None
+    @property
+    def options(self) -> dict[str, Any]:
+        return {option.name: getattr(self, option.name) for option in WORKER_OPTIONS}
 
 
 def read_env(environ: Mapping[str, str] | None = None, job: Job | None = None) -> WorkerEnv:
@@ -104,15 +102,15 @@ def read_env(environ: Mapping[str, str] | None = None, job: Job | None = None) -
     def first(name: str, fallback: int | None, default: int) -> int:
         return int(environ[name]) if environ.get(name) else default if fallback is None else fallback
 
-    options = {option.name: option.decode(environ.get(option.env)) for option in WORKER_OPTIONS}
+    options = {option.name: option.decode(environ.get(option.variable)) for option in WORKER_OPTIONS}
     requeue_count = job.requeue_count if job is not None else 0
     if requeue_count > 0:  # a requeued job continues from its own newest checkpoint, whatever --resume said
         options["resume"] = "auto"
     return WorkerEnv(
-        rank=first("RANK", job and job.rank, 0),
-        local_rank=first("LOCAL_RANK", job and job.local_rank, 0),
-        world_size=first("WORLD_SIZE", job and job.world_size, 1),
-        node_name=(job and job.node_name) or socket.gethostname(),
+        rank=first("RANK", job.rank if job else None, 0),
+        local_rank=first("LOCAL_RANK", job.local_rank if job else None, 0),
+        world_size=first("WORLD_SIZE", job.world_size if job else None, 1),
+        node_name=job.node_name if job and job.node_name else socket.gethostname(),
         engine=job.engine if job is not None else None,
         job_id=job.job_id if job is not None else None,
         requeue_count=requeue_count,
@@ -124,7 +122,7 @@ def read_env(environ: Mapping[str, str] | None = None, job: Job | None = None) -
         deepspeed_config=environ.get(DEEPSPEED_CONFIG) or None,
         error_spool=environ.get(ERROR_SPOOL) or None,
         sources=json.loads(environ.get(SOURCES) or "{}"),
-        options=options,
+        **options,
     )
 
 
@@ -134,7 +132,7 @@ def worker_env(spec: LaunchSpec, cpus: int, base: Mapping[str, str]) -> dict[str
     sources = {option.name: spec.sources[option.name] for option in WORKER_OPTIONS if option.name in spec.sources}
     values = {DEVICE: spec.device, RUN_DIR: spec.run_dir, WORLD_SIZE: str(spec.world_size),
               DEEPSPEED_CONFIG: spec.deepspeed_config_path, SOURCES: json.dumps(sources) if sources else None}
-    values.update({option.env: option.encode(spec.options[option.name]) for option in WORKER_OPTIONS})
+    values.update({option.variable: option.encode(getattr(spec, option.name)) for option in WORKER_OPTIONS})
     for key, value in values.items():
         if value is None:
             env.pop(key, None)
@@ -161,7 +159,7 @@ def options_from_environment(environ: Mapping[str, str], command: str) -> tuple[
             values[option.name] = _from_variable(option, text)
     warnings = []
     for name in sorted(n for n in environ if n.startswith("DTRAIN_") and n not in VARIABLES | set(OTHERS)):
-        near = difflib.get_close_matches(name, [option.env for option in WORKER_OPTIONS], n=1)
+        near = difflib.get_close_matches(name, [option.variable for option in WORKER_OPTIONS], n=1)
         hint = f"did you mean {near[0]}?" if near else "the options' variables are listed in docs/architecture.md."
         warnings.append(f"{name} is not a variable dtrain reads, and is ignored; {hint}")
     return values, warnings
@@ -175,6 +173,7 @@ def _from_variable(option: Option, text: str) -> Any:
     """A variable's text as its option's value, or one sentence naming the variable and what it takes."""
     shown = f"{option.env}={text!r}"
     try:
+        value: Any
         if option.kind is bool:
             value = _BOOLEAN[text.strip().lower()]
         elif option.kind in (int, float):
@@ -193,7 +192,7 @@ def _from_variable(option: Option, text: str) -> Any:
 
 def markdown_table() -> str:
     """The contract as docs/architecture.md shows it: every variable, what sets it, what it means."""
-    rows = [(f"`{option.env}`", f"`{option.flag}`", option.help.replace("|", "\\|")) for option in WORKER_OPTIONS]
+    rows = [(f"`{option.variable}`", f"`{option.flag}`", option.help.replace("|", "\\|")) for option in WORKER_OPTIONS]
     rows += [(f"`{name}`", set_by, meaning) for name, (set_by, meaning) in DERIVED.items()]
     lines = ["| variable | set by | meaning |", "| --- | --- | --- |"]
     return "\n".join(lines + [f"| {a} | {b} | {c} |" for a, b, c in rows])

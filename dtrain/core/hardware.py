@@ -13,8 +13,8 @@ def visible_gpus(environ: dict[str, str] | None = None) -> int:
 
     CUDA_VISIBLE_DEVICES wins when set (as CUDA itself does); otherwise ask nvidia-smi.
     """
-    environ = os.environ if environ is None else environ
-    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    found = os.environ if environ is None else environ
+    visible = found.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return count_visible_devices(visible)
     if shutil.which("nvidia-smi") is None:

@@ -15,9 +15,9 @@ from __future__ import annotations
 import dataclasses
 import re
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from dtrain.core import launchers, strategies
 from dtrain.errors import UsageError
@@ -51,16 +51,24 @@ class Option:
     commands: frozenset[str] = RUN
     choices: tuple[str, ...] | None = None
     check: Callable[[str, Any], Any] | None = None  # (flag, value) -> the value to use, or UsageError
-    example: str | int | bool | None = None  # a value other than the default, as typed on the command line
+    example: str | int | float | bool | None = None  # a value other than the default, as typed on the command line
     group: str | None = None  # rows whose examples exclude each other's are in different groups
     flag_value: str | None = None  # the value of the bare flag, for an option whose value is optional
     metavar: str | None = None
     multiple: bool = False  # repeatable: the value is the tuple of every occurrence
+    decided: bool = False  # no default in the table, yet `resolve` always decides it: a spec's is never None
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES or (self.env is None) == (self.scope == "workers"):
             raise ValueError(f"option {self.name}: a DTRAIN_* variable is what makes the scope 'workers', "
                              f"and {self.scope!r} is one of {', '.join(SCOPES)}")
+
+    @property
+    def variable(self) -> str:
+        """The DTRAIN_* variable of a worker option."""
+        if self.env is None:
+            raise AttributeError(f"option {self.name} is not a worker option: it has no variable")
+        return self.env
 
     @property
     def flag(self) -> str:
@@ -285,7 +293,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("launcher", str, "What starts the processes: torchrun, accelerate launch, the deepspeed launcher, "
            "local (dtrain's own agent, without torch: the default for many processes on one node without "
            "--max-restarts) or direct (no launcher: the default for one process there); torchrun otherwise.",
-           "launcher", commands=JOB, choices=tuple(launchers.LAUNCHERS)),
+           "launcher", commands=JOB, choices=tuple(launchers.LAUNCHERS), decided=True),
     Option("nproc", int, "CPU processes per node (with --cpu).", "job", commands=JOB, check=at_least(1), example=2),
     Option("nodes", int, "Number of nodes (default 1).", "job", default=1, commands=JOB - {SWEEP},
            check=at_least(1)),
@@ -344,3 +352,30 @@ def origins(values: Mapping[str, Any], sources: Mapping[str, str]) -> list[str]:
     """`--timeout 30 (from DTRAIN_TIMEOUT_S)`: where each option in `sources` was set, in the table's order."""
     return [f"{option.shown(values[option.name])} (from {sources[option.name]})" for option in OPTIONS
             if option.name in sources]
+
+
+_ANNOTATIONS = {int: "int", float: "float", str: "str", bool: "bool", tuple: "tuple[str, ...]"}
+
+
+def fields_module() -> str:
+    """dtrain/core/fields.py: each option of the spec and of the worker contract as a typed field, in the table's
+    order (a fast test checks the committed file against this)."""
+
+    def fields(rows: tuple[Option, ...]) -> list[str]:
+        return [f"    {o.name}: {_ANNOTATIONS[o.kind]}{' | None' if o.default is None and not o.decided else ''}"
+                for o in rows]
+
+    return "\n".join([
+        '"""The options as typed fields, generated from the table in `dtrain.core.options`:',
+        "`python -m dtrain.core.options > dtrain/core/fields.py`. A misspelt option fails in the type checker.",
+        '"""', "", "from __future__ import annotations", "", "import dataclasses", "", "",
+        "@dataclasses.dataclass(frozen=True)", "class WorkerOptions:",
+        '    """Every worker option: what each worker reads from its DTRAIN_* variable."""', "",
+        *fields(WORKER_OPTIONS), "", "",
+        "@dataclasses.dataclass(frozen=True)", "class SpecOptions(WorkerOptions):",
+        '    """What a LaunchSpec holds beyond the worker options: the launcher\'s."""', "",
+        *fields(tuple(o for o in SPEC_OPTIONS if o.scope != "workers")), ""])
+
+
+if __name__ == "__main__":
+    print(fields_module(), end="")

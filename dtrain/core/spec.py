@@ -12,11 +12,12 @@ import dataclasses
 import importlib.util
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from dtrain.core import deepspeed_config, launchers, rundir, strategies
+from dtrain.core.fields import SpecOptions
 from dtrain.core.options import BY_NAME, OPTIONS, SPEC_OPTIONS
 from dtrain.core.rundir import RunDir
 from dtrain.errors import UsageError
@@ -27,11 +28,9 @@ SPEC_FORMAT = "dtrain-spec-1"
 
 
 @dataclasses.dataclass(frozen=True)
-class LaunchSpec:
-    """One job on one node: the launcher renders this into an argv and an environment.
-
-    `options` holds every worker and launcher option (dtrain.core.options), resolved; `spec.precision`
-    and the like read it.
+class LaunchSpec(SpecOptions):
+    """One job on one node: the launcher renders this into an argv and an environment. Its fields are every
+    worker and launcher option (`SpecOptions`, from the table), resolved, then the job's shape.
     """
 
     recipe: str
@@ -44,21 +43,18 @@ class LaunchSpec:
     master_port: int
     name: str
     run_dir: str
-    options: Mapping[str, Any]
     deepspeed_config: Mapping[str, Any] | None = None  # merged, for the ZeRO strategies
     network: Mapping[str, str] | None = None  # a multi-node job: this node's {"address", "interface"} toward node 0
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict)  # option -> where it was set, if not default
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.__dict__["options"][name]
-        except KeyError:
-            raise AttributeError(f"LaunchSpec has no {name!r}") from None
+    @property
+    def options(self) -> dict[str, Any]:
+        """The options by name, in the table's order."""
+        return {option.name: getattr(self, option.name) for option in SPEC_OPTIONS}
 
     def replace(self, **changes: Any) -> LaunchSpec:
         """A copy with some fields or options changed."""
-        options = {k: changes.pop(k) for k in list(changes) if k in self.options}
-        return dataclasses.replace(self, **changes, options={**self.options, **options})
+        return dataclasses.replace(self, **changes)
 
     @property
     def world_size(self) -> int:
@@ -87,7 +83,10 @@ class LaunchSpec:
         return str(self.paths.launch_lock(self.node_rank))
 
     def to_json(self) -> str:
-        return json.dumps({"format": SPEC_FORMAT, **dataclasses.asdict(self)}, indent=1) + "\n"
+        options = self.options
+        shape = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
+                 if field.name not in options}
+        return json.dumps({"format": SPEC_FORMAT, **shape, "options": options}, indent=1) + "\n"
 
     @classmethod
     def from_json(cls, text: str, source: str) -> LaunchSpec:
@@ -96,7 +95,7 @@ class LaunchSpec:
             if data.pop("format") != SPEC_FORMAT:
                 raise ValueError
             options = {name: _from_json(name, value) for name, value in data.pop("options").items()}
-            return cls(**{**data, "recipe_args": tuple(data["recipe_args"]), "options": options})
+            return cls(**{**data, "recipe_args": tuple(data["recipe_args"]), **options})
         except (ValueError, KeyError, TypeError, AttributeError):
             raise UsageError(f"{source} is not a launch spec that this dtrain wrote (format {SPEC_FORMAT}); "
                              "submit the job again.") from None
@@ -149,7 +148,7 @@ def resolve(options: Mapping[str, Any], gpus_available: int, free_port: int,
     return LaunchSpec(
         recipe=recipe, recipe_args=tuple(options.get("recipe_args") or ()), device=device, nproc=nproc,
         nodes=nodes, node_rank=node_rank, master_addr=value("master_addr"), master_port=master_port, name=name,
-        run_dir=run_dir, options=resolved, deepspeed_config=merged, network=network,
+        run_dir=run_dir, **resolved, deepspeed_config=merged, network=network,
         sources=_away_from_default(options, sources or {}))
 
 
@@ -323,5 +322,5 @@ def launch_files(spec: LaunchSpec) -> dict[str, str]:
     """Files every launch writes into the run directory before starting anything: path -> text."""
     files = {}
     if spec.deepspeed_config is not None:
-        files[spec.deepspeed_config_path] = json.dumps(spec.deepspeed_config, indent=2) + "\n"
+        files[str(spec.paths.deepspeed_config)] = json.dumps(spec.deepspeed_config, indent=2) + "\n"
     return files

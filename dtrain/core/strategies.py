@@ -9,7 +9,7 @@ module plus one row here.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 from dtrain.errors import UsageError
 

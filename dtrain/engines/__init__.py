@@ -119,9 +119,7 @@ class Submitter(Engine, Protocol):
 
 
 def _entry_points() -> dict[str, str]:
-    found = importlib.metadata.entry_points()
-    group = found.select(group=GROUP) if hasattr(found, "select") else found.get(GROUP, [])  # Python 3.9: a dict
-    return {point.name: point.value for point in group}
+    return {point.name: point.value for point in importlib.metadata.entry_points(group=GROUP)}
 
 
 def _load(name: str, target: str) -> Engine:

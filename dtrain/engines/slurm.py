@@ -484,7 +484,7 @@ def describe_job(fields: Mapping[str, str]) -> str:
 
 def array_indices(text: str) -> list[int]:
     """`2-3,5%2` (an ArrayTaskId or --array value) -> [2, 3, 5]."""
-    indices = []
+    indices: list[int] = []
     for part in filter(None, text.split("%")[0].split(",")):
         low, _, high = part.partition("-")
         indices += range(int(low), int(high or low) + 1)
@@ -572,10 +572,10 @@ class Slurm:
             script = render_script(template_text, job, first, python=python, workdir=workdir)
             script_path = job_dir(sweep.directory) / SCRIPT
             files = {str(task_spec_path(sweep.directory, index)): spec.to_json() for index, spec in specs.items()}
-            summary = (f"submitted job array {{job_id}}: {len(indices)} of the sweep's {sweep.total} runs, "
+            said = (f"submitted job array {{job_id}}: {len(indices)} of the sweep's {sweep.total} runs, "
                        f"{sweep.at_once} at a time, sweep directory {_shown(sweep.directory, workdir)}",
                        f"  status  dtrain slurm status {{job_id}}   (one task: dtrain slurm logs {{job_id}}_{indices[0]})")
-            return Submission({**files, str(script_path): script}, str(script_path), summary, tasks=tuple(indices))
+            return Submission({**files, str(script_path): script}, str(script_path), said, tasks=tuple(indices))
         name = given.get("name") or default_name(given["recipe"])
         run_dir = os.path.abspath(given.get("run_dir") or Path(workdir) / DEFAULT / name)
         spec = spec_of({**given, "name": name, "run_dir": run_dir})

@@ -32,7 +32,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from dtrain.core import metrics
 from dtrain.core.rundir import SUMMARIES, RunDir
@@ -318,7 +318,9 @@ def start_runs(commands: Sequence[tuple[str, list[str], Path | None]], slots: Se
 
     Each run is in a session of its own, so that the terminal's Ctrl-C reaches it once, from here, and
     dies with this process; only `os.wait` here reaps them, so a pid signalled is still the run's."""
-    pending, running, codes = list(commands), {}, {}
+    pending = list(commands)
+    running: dict[int, tuple[subprocess.Popen, str, int, IO[str] | None, float]] = {}  # pid -> its run
+    codes: dict[str, int] = {}
     free = list(range(len(slots)))
     stopping: list[int] = []
 
@@ -336,7 +338,7 @@ def start_runs(commands: Sequence[tuple[str, list[str], Path | None]], slots: Se
             while pending and free and not stopping:
                 name, argv, console = pending.pop(0)
                 slot = free.pop(0)
-                fh = open(console, "a") if console is not None else None
+                fh: IO[str] | None = open(console, "a") if console is not None else None
                 proc = subprocess.Popen(argv, env={**os.environ, **slots[slot]}, stdout=fh, stderr=fh,
                                         start_new_session=True, preexec_fn=die_with_parent)
                 running[proc.pid] = (proc, name, slot, fh, time.monotonic())

@@ -147,8 +147,9 @@ class MlflowSink:
         self.run_dir = run_dir
         self.client = MlflowClient(tracking_uri=arguments["uri"])
         self.id_file = RunDir(run_dir).mlflow / RUN_ID
-        self.run_id = self._existing_run()
-        if self.run_id is not None:
+        existing = self._existing_run()
+        if existing is not None:
+            self.run_id: str = existing
             self.client.update_run(self.run_id, status="RUNNING")
             return
         experiment = self._experiment(arguments["experiment"], arguments["artifact_location"])
@@ -213,7 +214,8 @@ def report_plots(run_dir: Path) -> list[Path]:
         return []
 
 
-SINKS = {"wandb": WandbSink, "tensorboard": TensorBoardSink, "mlflow": MlflowSink}
+SINKS: dict[str, type[WandbSink | TensorBoardSink | MlflowSink]] = {"wandb": WandbSink, "tensorboard": TensorBoardSink,
+                                                                     "mlflow": MlflowSink}
 
 
 def wait_for_lock(path: Path) -> IO[bytes] | None:

@@ -30,7 +30,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -403,7 +403,7 @@ def save_atomically(obj: Any, path: Path) -> None:
     def save(file: IO[bytes]) -> None:
         writer = _KeepsWriteErrors(file)
         try:
-            torch.save(obj, writer)
+            torch.save(obj, cast(IO[bytes], writer))
         except RuntimeError:
             if writer.error is None:
                 raise
@@ -422,7 +422,7 @@ def capture_rng() -> dict[str, Any]:
         import numpy
     except ImportError:
         return state
-    kind, keys, pos, has_gauss, gauss = numpy.random.get_state()
+    kind, keys, pos, has_gauss, gauss = cast(tuple, numpy.random.get_state(legacy=True))
     state["numpy"] = [kind, keys.tolist(), pos, has_gauss, gauss]
     return state
 

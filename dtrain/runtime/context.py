@@ -148,8 +148,8 @@ class Context:
             "hardware": _hardware(self.device),
             "git": _git_commit(Path(sys.argv[0]).resolve().parent),
             "launch": {k: list(v) if isinstance(v, tuple) else redact(v) if isinstance(v, str) else v
-                       for k, v in {**dataclasses.asdict(self.env), **self.env.options}.items()
-                       if k not in ("rank", "local_rank", "node_name", "tty", "error_spool", "sources", "options")},
+                       for k, v in dataclasses.asdict(self.env).items()
+                       if k not in ("rank", "local_rank", "node_name", "tty", "error_spool", "sources")},
             "network": {name: os.environ.get(name) for name in ("MASTER_ADDR", *NETWORK_INTERFACES)}
             if self.world_size > 1 else None,
             "precision": self.env.precision,
@@ -182,8 +182,9 @@ class Context:
         """
         recipe_blocks = tuple(b if isinstance(b, str) else b.__name__ for b in blocks)
         source = "the recipe (ctx.prepare(blocks=...))"
-        if not recipe_blocks and getattr(model, "_no_split_modules", None):
-            recipe_blocks, source = tuple(sorted(model._no_split_modules)), "the model's _no_split_modules"
+        no_split = getattr(model, "_no_split_modules", None)
+        if not recipe_blocks and no_split:
+            recipe_blocks, source = tuple(sorted(no_split)), "the model's _no_split_modules"
         if recipe_blocks and self.is_main:
             self.run_config["blocks"] = {"classes": list(recipe_blocks), "from": source}
             write_config(RunDir(self.run_dir).config, self.run_config, self.env.sources)
@@ -305,7 +306,7 @@ class Context:
         """Write the plain `state_dict` (no `module.` prefix) that `model.load_state_dict` takes."""
         path = Path(path) if path is not None else RunDir(self.run_dir).model
         state = self.strategy.full_state_dict(model)  # a collective for sharded strategies
-        failure = [None]
+        failure: list[str | None] = [None]
         if self.is_main:
             try:
                 checkpoint.save_atomically(state, path)
@@ -351,7 +352,7 @@ class Context:
             self.env.resume, self._checkpointable(), self._extras(scheduler))
         for note in notes:
             self.print(f"dtrain: {note}")
-        if path is None:
+        if path is None or state is None:
             return None
         self.steps = state.step
         if self.logger is not None:

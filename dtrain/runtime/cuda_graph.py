@@ -18,6 +18,7 @@ copied out first, one small kernel per parameter, so any loop's accumulation sta
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -41,7 +42,7 @@ class GraphedForward:
                              "torch.compile(mode='reduce-overhead') records CUDA graphs itself: use one of the two.")
         self.module = module
         self.eager = module.forward
-        self.graphed = None
+        self.graphed: Callable[..., Any] | None = None
         self.shapes: tuple | None = None
         self.calls = 0
         module.forward = self
@@ -58,7 +59,7 @@ class GraphedForward:
             if self.calls < RECORD_AT_CALL:
                 return self.eager(*args)
             self.record(args)
-        return self.graphed(*args) if _shapes(args) == self.shapes else self.eager(*args)
+        return self.graphed(*args) if self.graphed is not None and _shapes(args) == self.shapes else self.eager(*args)
 
     def record(self, args: tuple[torch.Tensor, ...]) -> None:
         samples = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)  # the graph's own inputs

@@ -17,8 +17,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Iterator, Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Iterator, Mapping, Sized
+from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset, TensorDataset, get_worker_info
@@ -37,7 +37,8 @@ def tree_map(fn: Callable[[torch.Tensor], Any], batch: Any) -> Any:
         return type(batch)(tree_map(fn, item) for item in batch)
     if isinstance(batch, Mapping):
         mapped = {key: tree_map(fn, value) for key, value in batch.items()}
-        return mapped if type(batch) is dict else type(batch)(mapped)
+        kind: Any = type(batch)
+        return mapped if kind is dict else kind(mapped)
     if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
         return dataclasses.replace(batch, **{f.name: tree_map(fn, getattr(batch, f.name))
                                              for f in dataclasses.fields(batch) if f.init})
@@ -233,7 +234,7 @@ def head(dataset: Dataset, n: int) -> Dataset:
                          "with a length, or leave the limit out.")
     if isinstance(dataset, TensorDataset):
         return TensorDataset(*(tensor[:n] for tensor in dataset.tensors))
-    return Subset(dataset, range(min(n, len(dataset))))
+    return Subset(dataset, range(min(n, len(cast(Sized, dataset)))))
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, rank: int, world_size: int, device: torch.device,
@@ -242,7 +243,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, rank: int, world_size: int
     if isinstance(dataset, IterableDataset):
         return StreamLoader(dataset, batch_size, rank, world_size, device, whole_rounds=train,
                             num_workers=num_workers, collate_fn=collate_fn)
-    sampler = ShardSampler(len(dataset), rank, world_size, shuffle=shuffle, seed=seed, pad=train)
+    sampler = ShardSampler(len(cast(Sized, dataset)), rank, world_size, shuffle=shuffle, seed=seed, pad=train)
     if isinstance(dataset, (TensorDataset, TensorDictDataset)) and collate_fn is None:
         return InMemoryLoader(dataset.tensors if isinstance(dataset, TensorDictDataset) else tuple(dataset.tensors),
                               batch_size, sampler, device)

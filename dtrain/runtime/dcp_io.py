@@ -59,7 +59,7 @@ class SafeReader(FileSystemReader):
         return metadata
 
 
-class _WeightsOnlyBytes:
+class SafeLoadPlanner(DefaultLoadPlanner):
     """DCP's planners unpickle non-tensor values with weights_only=False; load them safely instead."""
 
     def load_bytes(self, read_item, value) -> None:
@@ -70,11 +70,7 @@ class _WeightsOnlyBytes:
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
-class SafeLoadPlanner(_WeightsOnlyBytes, DefaultLoadPlanner):
-    pass
-
-
-class SafeEmptyPlanner(_WeightsOnlyBytes, _EmptyStateDictLoadPlanner):
+class SafeEmptyPlanner(SafeLoadPlanner, _EmptyStateDictLoadPlanner):
     pass
 
 

@@ -8,7 +8,8 @@ import os
 import sys
 import time
 import traceback
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.distributed as dist

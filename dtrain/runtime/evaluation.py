@@ -76,12 +76,12 @@ def evaluate(ctx: Context, model: nn.Module, dataset: Dataset, forward: Forward,
         samples = batch_size_of(batch)
         loss_sum += loss.detach().double() * samples
         count += samples
-        if classification:
+        if matrix is not None:
             matrix += torch.bincount(targets * classes + outputs.argmax(dim=1), minlength=classes * classes)
         for metric in objects.values():
             metric.update(outputs, targets)
     model.train(was_training)
-    totals = ctx.all_reduce(torch.cat([loss_sum.reshape(1), count.reshape(1)] + ([matrix] if classification else [])))
+    totals = ctx.all_reduce(torch.cat([loss_sum.reshape(1), count.reshape(1)] + ([matrix] if matrix is not None else [])))
     if not totals[1]:
         raise UsageError("the evaluation set is empty; pass one with samples, or none.")
     result: dict[str, Any] = {"loss": (totals[0] / totals[1]).item()}

@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import yaml
 
@@ -70,7 +70,8 @@ class MetricsWriter:
         written(path, open_file)
 
     def write(self, row: Mapping[str, Any]) -> None:
-        if self._file is not None and not written(self.path, lambda: self._file.write(json.dumps(row) + "\n")):
+        file = self._file
+        if file is not None and not written(self.path, lambda: file.write(json.dumps(row) + "\n")):
             self.close()
 
     def close(self) -> None:
@@ -192,31 +193,32 @@ class TrackerProcess:
     def __init__(self, init: Mapping[str, Any]):
         self._process = subprocess.Popen([sys.executable, "-m", "dtrain.outputs.trackers"], stdin=subprocess.PIPE, text=True,
                                          start_new_session=True)
+        self._pipe = cast(IO[str], self._process.stdin)  # stdin=PIPE: never None
         try:
-            fcntl.fcntl(self._process.stdin.fileno(), fcntl.F_SETPIPE_SZ, self.PIPE_BYTES)
+            fcntl.fcntl(self._pipe.fileno(), fcntl.F_SETPIPE_SZ, self.PIPE_BYTES)
         except OSError:
             pass
         self.send(init)
         atexit.register(self.finish, 0)  # a recipe that never calls ctx.close() still ends its runs as finished
 
     def send(self, message: Mapping[str, Any]) -> None:
-        if self._process.stdin.closed:
+        if self._pipe.closed:
             return
         try:
-            self._process.stdin.write(json.dumps(message) + "\n")
-            self._process.stdin.flush()
+            self._pipe.write(json.dumps(message) + "\n")
+            self._pipe.flush()
         except BrokenPipeError:  # every tracker stopped (each said why): the unsent rest goes nowhere
             with contextlib.suppress(BrokenPipeError):
-                self._process.stdin.close()
+                self._pipe.close()
 
     def finish(self, exit_code: int) -> None:
         """End the runs (once); waits until every tracker has written everything."""
         if self._process.returncode is not None:
             return
         self.send({"exit_code": exit_code})
-        if not self._process.stdin.closed:
+        if not self._pipe.closed:
             with contextlib.suppress(BrokenPipeError):
-                self._process.stdin.close()
+                self._pipe.close()
         self._process.wait()
 
 
@@ -234,12 +236,12 @@ class Progress:
             self.stream = sys.stdout
         self._last_line = 0.0
 
-    def update(self, epoch: int, epochs: int, batch: int, batches: int, step: int, loss: float,
+    def update(self, epoch: int, epochs: int, batch: int, batches: int | None, step: int, loss: float,
                samples_per_s: float) -> None:
         text = f"epoch {epoch}/{epochs} | batch {batch}/{batches} | step {step} | loss {loss:.4f} | {samples_per_s:,.0f} samples/s"
         if self.stream is not None:
             width = 24
-            done = int(width * batch / max(batches, 1))
+            done = int(width * batch / max(batches or batch, 1))
             self.stream.write(f"\r[{'=' * done}{' ' * (width - done)}] {text}\x1b[K")
             self.stream.flush()
         elif time.monotonic() - self._last_line >= PROGRESS_LINE_EVERY_S:

@@ -97,7 +97,7 @@ class StepClock:
 class FlopCount:
     """FLOPs per sample of the model's training step, counted around the first step's forward and backward."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.per_sample: float | None = None
         self._mode: FlopCounterMode | None = None
         self._done = False

@@ -93,7 +93,7 @@ class SharedMemoryAllReduce:
         dist.all_reduce(seen, op=dist.ReduceOp.MIN)
         if rank == 0 and name:
             os.unlink(name)  # the mappings keep it; nothing is left behind, however the job ends
-        return cls(buffer, rank, world_size, numel, timeout_s) if int(seen) else None
+        return cls(buffer, rank, world_size, numel, timeout_s) if buffer is not None and int(seen) else None
 
     def average(self, tensor: torch.Tensor) -> torch.Tensor:
         """The mean of `tensor` (float32, at most `numel` elements) over all ranks, in place."""
@@ -126,6 +126,6 @@ def comm_hook(state: SharedMemoryAllReduce, bucket: dist.GradBucket) -> torch.fu
     if buffer.dtype != torch.float32 or buffer.numel() > state.slots.shape[-1]:
         work = dist.all_reduce(buffer.div_(state.world_size), async_op=True)
         return work.get_future().then(lambda fut: fut.value()[0])
-    future = torch.futures.Future()
+    future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     future.set_result(state.average(buffer))
     return future

@@ -115,9 +115,9 @@ class StackWatch:
         where the main thread was (by default, where it is now)."""
         failed_at = stack
         if stack is None:
-            main = sys._current_frames().get(threading.main_thread().ident)
+            main = sys._current_frames().get(threading.main_thread().ident or 0)
             stack = traceback.extract_stack(main) if main else traceback.StackSummary()
-        frames = [[f.filename, f.lineno, f.name] for f in stack]
+        frames = [(f.filename, f.lineno, f.name) for f in stack]
         state = {"rank": self.rank, "pid": os.getpid(), "time": time.time(), "reason": reason, "step": self.step(),
                  "frames": frames, "user_frame": next((f for f in reversed(frames) if _in_recipe(f[0])), None),
                  "collectives": {**flight_recorder_counts(),
@@ -144,7 +144,7 @@ def flight_recorder_counts() -> dict[str, list]:
     """Process group name -> [the newest collective's sequence number, its name], from torch's
     Flight Recorder (empty where it records nothing)."""
     try:
-        from torch._C._distributed_c10d import _dump_fr_trace_json
+        from torch._C._distributed_c10d import _dump_fr_trace_json  # type: ignore[attr-defined]
         entries = json.loads(_dump_fr_trace_json(includeCollectives=True, onlyActive=False)).get("entries", [])
     except Exception:  # a private API: without it the report has the stacks alone
         return {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -89,7 +89,7 @@ class Trainer:
         self.epoch = 0
         self.metrics: dict[str, float] = {}
         self.reached: dict[str, float] | None = None  # the evaluation that reached `stop_at`
-        self.startup_pending = ctx.env.launch_time is not None  # logged once, at this process's first step
+        self.launched_at = ctx.env.launch_time  # startup_s is logged once, at this process's first step
 
     def fit(self, train_set: Dataset, eval_set: Dataset | None = None, *, epochs: int,
             limit_train_batches: int | None = None, limit_eval_batches: int | None = None) -> dict[str, float]:
@@ -105,8 +105,8 @@ class Trainer:
         if state is not None:
             start_epoch, start_batch = state.epoch, state.batch_on(self.ctx.world_size, self.batch_size)
             if self.stopped or start_epoch >= epochs:
-                done = f"has reached --max-steps {self.ctx.max_steps}" if self.stopped else f"has finished epoch {epochs} of {epochs}"
-                self.ctx.print(f"dtrain: nothing left to train: the run resumed at step {self.step} and {done}; "
+                why = f"has reached --max-steps {self.ctx.max_steps}" if self.stopped else f"has finished epoch {epochs} of {epochs}"
+                self.ctx.print(f"dtrain: nothing left to train: the run resumed at step {self.step} and {why}; "
                                "give a higher limit to train on, or another --name to start a new run.")
         for epoch in range(start_epoch, epochs):
             if self.stopped:
@@ -117,7 +117,7 @@ class Trainer:
             self.metrics = {"epoch": epoch + 1, "train/epoch_loss": train_loss}
             line = f"Epoch {epoch + 1}/{epochs} | Train Loss: {train_loss:.4f}"
             if eval_set is not None:
-                result = self._evaluation_now()
+                result = self._evaluation_now(eval_set)
                 self.metrics.update({f"eval/{k}": v for k, v in self.evaluation_metrics(result).items()})
                 line += self.evaluation_text(result)
                 if "report" in result:
@@ -182,10 +182,10 @@ class Trainer:
                 grad_norm = clipped
             if self.scheduler is not None and self.scheduler_interval == "step":
                 self.scheduler.step()
-            if self.startup_pending:
-                self.startup_pending = False
-                self.ctx.log(self.step, {"startup_s": time.time() - self.ctx.env.launch_time}, kind=STARTUP)
-            if logging_step and self.ctx.is_main:  # the loop's only host synchronisation, every log_every steps
+            if self.launched_at is not None:
+                self.ctx.log(self.step, {"startup_s": time.time() - self.launched_at}, kind=STARTUP)
+                self.launched_at = None
+            if logging_step and self.ctx.progress is not None:  # rank 0: the loop's only host synchronisation
                 elapsed = time.perf_counter() - window_start
                 window_loss = (window_sum / window_batches).item()
                 samples_per_s = window_samples * self.ctx.world_size / elapsed
@@ -205,7 +205,7 @@ class Trainer:
                     callback.after_step(self)
             if self.eval_every and self.eval_set is not None and self.step % self.eval_every == 0:
                 began = time.perf_counter()
-                result = self._evaluation_now()
+                result = self._evaluation_now(self.eval_set)
                 self.ctx.log(self.step, {f"eval/{k}": v for k, v in self.evaluation_metrics(result).items()},
                              kind=EVAL)
                 window_start += time.perf_counter() - began  # an interval's samples/s is training's alone
@@ -234,14 +234,15 @@ class Trainer:
         inputs, targets = batch
         outputs = self.model(inputs)
         scored = outputs.float() if evaluation and isinstance(outputs, torch.Tensor) else outputs
-        return self.loss_fn(scored, targets), outputs, targets
+        loss_fn = cast(Callable[[Any, Any], torch.Tensor], self.loss_fn)  # without compute_loss, it is given
+        return loss_fn(scored, targets), outputs, targets
 
-    def _evaluation_now(self) -> dict[str, Any]:
+    def _evaluation_now(self, eval_set: Dataset) -> dict[str, Any]:
         """This step's evaluation (once per step: an interval's may also end the epoch), with its callbacks
         and the `stop_at` check."""
         if self.last_evaluation is not None and self.last_evaluation[0] == self.step:
             return self.last_evaluation[1]
-        result = self.evaluate(self.eval_set)
+        result = self.evaluate(eval_set)
         self.last_evaluation = (self.step, result)
         for callback in self.callbacks:
             if hasattr(callback, "after_evaluation"):

@@ -190,3 +190,9 @@ def test_a_misspelt_variable_is_named_with_the_nearest_and_ignored(monkeypatch, 
     assert code == 0 and workers_variables(out)["DTRAIN_TIMEOUT_S"] == "600"
     assert err == ("dtrain: warning: DTRAIN_TIMOUT_S is not a variable dtrain reads, and is ignored; did you mean "
                    "DTRAIN_TIMEOUT_S?\n")
+
+
+def test_the_typed_fields_are_the_tables_rows():
+    """dtrain/core/fields.py, which LaunchSpec and WorkerEnv inherit, is what the table generates today."""
+    committed = (ROOT / "dtrain" / "core" / "fields.py").read_text()
+    assert committed == options.fields_module(), "regenerate it: python -m dtrain.core.options > dtrain/core/fields.py"

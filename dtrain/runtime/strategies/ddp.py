@@ -8,10 +8,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.nn.parallel import DistributedDataParallel
 
 from dtrain.runtime import dist as dist_utils
 from dtrain.runtime.precision import Precision
@@ -75,8 +78,8 @@ class DataParallel(StrategyRuntime):
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(self.unwrap(model), options=StateDictOptions(full_state_dict=True,
-                                                                                  cpu_offload=True))
+        state = get_model_state_dict(self.unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}
 
     def checkpointable(self, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> DCPState:
         return DCPState(model, list(optimizers))
@@ -107,7 +110,7 @@ class DCPState:
         pass
 
 
-def _is_ddp(model: nn.Module) -> bool:
+def _is_ddp(model: nn.Module) -> TypeGuard[DistributedDataParallel]:
     """Whether `model` is wrapped in DDP; never true before DDP's module is imported."""
     ddp = sys.modules.get("torch.nn.parallel.distributed")
     return ddp is not None and isinstance(model, ddp.DistributedDataParallel)

@@ -43,5 +43,7 @@ class FullyShardedDataParallel(DataParallel):
         return model
 
     def set_gradient_sync(self, model: nn.Module, enabled: bool) -> None:
-        if hasattr(model, "set_requires_gradient_sync"):
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(model, FSDPModule):
             model.set_requires_gradient_sync(enabled)

@@ -25,6 +25,8 @@ from dtrain.runtime.precision import Precision
 from dtrain.runtime.shared_memory import SHM_DIR
 from dtrain.runtime.strategies.base import StrategyRuntime, make_parameters_contiguous
 
+DeepSpeedEngine = Any  # what deepspeed.initialize returns: an nn.Module with methods of its own (backward, step)
+
 ENGINE_FOLDER = "deepspeed"  # where in a checkpoint the engine writes its own files (its "tag")
 # DeepSpeed's own use of a torch API that torch now deprecates: not the recipe's to act on.
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor` is deprecated", category=FutureWarning)
@@ -61,7 +63,7 @@ class DeepSpeedZero(StrategyRuntime):
 
     def deepspeed_config(self, batch_size: int | None) -> dict[str, Any]:
         """The launch's merged JSON (or, under plain torchrun, the default one) with the recipe's batch size."""
-        stage = self.description.deepspeed_stage
+        stage = self.description.deepspeed_stage or 0  # a ZeRO strategy's row names its stage
         if self.env.deepspeed_config:
             with open(self.env.deepspeed_config) as fh:
                 settings = json.load(fh)
@@ -81,13 +83,13 @@ class DeepSpeedZero(StrategyRuntime):
                              f"processes is {total}; make them agree (or set it to \"auto\").")
         return {**settings, "train_micro_batch_size_per_gpu": micro, "train_batch_size": total}
 
-    def set_gradient_sync(self, model: nn.Module, enabled: bool) -> None:
+    def set_gradient_sync(self, model: DeepSpeedEngine, enabled: bool) -> None:
         model.set_gradient_accumulation_boundary(enabled)
 
-    def backward(self, model: nn.Module, loss: torch.Tensor, precision: Precision, grad_accum: int) -> None:
+    def backward(self, model: DeepSpeedEngine, loss: torch.Tensor, precision: Precision, grad_accum: int) -> None:
         model.backward(loss)
 
-    def clip_grad_norm(self, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], precision: Precision,
+    def clip_grad_norm(self, model: DeepSpeedEngine, optimizers: Sequence[torch.optim.Optimizer], precision: Precision,
                        max_norm: float) -> torch.Tensor:
         """ZeRO's optimizers clip inside the step, by the value they hold: the recipe's goes there now. The
         total norm (before clipping, as DDP's) is the one that step measures: the tensor returned here
@@ -96,7 +98,7 @@ class DeepSpeedZero(StrategyRuntime):
         self._norm_to_fill = torch.full((), float("nan"))
         return self._norm_to_fill
 
-    def step(self, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], precision: Precision,
+    def step(self, model: DeepSpeedEngine, optimizers: Sequence[torch.optim.Optimizer], precision: Precision,
              measure_grad_norm: bool, is_main: bool) -> torch.Tensor | None:
         model.step()
         measured = model.get_global_grad_norm()  # None when the step was skipped (an fp16 overflow)
@@ -106,21 +108,21 @@ class DeepSpeedZero(StrategyRuntime):
             self._norm_to_fill = None
         return norm if measure_grad_norm and is_main else None
 
-    def unwrap(self, model: nn.Module) -> nn.Module:
-        return getattr(model, "module", model)
+    def unwrap(self, model: DeepSpeedEngine) -> nn.Module:
+        return model.module if hasattr(model, "module") else model
 
-    def close(self, model: nn.Module) -> None:
+    def close(self, model: DeepSpeedEngine) -> None:
         """Without this, ZeRO-3 processes sometimes abort at exit (SIGABRT) after all work is done."""
         model.destroy()
 
-    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, model: DeepSpeedEngine) -> dict[str, torch.Tensor]:
         if self.description.deepspeed_stage == 3:
             state = model._zero3_consolidated_16bit_state_dict()  # gathered onto rank 0
         else:
             state = model.module.state_dict()
         return {k: v.detach().cpu() for k, v in (state or {}).items()}
 
-    def checkpointable(self, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> EngineState:
+    def checkpointable(self, model: DeepSpeedEngine, optimizers: Sequence[torch.optim.Optimizer]) -> EngineState:
         return EngineState(model, self.env.rank)
 
 
@@ -128,7 +130,7 @@ class EngineState:
     """The engine writes its model and optimizer state into files of its own (`save_checkpoint`);
     dtrain makes them durable, hashes them with the rest, and loads them without running pickles."""
 
-    def __init__(self, engine: nn.Module, rank: int):
+    def __init__(self, engine: DeepSpeedEngine, rank: int):
         self.engine, self.rank = engine, rank
 
     def state_dict(self) -> dict[str, Any]:
