@@ -93,7 +93,7 @@ def test_defaults_come_from_the_table():
 
 
 def test_the_documented_contract_is_the_table():
-    """docs/architecture.md holds `python -m dtrain.core.contract`'s table, once; the README points there."""
+    """docs/architecture.md holds `python -m dtrain.core.contract`'s table, once; the README repeats none of it."""
     text = (ROOT / "docs" / "architecture.md").read_text()
     assert text.count(contract.markdown_table()) == 1, "rewrite the table with: python -m dtrain.core.contract"
     readme = (ROOT / "README.md").read_text()
