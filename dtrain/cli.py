@@ -26,7 +26,7 @@ from dtrain import __version__, engines
 from dtrain.core import contract, hardware, options, rundir
 from dtrain.core.options import DEBUG, LAUNCH, SUBMIT, SWEEP, Option
 from dtrain.core.rundir import RunDir
-from dtrain.core.spec import AUTO, DEFAULT_MASTER_PORT, LaunchSpec, decide_precision, resolve
+from dtrain.core.spec import AUTO, DEFAULT_MASTER_PORT, LaunchSpec, decide_precision, dtrain_argv, resolve
 from dtrain.core.wandb_mode import wandb_mode
 from dtrain.errors import UsageError
 from dtrain.launch import launchers
@@ -109,7 +109,7 @@ def launch(ctx: click.Context, profile: str | None, dry_run: bool | None, spec: 
     if allocation is not None and not allocation.per_node:
         # In a job (an allocation, or a batch script) but started once for all of it: once per node, by the engine.
         engine = engines.submitters()[allocation.engine]
-        argv = engine.fan_out(allocation, [*engines.launch_argv(), *sys.argv[1:]])
+        argv = engine.fan_out(allocation, [*dtrain_argv(), *sys.argv[1:]])
         if dry_run:
             click.echo(shlex.join(argv))
             return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -103,6 +104,11 @@ class LaunchSpec(SpecOptions):
 
 def _from_json(name: str, value: Any) -> Any:
     return tuple(value) if BY_NAME[name].kind is tuple and value is not None else value
+
+
+def dtrain_argv(python: str = sys.executable) -> list[str]:
+    """How another process starts dtrain: a cluster job's nodes, a sweep's runs, the doctor's preflight."""
+    return [python, "-m", "dtrain.cli"]
 
 
 def installed(package: str) -> bool:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.metadata
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -184,7 +183,3 @@ def place(spec: LaunchSpec, where: Allocation,
                         network=toward(where.first_host, route) if spec.nodes > 1 else None,
                         wandb_group=spec.wandb_group or where.group)
 
-
-def launch_argv(python: str = sys.executable) -> list[str]:
-    """How a job's node starts dtrain (what the engine's script runs, with `launch --spec FILE` after it)."""
-    return [python, "-m", "dtrain.cli"]

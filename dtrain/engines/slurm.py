@@ -21,8 +21,8 @@ from typing import Any
 from dtrain.core import options, profiles
 from dtrain.core.options import SUBMIT, Option
 from dtrain.core.rundir import DEFAULT, SPEC, RunDir
-from dtrain.core.spec import DEFAULT_MASTER_PORT, LaunchSpec, default_name, resolve
-from dtrain.engines import Allocation, Job, Submission, Sweep, launch_argv
+from dtrain.core.spec import DEFAULT_MASTER_PORT, LaunchSpec, default_name, dtrain_argv, resolve
+from dtrain.engines import Allocation, Job, Submission, Sweep
 from dtrain.errors import UsageError
 
 NAME = "slurm"
@@ -347,7 +347,7 @@ def render_script(template: str, job: SlurmJob, spec: LaunchSpec, python: str, w
     spec_file = (shlex.quote(str(task_spec_path(spec.run_dir, ""))[:-len(".json")]) + '"${SLURM_ARRAY_TASK_ID}".json'
                  if job.array else shlex.quote(str(spec_path(spec.run_dir))))
     lines = [shlex.join(srun_command(job.nodes, [], job.cpus_per_task)),
-             f"{shlex.join([*launch_argv(python), 'launch', '--spec'])} {spec_file}"]
+             f"{shlex.join([*dtrain_argv(python), 'launch', '--spec'])} {spec_file}"]
     setup = [f"module load {shlex.quote(module)}" for module in job.modules] + list(job.setup)
     values = {
         "directives": "\n".join(directives(job, spec.name, spec.run_dir, workdir)),

@@ -23,6 +23,7 @@ from pathlib import Path
 from dtrain import engines
 from dtrain.core import hardware
 from dtrain.core.rundir import RunDir
+from dtrain.core.spec import dtrain_argv
 from dtrain.errors import UsageError
 
 SLOW = 1.5  # a rank whose matmul takes this many times the other ranks' median is named
@@ -134,7 +135,7 @@ def run_preflight(devices: list[str], runs: str) -> dict:
     if every_node:
         Path(runs).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".doctor-", dir=runs if every_node else None) as run_dir:
-        out = subprocess.run([sys.executable, "-m", "dtrain.cli", "launch", str(PREFLIGHT), *devices, "--run-dir",
+        out = subprocess.run([*dtrain_argv(), "launch", str(PREFLIGHT), *devices, "--run-dir",
                               run_dir, "--wandb", "disabled", "--checkpoint-every", "never", "--timeout", "120"],
                              capture_output=True, text=True)
         try:

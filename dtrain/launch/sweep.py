@@ -28,7 +28,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import IO, Any
 
 from dtrain.core import metrics
 from dtrain.core.rundir import SUMMARIES, RunDir
+from dtrain.core.spec import dtrain_argv
 from dtrain.errors import UsageError
 from dtrain.launch.job import die_with_parent
 
@@ -363,4 +363,4 @@ def start_runs(commands: Sequence[tuple[str, list[str], Path | None]], slots: Se
 
 
 def launch_argv(spec_file: Path) -> list[str]:
-    return [sys.executable, "-m", "dtrain.cli", "launch", "--spec", str(spec_file)]
+    return [*dtrain_argv(), "launch", "--spec", str(spec_file)]

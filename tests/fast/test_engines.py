@@ -22,8 +22,8 @@ from pathlib import Path
 
 from dtrain.core.contract import Job
 from dtrain.core.options import SUBMIT, Option
-from dtrain.core.spec import resolve
-from dtrain.engines import Allocation, Submission, launch_argv
+from dtrain.core.spec import dtrain_argv, resolve
+from dtrain.engines import Allocation, Submission
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +49,7 @@ class Fake:
                        cpu_flags=None, sources=sources)
         folder = Path(spec.run_dir) / self.name
         job = json.dumps({"queue": given["queue"], "nodes": spec.nodes,
-                          "command": launch_argv(python) + ["launch", "--spec", str(folder / "spec.json")]})
+                          "command": dtrain_argv(python) + ["launch", "--spec", str(folder / "spec.json")]})
         return Submission({str(folder / "spec.json"): spec.to_json(), str(folder / "job.json"): job},
                           str(folder / "job.json"), ("submitted {job_id}",))
 
