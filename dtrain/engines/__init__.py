@@ -1,7 +1,7 @@
 """Cluster engines: what runs a job on many machines (SLURM; a third party's through an entry point).
 
-An engine has two faces, one module each (submitit keeps both faces of SLURM in one file, torchx one
-module per scheduler):
+An engine is one module with two faces (as submitit keeps both faces of SLURM in one file, and torchx has
+one module per scheduler):
 - the worker face, read inside a job: which job this is (its id, how often it was requeued, this
   node's name and the ranks when the engine starts the workers itself), where the job's nodes meet
   (`allocation`), and how to put the job back in the queue (`requeue`);

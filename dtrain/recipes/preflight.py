@@ -12,7 +12,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from dtrain.core.rundir import RunDir
+from dtrain.core.rundir import RunDir, write_atomically
 from dtrain.runtime import setup
 
 MATMUL_S = 2.0  # every rank multiplies for this long: a rank slowed for part of it still shows
@@ -67,7 +67,7 @@ def main() -> None:
     all_reduce = timed_all_reduce(ctx.device, ctx.world_size) if ctx.world_size > 1 else None
     if ctx.is_main:
         result = {"device": ctx.device.type, "world_size": ctx.world_size, "ranks": ranks, "all_reduce": all_reduce}
-        RunDir(ctx.run_dir).preflight.write_text(json.dumps(result, indent=1))
+        write_atomically(RunDir(ctx.run_dir).preflight, json.dumps(result, indent=1))
     ctx.close()
 
 

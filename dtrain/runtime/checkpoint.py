@@ -317,9 +317,7 @@ def _choose_on_rank0(run_dir: Path, resume: str, rank: int, world_size: int) -> 
     choice: list[Any] = [None, []]
     if rank == 0:
         try:
-            from dtrain.runtime import dcp_io
-
-            picked = choose_for_resume(run_dir, resume, inspect=dcp_io.read_metadata_safely)
+            picked = choose_for_resume(run_dir, resume, inspect=_read_metadata)
             choice = [picked.path, list(picked.notes)]
         except CheckpointError as exc:
             choice = [exc, []]
@@ -394,6 +392,13 @@ class _KeepsWriteErrors:
 
     def flush(self) -> None:
         self.file.flush()
+
+
+def _read_metadata(path: Path) -> Any:
+    """A checkpoint's DCP metadata, unpickled safely; DCP is imported only when there is a checkpoint to read."""
+    from dtrain.runtime import dcp_io
+
+    return dcp_io.read_metadata_safely(path)
 
 
 def save_atomically(obj: Any, path: Path) -> None:
