@@ -436,6 +436,7 @@ def _engine_group(engine: engines.Submitter) -> click.Group:
                 if path != submission.script:
                     click.echo(f"# {_relative(path)}\n{text}")
             click.echo(submission.files[submission.script], nl=False)
+            click.echo(f"# submitting runs: {shlex.join(submission.command)}", err=True)
             return 0
         job_id = _write_and_submit(engine, submission, plan.new_files() if plan is not None else {})
         for line in submission.summary:
@@ -464,23 +465,13 @@ def _engine_group(engine: engines.Submitter) -> click.Group:
     @group.command("logs")
     @click.argument("job_id")
     @click.option("--follow", "-f", is_flag=True, help="Keep printing new output until the job ends.")
-    def logs(job_id: str, follow: bool) -> int:
-        """Print JOB_ID's output file (all nodes, every requeue), from the run directory."""
-        path, ended = engine.output(job_id)
-        offset = 0
-        while True:
-            if path.is_file():
-                with open(path, errors="replace") as fh:
-                    fh.seek(offset)
-                    chunk = fh.read()
-                    offset = fh.tell()
-                click.echo(chunk, nl=False)
-            if not follow or ended:
-                break
-            time.sleep(1.0)
-            path, ended = engine.output(job_id)
-        if not path.is_file():
-            click.echo(f"dtrain: job {job_id} has not written {path} yet.", err=True)
+    @click.option("--node", type=int, help="The node whose output to print, where the engine keeps one per node "
+                                           "(default: node 0).")
+    def logs(job_id: str, follow: bool, node: int | None) -> int:
+        """Print JOB_ID's output (every requeue's), as the engine keeps it."""
+        note = engine.logs(job_id, node, follow, lambda text: click.echo(text, nl=False))
+        if note is not None:
+            click.echo(f"dtrain: {note}", err=True)
         return 0
 
     return group

@@ -58,6 +58,7 @@ class Submission:
 
     files: Mapping[str, str]  # path -> text: the spec(s) the nodes launch and the engine's own job files
     script: str  # the file the engine submits
+    command: tuple[str, ...] = ()  # what submitting it runs (`--dry-run` shows it)
     summary: Sequence[str] = ()  # what to tell the user once submitted; "{job_id}" is filled in
     tasks: tuple[int, ...] = ()  # a job array's task indices
 
@@ -110,8 +111,9 @@ class Submitter(Engine, Protocol):
 
     def cancel(self, job_id: str) -> None: ...
 
-    def output(self, job_id: str) -> tuple[Path, bool]:
-        """The job's output file, and whether the job has ended (`dtrain <engine> logs --follow` stops)."""
+    def logs(self, job_id: str, node: int | None, follow: bool, echo: Callable[[str], None]) -> str | None:
+        """Show the job's output through `echo` (a node's, where the engine keeps one per node; `node` None: the
+        engine's default); with `follow`, until the job ends. A note when there was none to show."""
 
     def doctor_facts(self, environ: Mapping[str, str]) -> list[tuple[str, str]]:
         """(label, text) lines for `dtrain doctor`."""
@@ -125,9 +127,9 @@ def _load(name: str, target: str) -> Engine:
     module, _, attribute = target.partition(":")
     try:
         engine = getattr(importlib.import_module(module), attribute)
-    except (ImportError, AttributeError) as exc:
-        raise UsageError(f"engine {name} ({target}) cannot be loaded ({exc}); reinstall the package that "
-                         "provides it, or uninstall it.") from None
+    except Exception as exc:  # whatever a third party's module raises: one sentence, never dtrain's traceback
+        raise UsageError(f"engine {name} ({target}) cannot be loaded ({type(exc).__name__}: {exc}); reinstall the "
+                         "package that provides it, or uninstall it.") from None
     if not isinstance(engine, Engine) or engine.name != name:
         raise UsageError(f"engine {name} ({target}) is not a dtrain engine named {name!r}; fix its entry point.")
     return engine

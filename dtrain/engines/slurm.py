@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import subprocess
+import time
 from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -399,9 +400,12 @@ def failure(command: str, stderr: str, code: int) -> str:
     return f"{command} failed: {' '.join(lines) or f'exit code {code}'}"
 
 
+_SUBMIT_COMMAND = ("sbatch", "--parsable")
+
+
 def submit(script: Path) -> str:
     """Submit the script; return the job id."""
-    out = _run(["sbatch", "--parsable", str(script)]).stdout.strip()
+    out = _run([*_SUBMIT_COMMAND, str(script)]).stdout.strip()
     return out.split(";")[0]
 
 
@@ -575,7 +579,8 @@ class Slurm:
             said = (f"submitted job array {{job_id}}: {len(indices)} of the sweep's {sweep.total} runs, "
                        f"{sweep.at_once} at a time, sweep directory {_shown(sweep.directory, workdir)}",
                        f"  status  dtrain slurm status {{job_id}}   (one task: dtrain slurm logs {{job_id}}_{indices[0]})")
-            return Submission({**files, str(script_path): script}, str(script_path), said, tasks=tuple(indices))
+            return Submission({**files, str(script_path): script}, str(script_path), _SUBMIT_COMMAND + (str(script_path),),
+                              said, tasks=tuple(indices))
         name = given.get("name") or default_name(given["recipe"])
         run_dir = os.path.abspath(given.get("run_dir") or Path(workdir) / DEFAULT / name)
         spec = spec_of({**given, "name": name, "run_dir": run_dir})
@@ -586,7 +591,7 @@ class Slurm:
                    f"  output  {_shown(output_path(run_dir, '{job_id}'), workdir)}",
                    "  follow  dtrain slurm logs {job_id} --follow   (status, cancel: dtrain slurm status|cancel {job_id})")
         return Submission({str(spec_path(run_dir)): spec.to_json(), str(script_path): script}, str(script_path),
-                          summary)
+                          _SUBMIT_COMMAND + (str(script_path),), summary)
 
     def submit(self, submission: Submission) -> str:
         if submission.tasks:
@@ -608,9 +613,24 @@ class Slurm:
     def cancel(self, job_id: str) -> None:
         cancel(job_id)
 
-    def output(self, job_id: str) -> tuple[Path, bool]:
+    def logs(self, job_id: str, node: int | None, follow: bool, echo: Callable[[str], None]) -> str | None:
+        """The job's one output file (every node's lines, every requeue's), from the run directory."""
+        if node is not None:
+            raise UsageError("a SLURM job's output file holds every node's lines; leave --node out.")
         fields = show_job(job_id)
-        return Path(fields.get("StdOut", "")), job_state(fields) in TERMINAL_STATES
+        path = Path(fields.get("StdOut", ""))
+        offset = 0
+        while True:
+            if path.is_file():
+                with open(path, errors="replace") as fh:
+                    fh.seek(offset)
+                    echo(fh.read())
+                    offset = fh.tell()
+            if not follow or job_state(fields) in TERMINAL_STATES:
+                break
+            time.sleep(1.0)
+            fields = show_job(job_id)
+        return None if path.is_file() else f"job {job_id} has not written {path} yet ({job_state(fields)})."
 
     def doctor_facts(self, environ: Mapping[str, str]) -> list[tuple[str, str]]:
         """The SLURM version (sinfo), and the job this runs in."""

@@ -62,8 +62,8 @@ class Fake:
     def cancel(self, job_id):
         pass
 
-    def output(self, job_id):
-        return Path("/nonexistent"), True
+    def logs(self, job_id, node, follow, echo):
+        echo(f"node {node} of {job_id}\\n")
 
     def doctor_facts(self, environ):
         return [("fakesched", "here")]
@@ -138,3 +138,15 @@ def test_a_placement_only_engine_places_dtrain_launch(installed):
     for expected in ("--nnodes 2", "--node-rank 1", "--rdzv-endpoint 10.1.2.3:23456", "--rdzv-id mnist_cnn-77",
                      "DTRAIN_RUN_DIR=runs/mnist_cnn-77"):
         assert expected in out.stdout, out.stdout
+
+
+def test_an_engine_that_cannot_load_is_one_sentence(tmp_path):
+    (tmp_path / "dtrain_broken_engine.py").write_text("raise RuntimeError('its own bug')\n")
+    info = tmp_path / "dtrain_broken_engine-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: dtrain-broken-engine\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[dtrain.engines]\nbroken = dtrain_broken_engine:ENGINE\n")
+    out = run_dtrain("--help", env={"PYTHONPATH": str(tmp_path)})
+    assert (out.returncode, out.stdout) == (2, "")
+    assert out.stderr == ("dtrain: error: engine broken (dtrain_broken_engine:ENGINE) cannot be loaded (RuntimeError: "
+                          "its own bug); reinstall the package that provides it, or uninstall it.\n")
