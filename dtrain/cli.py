@@ -94,7 +94,7 @@ def launch(ctx: click.Context, profile: str | None, dry_run: bool | None, spec: 
     """
     allocation = engines.allocation(os.environ)
     if spec is not None:
-        launch_spec = _submitted_spec(ctx, spec, allocation)
+        launch_spec = _submitted_spec(ctx, spec, allocation, wait=not dry_run)
     else:
         if given["recipe"] is None:
             raise UsageError("dtrain launch needs a RECIPE (a Python training script), or --spec FILE.")
@@ -102,6 +102,8 @@ def launch(ctx: click.Context, profile: str | None, dry_run: bool | None, spec: 
         if allocation is not None:
             implied = engines.launch_defaults(allocation, given["recipe"])
             given = {**given, **{k: v for k, v in implied.items() if given.get(k) is None}}
+            if allocation.per_node and not dry_run:
+                _wait_for_rank0(allocation, options.BY_NAME["rdzv_timeout"].value(given.get("rdzv_timeout")))
         gpus_available = 0 if given.get("cpu") else hardware.visible_gpus()
         launch_spec = resolve(given, gpus_available, hardware.free_port(), route=hardware.route_to, sources=sources,
                               **_precision_facts(given.get("precision"), gpus_available))
@@ -146,7 +148,18 @@ def launch(ctx: click.Context, profile: str | None, dry_run: bool | None, spec: 
     return code
 
 
-def _submitted_spec(ctx: click.Context, path: str, allocation: engines.Allocation | None) -> LaunchSpec:
+def _wait_for_rank0(where: engines.Allocation, timeout: int) -> None:
+    """Node 0's name may not resolve yet (its pod is starting): wait for it as long as the rendezvous would (not
+    for a dry run, which starts nothing)."""
+    def say() -> None:
+        click.echo(f"dtrain: waiting for rank 0's host {where.first_host} to resolve (at most {timeout} s) ...", err=True)
+
+    if where.nodes > 1 and not hardware.wait_to_resolve(where.first_host, timeout, said=say):
+        raise UsageError(f"rank 0's host {where.first_host} did not resolve within --rdzv-timeout {timeout} s: its pod "
+                         "or node never came up, or the name is wrong; look at the job's first pod or node.")
+
+
+def _submitted_spec(ctx: click.Context, path: str, allocation: engines.Allocation | None, wait: bool) -> LaunchSpec:
     """The spec `dtrain <engine> submit` saved, placed on this node of the job."""
     others = [p.opts[0] if isinstance(p, click.Option) else p.human_readable_name for p in ctx.command.params
               if p.name not in ("spec", "dry_run") and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
@@ -159,6 +172,8 @@ def _submitted_spec(ctx: click.Context, path: str, allocation: engines.Allocatio
                          "into the run directory's folder of that engine.") from None
     launch_spec = LaunchSpec.from_json(text, path)
     if allocation is not None and allocation.per_node:
+        if wait:
+            _wait_for_rank0(allocation, launch_spec.rdzv_timeout)
         launch_spec = engines.place(launch_spec, allocation, route=hardware.route_to)
     elif launch_spec.nodes == 1:  # a sweep's run: its port was free when the sweep began
         launch_spec = launch_spec.replace(master_port=hardware.free_port())

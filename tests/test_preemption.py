@@ -36,14 +36,15 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen) -> None:
 
 
 def test_signal_to_dtrain_launch_checkpoints_every_rank_and_the_rerun_continues_the_run(tmp_path, data_dir):
-    """Also the W&B side (offline): the rerun continues the same W&B run, with no step logged twice."""
+    """SIGTERM as the preemption signal, as in a Kubernetes pod (SLURM's USR2 is test_slurm_cluster's); also the W&B
+    side (offline): the rerun continues the same W&B run, with no step logged twice."""
     run_dir = tmp_path / "run"
     args = ("--epochs", "1", "--limit-train-batches", "120", "--limit-eval-batches", "4", "--log-every", "10", "--data-dir", data_dir)
-    proc = start(run_dir, "recipes/mnist_cnn.py", "--wandb", "offline", *args)
+    proc = start(run_dir, "recipes/mnist_cnn.py", "--wandb", "offline", "--preempt-signal", "TERM", *args)
     wait_for_step(run_dir, 20, proc)
-    proc.send_signal(signal.SIGUSR2)
+    proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGUSR2, err
+    assert proc.returncode == 128 + signal.SIGTERM, err
     stopped = [line for line in out.splitlines() if line.startswith("dtrain: stopped at step")]
     assert len(stopped) == 1 and "not in a cluster job" in stopped[0], out + err
     step = int(stopped[0].split()[4])
@@ -53,7 +54,7 @@ def test_signal_to_dtrain_launch_checkpoints_every_rank_and_the_rerun_continues_
     assert processes_with_env("DTRAIN_RUN_DIR", str(run_dir)) == []
 
     rerun = run_dtrain("launch", "recipes/mnist_cnn.py", "--cpu", "--nproc", "2", "--run-dir", str(run_dir),
-                       "--checkpoint-every", "never", "--wandb", "offline", "--", *args)
+                       "--checkpoint-every", "never", "--wandb", "offline", "--preempt-signal", "TERM", "--", *args)
     assert rerun.returncode == 0, rerun.stderr
     assert f"resuming from {run_dir}/checkpoints/step_{step:07d} (step {step}," in rerun.stdout
     assert logged_steps(run_dir) == list(range(10, 121, 10))  # continued: no step trained twice or skipped

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import socket
 import subprocess
+import time
+from collections.abc import Callable
 
 
 def visible_gpus(environ: dict[str, str] | None = None) -> int:
@@ -90,6 +93,24 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("", 0))
         return sock.getsockname()[1]
+
+
+def wait_to_resolve(host: str, timeout: float, resolve: Callable[[str], object] = socket.gethostbyname,
+                    sleep: Callable[[float], None] = time.sleep, said: Callable[[], None] = lambda: None) -> bool:
+    """Whether `host` resolves within `timeout` seconds: a pod's name resolves only once its pod exists, so the
+    other nodes of a job wait for node 0's (calling `said` once, when the first try fails)."""
+    deadline = time.monotonic() + timeout
+    for attempt in itertools.count():
+        try:
+            resolve(host)
+            return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            if attempt == 0:
+                said()
+            sleep(1.0)
+    return False
 
 
 def is_local_address(host: str) -> bool:

@@ -118,21 +118,23 @@ def installed(package: str) -> bool:
 def resolve(options: Mapping[str, Any], gpus_available: int, free_port: int,
             is_installed: Callable[[str], bool] = installed, compute_capability: float | None = None,
             route: Callable[[str], tuple[str, str] | None] = lambda host: None,
-            cpu_flags: frozenset[str] | None = frozenset(), sources: Mapping[str, str] | None = None) -> LaunchSpec:
+            cpu_flags: frozenset[str] | None = frozenset(), sources: Mapping[str, str] | None = None,
+            recipe_in_image: bool = False) -> LaunchSpec:
     """Turn the options given (command line, DTRAIN_* variables, profile) into a LaunchSpec, or raise UsageError
     saying what to fix.
 
     Options not given are None; `sources` says where each given one was set (kept for those away from their
     default); `route(host)` is this machine's (address, interface) toward a host
     (`hardware.route_to`); `cpu_flags` and `compute_capability` decide `--precision auto`, and
-    `cpu_flags=None` leaves it to the node that computes (a SLURM job's: `decide_precision`). Steps: 1. the
+    `cpu_flags=None` leaves it to the node that computes (a cluster job's: `decide_precision`);
+    `recipe_in_image`: the recipe is a path inside the job's container image, not a file here. Steps: 1. the
     device and processes per node, 2. the nodes and rendezvous (and, for many nodes, the address and
     interface toward node 0), 3. the run directory, 4. launcher, strategy, precision, --cuda-graph and the
     DeepSpeed config, checked together against the registries, 5. every other option, from its row's
     default and check.
     """
     recipe = options["recipe"]
-    if not Path(recipe).is_file():
+    if not recipe_in_image and not Path(recipe).is_file():
         raise UsageError(f"recipe {recipe} does not exist; pass the path of a Python training script.")
 
     def value(name: str, fallback: Any = None) -> Any:

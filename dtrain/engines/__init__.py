@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from dtrain.core.options import Option
 
 GROUP = "dtrain.engines"
-BUILTIN = {"slurm": "dtrain.engines.slurm:ENGINE"}
+BUILTIN = {"slurm": "dtrain.engines.slurm:ENGINE", "k8s": "dtrain.engines.k8s:ENGINE",
+           "skypilot": "dtrain.engines.skypilot:ENGINE"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +80,7 @@ class Engine(Protocol):
     """The worker face; `Submitter` adds the launch face."""
 
     name: str  # its command group (`dtrain NAME ...`) and its folder in a run directory
+    requeues: bool  # a preempted job goes back in the queue by `requeue`; False: the engine starts it again itself
 
     def job(self, environ: Mapping[str, str]) -> Job | None:
         """The job this process runs in, or None outside one of this engine's."""
@@ -87,7 +89,7 @@ class Engine(Protocol):
         """Where this `dtrain launch` runs in the job, or None outside one."""
 
     def requeue(self, job_id: str) -> None:
-        """Put the running job back in the queue (after a preemption checkpoint)."""
+        """Put the running job back in the queue after a preemption checkpoint (where `requeues`)."""
 
 
 @runtime_checkable

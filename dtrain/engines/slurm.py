@@ -538,6 +538,7 @@ class Slurm:
     """Both faces of SLURM, as `dtrain.engines` asks for them."""
 
     name: str = NAME
+    requeues: bool = True
     description: str = "Submit a recipe as a SLURM job, and follow, inspect or cancel it."
     options: tuple[Option, ...] = OPTIONS
 

@@ -173,6 +173,7 @@ def run_job(spec: LaunchSpec, argv: Sequence[str], env: Mapping[str, str], start
     """
     launcher = launchers.get(spec.launcher)
     preempt = getattr(signal, f"SIG{spec.preempt_signal}")
+    stop = signal.SIGINT if preempt == signal.SIGTERM else signal.SIGTERM  # the launcher ignores the preemption signal
     spool = _error_spool()
     if spool:
         env = {**env, ERROR_SPOOL: spool}
@@ -193,7 +194,7 @@ def run_job(spec: LaunchSpec, argv: Sequence[str], env: Mapping[str, str], start
                 print(f"dtrain: got {signal.Signals(signum).name}, stopping every rank ...", file=sys.stderr)
             received.append(signum)
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(stop)
 
         def forward_preemption(signum, _frame):
             print(f"dtrain: got {signal.Signals(signum).name}: every rank checkpoints and stops ...", file=sys.stderr)
@@ -201,8 +202,8 @@ def run_job(spec: LaunchSpec, argv: Sequence[str], env: Mapping[str, str], start
             for pid in child_pids(proc.pid) if launcher.agent else [proc.pid]:
                 _signal_quietly(pid, signum)
 
-        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-        previous[preempt] = signal.signal(preempt, forward_preemption)
+        handlers = {**dict.fromkeys((signal.SIGINT, signal.SIGTERM, signal.SIGHUP), forward), preempt: forward_preemption}
+        previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}  # SIGTERM may preempt
         pumps = [threading.Thread(target=_pump, args=(stream, console, log, is_stderr, launcher.rank_prefixes),
                                   daemon=True)
                  for stream, console, log, is_stderr in ((proc.stdout, sys.stdout, stream_logs[0], False),

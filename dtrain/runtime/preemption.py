@@ -62,6 +62,8 @@ class Preemption:
         elif count >= limit:
             print(f"{done}; {engine} job {job} has been requeued {count} times, the limit (--max-requeues {limit}), "
                   "so it is not requeued.", flush=True)
+        elif not engines.get(engine).requeues:
+            print(f"{done}; {engine} starts job {job} again itself, and it resumes from there.", flush=True)
         else:
             print(f"{done}; requeueing {engine} job {job} (requeue {count + 1} of {limit}).", flush=True)
             try:

@@ -29,6 +29,7 @@ from dtrain.engines import Allocation, Submission
 @dataclasses.dataclass(frozen=True)
 class Fake:
     name: str = "fakesched"
+    requeues: bool = False
     description: str = "Submit to the fake scheduler."
     options: tuple = (Option("queue", str, "The fake scheduler's queue.", "engine", commands=frozenset({SUBMIT})),)
 
@@ -74,6 +75,7 @@ class Placed:
     """Only the worker face: the placement every machine's environment holds."""
 
     name: str = "placed"
+    requeues: bool = False
 
     def job(self, environ):
         return Job(self.name, environ["PLACED_JOB"]) if environ.get("PLACED_JOB") else None

@@ -8,6 +8,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 import dtrain
 
 PACKAGE = Path(dtrain.__file__).parent
@@ -51,6 +53,17 @@ def test_slurm_is_named_only_in_its_engine():
     found = {module: slurm_names(text) for module, text in modules().items() if module != "engines/slurm.py"}
     assert {module: hits for module, hits in found.items() if hits} == {}
     assert slurm_names(modules()["engines/slurm.py"])  # the engine does name them: the test reads the right thing
+
+
+@pytest.mark.parametrize("engine, spelling", [
+    ("engines/k8s.py", re.compile(r"^PET_[A-Z_]+$|^kubectl$|^KUBERNETES_SERVICE_HOST$")),
+    ("engines/skypilot.py", re.compile(r"^SKYPILOT_[A-Z_]+$")),
+])
+def test_each_engines_variables_are_named_only_in_its_module(engine, spelling):
+    found = {module: [name for name in names(text) if spelling.search(name)] for module, text in modules().items()
+             if module != engine}
+    assert {module: hits for module, hits in found.items() if hits} == {}
+    assert any(spelling.search(name) for name in names(modules()[engine]))
 
 
 def test_the_run_directory_is_spelled_only_in_its_module():
