@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -221,3 +222,85 @@ def wait_for(slurm_env, job_id: str, states: tuple[str, ...], timeout: float = 3
             slurm_cmd(slurm_env, "scontrol", "update", f"JobId={job_id}", "StartTime=now")
         time.sleep(0.2)
     raise AssertionError(f"job {job_id} still {fields['JobState']} after {timeout} s")
+
+
+# --- nodes on a network (the namespaces fixture) ----------------------------------------------------
+
+ADDRESSES = ("198.18.0.1", "198.18.0.2", "198.18.0.3")  # node i's, from the 198.18.0.0/15 test range
+NETNS = Path("/etc/netns")  # `ip netns exec NAME` mounts /etc/netns/NAME/hosts over /etc/hosts
+
+
+def ip(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="session")
+def namespaces():
+    """(namespace, veth) of three "nodes" that share no loopback: a network namespace each, with its own address
+    on one bridge (in a namespace of its own, out of the host's firewall) and its own hosts file; made once for
+    the session, removed after it with everything in /etc/netns it made (../shared/notes/multi-node-netns.md)."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 to make network namespaces")
+    tag = uuid.uuid4().hex[:6]
+    switch = f"dtrain-{tag}-sw"
+    netns_there = NETNS.exists()
+    nodes = [(f"dtrain-{tag}-{i}", f"dtv{tag}{i}") for i in range(len(ADDRESSES))]
+    made = []
+    try:
+        for namespace in (switch, *(n for n, _ in nodes)):
+            if ip("netns", "add", namespace).returncode:
+                pytest.skip("network namespaces cannot be made here")
+            made.append(namespace)
+        steps = [("-n", switch, "link", "add", "br0", "type", "bridge"), ("-n", switch, "link", "set", "br0", "up")]
+        for (namespace, veth), address in zip(nodes, ADDRESSES):
+            steps += [("link", "add", veth, "type", "veth", "peer", "name", f"{veth}s"),
+                      ("link", "set", veth, "netns", namespace), ("link", "set", f"{veth}s", "netns", switch),
+                      ("-n", switch, "link", "set", f"{veth}s", "master", "br0"),
+                      ("-n", switch, "link", "set", f"{veth}s", "up"),
+                      ("-n", namespace, "addr", "add", f"{address}/24", "dev", veth),
+                      ("-n", namespace, "link", "set", "lo", "up"), ("-n", namespace, "link", "set", veth, "up")]
+        for step in steps:
+            result = ip(*step)
+            assert result.returncode == 0, (step, result.stderr)
+        for namespace, _ in nodes:
+            (NETNS / namespace).mkdir(parents=True)
+            hosts_file(namespace).write_text("127.0.0.1 localhost\n")
+        yield nodes
+    finally:
+        for namespace in made:
+            ip("netns", "del", namespace)  # its ends of the veth pairs go with it
+            shutil.rmtree(NETNS / namespace, ignore_errors=True)
+        if not netns_there and NETNS.exists() and not any(NETNS.iterdir()):
+            NETNS.rmdir()
+
+
+def hosts_file(namespace: str) -> Path:
+    return NETNS / namespace / "hosts"
+
+
+def namespace_pids(namespace: str) -> list[int]:
+    return [int(pid) for pid in ip("netns", "pids", namespace).stdout.split()]
+
+
+def environ_of(pid: int, name: str) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            entries = fh.read().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+    return [entry.split("=", 1)[1] for entry in entries if entry.startswith(f"{name}=")]
+
+
+def empty_namespaces(namespaces) -> None:
+    """After a test: no process left in any namespace (nor the error spool of a `dtrain launch` killed there, which
+    its launcher's environment names), every link up, every hosts file as made."""
+    for namespace, veth in namespaces:
+        pids = namespace_pids(namespace)
+        spools = {value for pid in pids for value in environ_of(pid, "DTRAIN_ERROR_SPOOL")}
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        for spool in spools:
+            shutil.rmtree(spool, ignore_errors=True)
+        ip("-n", namespace, "link", "set", veth, "up")
+        hosts_file(namespace).write_text("127.0.0.1 localhost\n")
+

@@ -1,81 +1,24 @@
-"""Two nodes that share no loopback: two network namespaces joined by a veth pair, each "node" with
-its own address from the 198.18.0.0/15 test range (../shared/notes/multi-node-netns.md). Every
-node's `dtrain launch` finds the interface that routes to node 0 (for gloo and NCCL) and the address
-it advertises; the namespaces are made once for this module and removed after it."""
+"""Two nodes that share no loopback: two of the network namespaces of the `namespaces` fixture (conftest), each
+"node" with its own address from the 198.18.0.0/15 test range (../shared/notes/multi-node-netns.md). Every
+node's `dtrain launch` finds the interface that routes to node 0 (for gloo and NCCL) and the address it
+advertises."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
-import uuid
 
 import pytest
 import yaml
 
-from conftest import DTRAIN, ROOT, metrics
-
-ADDRESSES = ("198.18.0.1", "198.18.0.2")
-
-
-def ip(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True)
-
-
-@pytest.fixture(scope="module")
-def namespaces():
-    """(namespace, veth) of node 0 and node 1."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2 to make network namespaces")
-    tag = uuid.uuid4().hex[:6]
-    nodes = [(f"dtrain-{tag}-{i}", f"dtv{tag}{i}") for i in (0, 1)]
-    made = []
-    try:
-        for namespace, _ in nodes:
-            if ip("netns", "add", namespace).returncode:
-                pytest.skip("network namespaces cannot be made here")
-            made.append(namespace)
-        steps = [("link", "add", nodes[0][1], "type", "veth", "peer", "name", nodes[1][1])]
-        for (namespace, veth), address in zip(nodes, ADDRESSES):
-            steps += [("link", "set", veth, "netns", namespace), ("-n", namespace, "addr", "add", f"{address}/24",
-                      "dev", veth), ("-n", namespace, "link", "set", "lo", "up"),
-                      ("-n", namespace, "link", "set", veth, "up")]
-        for step in steps:
-            result = ip(*step)
-            assert result.returncode == 0, (step, result.stderr)
-        yield nodes
-    finally:
-        for namespace in made:
-            ip("netns", "del", namespace)  # its end of the veth pair goes with it
+from conftest import ADDRESSES, DTRAIN, ROOT, empty_namespaces, ip, metrics, namespace_pids
 
 
 @pytest.fixture(autouse=True)
 def nothing_left(namespaces):
-    """After each test: no process left in either namespace (nor the error spool of a `dtrain launch` killed
-    there, which its launcher's environment names), both links up."""
     yield
-    for namespace, veth in namespaces:
-        pids = namespace_pids(namespace)
-        spools = {value for pid in pids for value in environ(pid, "DTRAIN_ERROR_SPOOL")}
-        for pid in pids:
-            os.kill(pid, 9)
-        for spool in spools:
-            shutil.rmtree(spool, ignore_errors=True)
-        ip("-n", namespace, "link", "set", veth, "up")
-
-
-def environ(pid: int, name: str) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as fh:
-            entries = fh.read().decode(errors="replace").split("\0")
-    except OSError:
-        return []
-    return [entry.split("=", 1)[1] for entry in entries if entry.startswith(f"{name}=")]
-
-
-def namespace_pids(namespace: str) -> list[int]:
-    return [int(pid) for pid in ip("netns", "pids", namespace).stdout.split()]
+    empty_namespaces(namespaces)
 
 
 def start(namespaces, node: int, run_dir, *args: str) -> subprocess.Popen:

@@ -223,13 +223,19 @@ def resolve_job(given: Mapping[str, Any], nodes: int) -> K8sJob:
 
 # --- the worker face: a pod's placement -----------------------------------------------------------
 
+def _job_of(master: str) -> str:
+    """The job's name from rank 0's pod's: `<job>-node-0-0.<job>[.<namespace>.svc...]` -> `<job>`."""
+    labels = master.split(".")
+    return labels[1] if len(labels) > 1 else labels[0]
+
+
 def allocation(environ: Mapping[str, str]) -> Allocation | None:
     """Where this pod's `dtrain launch` runs: the Trainer's `PET_*` variables (a TrainJob's, dtrain's JobSet's),
     or PyTorchJob v1's, whose `RANK` is the pod's index and `WORLD_SIZE` the pods (never a process rank here:
     `dtrain launch` is no launcher's worker)."""
     if environ.get("PET_NODE_RANK") and environ.get("PET_MASTER_ADDR"):
         host = environ["PET_MASTER_ADDR"]
-        return Allocation(engine=NAME, job_id=host.partition(".")[2] or host, nodes=int(environ.get("PET_NNODES", "1")),
+        return Allocation(engine=NAME, job_id=_job_of(host), nodes=int(environ.get("PET_NNODES", "1")),
                           node_rank=int(environ["PET_NODE_RANK"]), first_host=host,
                           master_port=int(environ.get("PET_MASTER_PORT") or DEFAULT_MASTER_PORT))
     if environ.get(_KUBERNETES) and environ.get("MASTER_ADDR") and environ.get("RANK") and environ.get("WORLD_SIZE"):
@@ -245,7 +251,7 @@ def job(environ: Mapping[str, str]) -> Job | None:
     if not environ.get(_KUBERNETES) or not environ.get("PET_MASTER_ADDR"):
         return None
     host = environ["PET_MASTER_ADDR"]
-    return Job(engine=NAME, job_id=host.partition(".")[2] or host)
+    return Job(engine=NAME, job_id=_job_of(host))
 
 
 # --- calls to kubectl ------------------------------------------------------------------------------

@@ -636,9 +636,12 @@ class Slurm:
     def doctor_facts(self, environ: Mapping[str, str]) -> list[tuple[str, str]]:
         """The SLURM version (sinfo), and the job this runs in."""
         try:
-            version = subprocess.run(["sinfo", "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+            found = subprocess.run(["sinfo", "--version"], capture_output=True, text=True, timeout=10)
         except (OSError, subprocess.TimeoutExpired):
             return [("SLURM", "no sinfo here")]
+        version = found.stdout.strip() if found.returncode == 0 else ""
+        if not version:
+            return [("SLURM", "sinfo here, but it reaches no cluster (SLURM_CONF unset?)")]
         job_id = environ.get("SLURM_JOB_ID")
         where = (f"in job {job_id} ({environ.get('SLURM_JOB_NUM_NODES', '?')} node(s), this one "
                  f"{environ.get('SLURMD_NODENAME', '?')})" if job_id else "not in a job")

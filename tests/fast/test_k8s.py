@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
+import os
 
 import pytest
 import yaml
@@ -197,3 +199,56 @@ def test_a_pod_whose_rank_0_never_resolves_ends_in_one_sentence():
     assert out.stderr.splitlines()[-1] == ("dtrain: error: rank 0's host gone-node-0-0.gone.invalid did not resolve "
                                           "within --rdzv-timeout 2 s: its pod or node never came up, or the name is "
                                           "wrong; look at the job's first pod or node.")
+
+
+def stand_in_kubectl(tmp_path, stdout: str = "", stderr: str = "", code: int = 0) -> dict:
+    """PATH with a `kubectl` that answers as a cluster would (no cluster can run here), recording its arguments."""
+    folder = tmp_path / "bin"
+    folder.mkdir(exist_ok=True)
+    (tmp_path / "out").write_text(stdout)
+    (tmp_path / "err").write_text(stderr)
+    script = folder / "kubectl"
+    script.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/args\ncat {tmp_path}/out\ncat {tmp_path}/err >&2\n'
+                      f"exit {code}\n")
+    script.chmod(0o755)
+    return {"PATH": f"{folder}:{os.environ['PATH']}"}
+
+
+def test_status_maps_the_jobs_conditions_and_cancel_deletes_the_job_and_its_configmap(tmp_path):
+    conditions = {"status": {"conditions": [{"type": "Created", "status": "True"},
+                                            {"type": "Complete", "status": "True"}]}}
+    env = stand_in_kubectl(tmp_path, stdout=json.dumps(conditions))
+    out = run_dtrain("k8s", "status", "team/trainjob/exp-1", env=env)
+    assert (out.returncode, out.stdout) == (0, "trainjob exp-1: finished\n"), out.stderr
+    assert run_dtrain("k8s", "cancel", "jobset/exp-1", env=env).stdout == "cancelled job jobset/exp-1\n"
+    assert (tmp_path / "args").read_text().splitlines() == [
+        "--namespace team get trainjob/exp-1 -o json", "delete jobset/exp-1 configmap/exp-1-spec"]
+    assert k8s.state({"conditions": [{"type": "Failed", "status": "True"}]}) == "failed"
+    assert k8s.state({}) == "running or pending"
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"PATH": "/nonexistent"}, "kubectl is not on PATH, so the cluster cannot be reached from here"),
+    ("no-config", "kubectl has no cluster to talk to"),
+    ("refused", "the cluster refused: Error from server (Forbidden): trainjobs is forbidden"),
+])
+def test_no_kubectl_no_kubeconfig_or_a_refusal_is_one_sentence(env, says, tmp_path):
+    if env == "no-config":
+        env = stand_in_kubectl(tmp_path, stderr="error: no configuration has been provided, try setting KUBERNETES_MASTER "
+                               "environment variable\n", code=1)
+    elif env == "refused":
+        env = stand_in_kubectl(tmp_path, stderr='Error from server (Forbidden): trainjobs is forbidden: User "alice" '
+                               "cannot create resource\n", code=1)
+    out = run_dtrain("k8s", "submit", RECIPE, "--cpu", "--image", "i", "--name", "exp", cwd=tmp_path,
+                     env={**env, "PYTHONPATH": str(ROOT)})
+    assert (out.returncode, out.stdout) == (2, "") and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith("dtrain: error: ") and says in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "runs").exists()  # the manifest written for kubectl is removed when it refuses
+
+
+def test_dtrain_doctor_in_a_pod_says_where_it_is_and_whether_rank_0_resolves():
+    pod = {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "PET_NNODES": "3", "PET_NODE_RANK": "1",
+           "PET_MASTER_ADDR": "gone-node-0-0.gone.invalid", "PET_MASTER_PORT": "29500"}
+    out = run_dtrain("doctor", env=pod)
+    assert ("Kubernetes   pod of node 1 of 3 in job gone; rank 0 is gone-node-0-0.gone.invalid:29500, which "
+            "does not resolve (yet)") in out.stdout, out.stdout
