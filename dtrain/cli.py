@@ -154,7 +154,7 @@ def _wait_for_rank0(where: engines.Allocation, timeout: int) -> None:
     def say() -> None:
         click.echo(f"dtrain: waiting for rank 0's host {where.first_host} to resolve (at most {timeout} s) ...", err=True)
 
-    if where.nodes > 1 and not hardware.wait_to_resolve(where.first_host, timeout, said=say):
+    if where.nodes != 1 and not hardware.wait_to_resolve(where.first_host, timeout, said=say):
         raise UsageError(f"rank 0's host {where.first_host} did not resolve within --rdzv-timeout {timeout} s: its pod "
                          "or node never came up, or the name is wrong; look at the job's first pod or node.")
 

@@ -41,7 +41,7 @@ class Allocation:
 
     engine: str
     job_id: str
-    nodes: int
+    nodes: int | None  # None: the engine does not say (a hand-written JobSet's pods), and --nodes does
     node_rank: int
     first_host: str  # where the nodes meet: node rank 0
     master_port: int
@@ -171,16 +171,16 @@ def allocation(environ: Mapping[str, str]) -> Allocation | None:
 
 def launch_defaults(where: Allocation, recipe: str) -> dict[str, Any]:
     """The `dtrain launch` options a job implies; the command line still wins over them."""
-    return {"nodes": where.nodes, "node_rank": where.node_rank, "master_addr": where.first_host,
-            "master_port": where.master_port, "name": f"{Path(recipe).stem}-{where.job_id}",
-            "wandb_group": where.group}
+    implied = {"nodes": where.nodes, "node_rank": where.node_rank, "master_addr": where.first_host,
+               "master_port": where.master_port, "name": f"{Path(recipe).stem}-{where.job_id}", "wandb_group": where.group}
+    return {name: value for name, value in implied.items() if value is not None}
 
 
 def place(spec: LaunchSpec, where: Allocation,
           route: Callable[[str], tuple[str, str] | None] = lambda host: None) -> LaunchSpec:
     """A submitted spec on this node of the job: everything as submitted, but the placement (and, for
     many nodes, this node's address and interface toward the first one: `route`, as `spec.resolve`)."""
-    if where.nodes != spec.nodes:
+    if where.nodes is not None and where.nodes != spec.nodes:
         raise UsageError(f"the {where.engine} job runs this step on {where.nodes} node(s), but {spec.run_dir} was "
                          f"submitted for {spec.nodes}; start it on {spec.nodes} node(s).")
     return spec.replace(node_rank=where.node_rank, master_addr=where.first_host, master_port=where.master_port,

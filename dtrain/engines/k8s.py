@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -238,12 +239,27 @@ def allocation(environ: Mapping[str, str]) -> Allocation | None:
         return Allocation(engine=NAME, job_id=_job_of(host), nodes=int(environ.get("PET_NNODES", "1")),
                           node_rank=int(environ["PET_NODE_RANK"]), first_host=host,
                           master_port=int(environ.get("PET_MASTER_PORT") or DEFAULT_MASTER_PORT))
+    if environ.get(_KUBERNETES) and environ.get("JOB_COMPLETION_INDEX"):
+        return jobset_placement(int(environ["JOB_COMPLETION_INDEX"]), socket.gethostname(), socket.getfqdn())
     if environ.get(_KUBERNETES) and environ.get("MASTER_ADDR") and environ.get("RANK") and environ.get("WORLD_SIZE"):
         host = environ["MASTER_ADDR"]
         return Allocation(engine=NAME, job_id=host.split(".")[0], nodes=int(environ["WORLD_SIZE"]),
                           node_rank=int(environ["RANK"]), first_host=host,
                           master_port=int(environ.get("MASTER_PORT") or DEFAULT_MASTER_PORT))
     return None
+
+
+def jobset_placement(index: int, host: str, fqdn: str) -> Allocation | None:
+    """A hand-written JobSet's pod (one indexed Job per replicated job): its completion index is its node rank,
+    and node 0 is the pod of index 0 of the same Job. The host name is `<jobset>-<replicated job>-<job>-<pod>`, the
+    full name adds the subdomain (the JobSet's headless Service) that `/etc/hosts` holds. The number of pods is
+    not in a pod's environment: `dtrain launch --nodes N` says it."""
+    labels = fqdn.split(".")
+    pod = re.match(r"^(.+-\d+)-(\d+)$", host)
+    if pod is None or len(labels) < 2 or labels[0] != host:
+        return None
+    return Allocation(engine=NAME, job_id=labels[1], nodes=None, node_rank=index,
+                      first_host=f"{pod.group(1)}-0.{labels[1]}", master_port=DEFAULT_MASTER_PORT)
 
 
 def job(environ: Mapping[str, str]) -> Job | None:
@@ -399,7 +415,7 @@ class Kubernetes:
         if where is None:
             return []
         resolves = "resolves" if hardware.wait_to_resolve(where.first_host, 0) else "does not resolve (yet)"
-        return [("Kubernetes", f"pod of node {where.node_rank} of {where.nodes} in job {where.job_id}; rank 0 is "
+        return [("Kubernetes", f"pod of node {where.node_rank} of {where.nodes or '?'} in job {where.job_id}; rank 0 is "
                                f"{where.first_host}:{where.master_port}, which {resolves}")]
 
 

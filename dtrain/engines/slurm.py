@@ -552,7 +552,7 @@ class Slurm:
         requeue(job_id)
 
     def fan_out(self, where: Allocation, argv: Sequence[str]) -> list[str]:
-        return srun_command(where.nodes, argv)
+        return srun_command(where.nodes or 1, argv)  # SLURM always says how many
 
     def render(self, given: Mapping[str, Any], sources: Mapping[str, str], sweep: Sweep | None, workdir: str,
                python: str) -> Submission:

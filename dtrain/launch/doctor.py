@@ -131,7 +131,7 @@ def run_preflight(devices: list[str], runs: str) -> dict:
     and read its result. In a SLURM job of several nodes `dtrain launch` runs on every node, so the folder
     is one under `runs` that every node sees (rank 0 may be on any of them)."""
     where = engines.allocation(os.environ)
-    every_node = where is not None and where.nodes > 1
+    every_node = where is not None and where.nodes != 1
     if every_node:
         Path(runs).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".doctor-", dir=runs if every_node else None) as run_dir:

@@ -252,3 +252,10 @@ def test_dtrain_doctor_in_a_pod_says_where_it_is_and_whether_rank_0_resolves():
     out = run_dtrain("doctor", env=pod)
     assert ("Kubernetes   pod of node 1 of 3 in job gone; rank 0 is gone-node-0-0.gone.invalid:29500, which "
             "does not resolve (yet)") in out.stdout, out.stdout
+
+
+def test_a_hand_written_jobsets_pod_finds_node_0_by_the_host_name_rule():
+    where = k8s.jobset_placement(2, "train-workers-0-2", "train-workers-0-2.train.team.svc.cluster.local")
+    assert where is not None
+    assert (where.job_id, where.nodes, where.node_rank, where.first_host) == ("train", None, 2, "train-workers-0-0.train")
+    assert k8s.jobset_placement(0, "laptop", "laptop") is None  # no JobSet host name, no subdomain
