@@ -447,6 +447,10 @@ def _engine_group(engine: engines.Submitter) -> click.Group:
             raise UsageError("--draws and --parallel are for a sweep; give --grid or --draw too, or leave them out.")
         submission = engine.render(given, sources, sweep, workdir=os.getcwd(), python=sys.executable)
         if dry_run:
+            if submission.kept_by_dry_run:
+                from dtrain.launch.job import write_files
+
+                write_files(submission.files)
             for path, text in submission.files.items():
                 if path != submission.script:
                     click.echo(f"# {_relative(path)}\n{text}")

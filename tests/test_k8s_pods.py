@@ -43,10 +43,11 @@ def spec_mount():
 def submitted(tmp_path, *recipe_args: str) -> tuple[dict, list[str]]:
     """The ConfigMap's spec and the container command of `dtrain k8s submit` for 3 CPU pods, the run directory on a
     volume at `tmp_path` (what every pod mounts)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     out = run_dtrain("k8s", "submit", "recipes/mnist_cnn.py", "--cpu", "--nproc", "1", "--nodes", str(len(ADDRESSES)),
                      "--image", "dtrain:test", "--volume", f"runs:{tmp_path}", "--name", JOB, "--wandb", "disabled",
                      "--checkpoint-every", "never", "--timeout", "60", "--rdzv-timeout", "60", "--dry-run", "--",
-                     *recipe_args)
+                     *recipe_args, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     config_map, job = yaml.safe_load_all(out.stdout)
     return json.loads(config_map["data"]["spec.json"]), job["spec"]["trainer"]["command"]
@@ -91,6 +92,8 @@ def test_three_pods_train_as_one_job_step_for_step_as_one_host(namespaces, spec_
     in_pods = Path(spec["run_dir"])
     config = yaml.safe_load((in_pods / "config.yaml").read_text())
     assert config["world_size"] == 3 and sorted(config["rank_nodes"]) == [k8s.pod_host(JOB, i) for i in range(3)]
+    assert config["cluster_job"] == {"engine": "k8s", "id": JOB, "requeues": 0}
+    assert config["placement"] == {"nodes": 3, "node_rank": 0, "rank0": f"{k8s.master_addr(JOB)}:29500"}
     assert config["network"]["MASTER_ADDR"] != "127.0.0.1"
 
     one_host = tmp_path / "one-host"

@@ -61,6 +61,7 @@ class Submission:
     script: str  # the file the engine submits
     command: tuple[str, ...] = ()  # what submitting it runs (`--dry-run` shows it)
     summary: Sequence[str] = ()  # what to tell the user once submitted; "{job_id}" is filled in
+    kept_by_dry_run: bool = False  # --dry-run writes the files too (manifests to apply by hand), and submits none
     tasks: tuple[int, ...] = ()  # a job array's task indices
 
 

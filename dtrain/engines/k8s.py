@@ -372,7 +372,7 @@ class Kubernetes:
             summary.append("  note      without --volume the run directory is in each pod's own filesystem: a "
                            "restarted pod starts over")
         return Submission({str(manifest): render(manifests(job, spec))}, str(manifest),
-                          ("kubectl", "apply", "-f", str(manifest)), tuple(summary))
+                          ("kubectl", "apply", "-f", str(manifest)), tuple(summary), kept_by_dry_run=True)
 
     def submit(self, submission: Submission) -> str:
         documents = list(yaml.safe_load_all(submission.files[submission.script]))

@@ -144,6 +144,7 @@ class Context:
             "world_size": self.world_size,
             "rank_nodes": rank_nodes,
             "cluster_job": {"engine": self.env.engine, "id": self.env.job_id, "requeues": self.env.requeue_count},
+            "placement": _placement(),
             "device": self.device.type,
             "hardware": _hardware(self.device),
             "git": _git_commit(Path(sys.argv[0]).resolve().parent),
@@ -418,6 +419,17 @@ class Context:
 
 def _scalar(value: Any) -> Any:
     return value.item() if isinstance(value, torch.Tensor) else value
+
+
+def _placement() -> dict[str, Any] | None:
+    """Where the cluster engine placed this node, as `dtrain launch` read it; None outside a job."""
+    try:
+        where = engines.allocation(os.environ)
+    except UsageError:  # srun started the workers themselves, several on a node: no launch read a placement
+        return None
+    if where is None:
+        return None
+    return {"nodes": where.nodes, "node_rank": where.node_rank, "rank0": f"{where.first_host}:{where.master_port}"}
 
 
 def _hardware(device: torch.device) -> list[str]:

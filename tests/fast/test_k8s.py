@@ -169,13 +169,17 @@ def test_dtrain_launch_in_a_pod_takes_its_placement():
 
 
 @pytest.mark.parametrize("fmt", k8s.FORMATS)
-def test_the_manifests_to_copy_are_what_submit_renders(fmt):
-    """cluster/k8s-<format>.yaml, shown in docs/kubernetes.md, is today's rendering of its command."""
+def test_the_manifests_to_copy_are_what_submit_renders(fmt, tmp_path):
+    """cluster/k8s-<format>.yaml, shown in docs/kubernetes.md, is today's rendering of its command; a dry run writes
+    it where `kubectl apply -f` takes it by hand."""
     out = run_dtrain("k8s", "submit", "recipes/mnist_cnn.py", "--cpu", "--nproc", "2", "--nodes", "3", "--image",
                      "registry.example/team/train:1.2", "--volume", "runs-pvc:/mnt/runs", "--name", "mnist-cnn-example",
-                     "--format", fmt, "--dry-run", "--", "--epochs", "1")
+                     "--format", fmt, "--dry-run", "--", "--epochs", "1", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout == (ROOT / "cluster" / f"k8s-{fmt}.yaml").read_text(), "regenerate it with that command"
+    manifest = tmp_path / "runs" / "mnist-cnn-example" / "k8s" / "manifest.yaml"
+    assert manifest.read_text() == out.stdout
+    assert out.stderr == f"# submitting runs: kubectl apply -f {manifest}\n"
 
 
 def test_waiting_for_rank_0s_name_gives_up_at_the_timeout():
