@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 import socket
@@ -99,18 +98,18 @@ def wait_to_resolve(host: str, timeout: float, resolve: Callable[[str], object] 
                     sleep: Callable[[float], None] = time.sleep, said: Callable[[], None] = lambda: None) -> bool:
     """Whether `host` resolves within `timeout` seconds: a pod's name resolves only once its pod exists, so the
     other nodes of a job wait for node 0's (calling `said` once, when the first try fails)."""
-    deadline = time.monotonic() + timeout
-    for attempt in itertools.count():
+    deadline, first = time.monotonic() + timeout, True
+    while True:
         try:
             resolve(host)
             return True
         except OSError:
             if time.monotonic() >= deadline:
                 return False
-            if attempt == 0:
-                said()
-            sleep(1.0)
-    return False
+        if first:
+            said()
+            first = False
+        sleep(1.0)
 
 
 def is_local_address(host: str) -> bool:

@@ -170,6 +170,12 @@ def allocation(environ: Mapping[str, str]) -> Allocation | None:
                 None)
 
 
+def shown(path: str | Path, workdir: str) -> str:
+    """A path as a submit's summary shows it: relative to where the command ran, when it lies under it."""
+    path = str(path)
+    return path[len(workdir) + 1:] if path.startswith(workdir + "/") else path
+
+
 def launch_defaults(where: Allocation, recipe: str) -> dict[str, Any]:
     """The `dtrain launch` options a job implies; the command line still wins over them."""
     implied = {"nodes": where.nodes, "node_rank": where.node_rank, "master_addr": where.first_host,

@@ -27,7 +27,7 @@ from dtrain.core.contract import Job
 from dtrain.core.options import SUBMIT, Option, at_least
 from dtrain.core.rundir import DEFAULT, SPEC, RunDir
 from dtrain.core.spec import DEFAULT_MASTER_PORT, LaunchSpec, dtrain_argv, resolve
-from dtrain.engines import Allocation, Submission, Sweep
+from dtrain.engines import Allocation, Submission, Sweep, shown
 from dtrain.errors import UsageError
 
 NAME = "k8s"
@@ -299,9 +299,9 @@ def refusal(stderr: str, code: int) -> str:
     return f"the cluster refused: {said}"
 
 
-def job_id(job: K8sJob) -> str:
-    """What status, logs and cancel take: [NAMESPACE/]KIND/NAME."""
-    return "/".join([*([job.namespace] if job.namespace else []), job.format, job.name])
+def job_id(namespace: str | None, kind: str, name: str) -> str:
+    """What status, logs and cancel take: [NAMESPACE/]KIND/NAME (`parse_job_id` reads it back)."""
+    return "/".join([*([namespace] if namespace else []), kind, name])
 
 
 def parse_job_id(text: str) -> tuple[list[str], str, str]:
@@ -320,11 +320,6 @@ def state(status: Mapping[str, Any]) -> str:
     """dtrain's word for a TrainJob's or a JobSet's conditions."""
     true = {condition.get("type") for condition in status.get("conditions", []) if condition.get("status") == "True"}
     return next((word for condition, word in STATES if condition in true), "running or pending")
-
-
-def _shown(path: str | Path, workdir: str) -> str:
-    path = str(path)
-    return path[len(workdir) + 1:] if path.startswith(workdir + "/") else path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,7 +361,7 @@ class Kubernetes:
         manifest = RunDir.of(Path(workdir) / DEFAULT / job.name).engine_dir(NAME) / MANIFEST
         summary = [f"submitted {{job_id}}: {spec.nodes} pod(s) of {spec.nproc} process(es), run directory "
                    f"{spec.run_dir} in the pods",
-                   f"  manifest  {_shown(manifest, workdir)}",
+                   f"  manifest  {shown(manifest, workdir)}",
                    "  follow    dtrain k8s logs {job_id} --follow   (status, cancel: dtrain k8s status|cancel {job_id})"]
         if job.volume is None:
             summary.append("  note      without --volume the run directory is in each pod's own filesystem: a "
@@ -375,11 +370,9 @@ class Kubernetes:
                           ("kubectl", "apply", "-f", str(manifest)), tuple(summary), kept_by_dry_run=True)
 
     def submit(self, submission: Submission) -> str:
-        documents = list(yaml.safe_load_all(submission.files[submission.script]))
-        job = documents[-1]
+        job = list(yaml.safe_load_all(submission.files[submission.script]))[-1]  # after its ConfigMap
         _kubectl(["apply", "-f", submission.script])
-        return "/".join([*filter(None, [job["metadata"].get("namespace")]), job["kind"].lower(),
-                         job["metadata"]["name"]])
+        return job_id(job["metadata"].get("namespace"), job["kind"].lower(), job["metadata"]["name"])
 
     def status(self, job_id: str, sweep_status: Callable[[Path], list[tuple[int, str, str]] | None]) -> str:
         namespace, kind, name = parse_job_id(job_id)

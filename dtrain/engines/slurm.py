@@ -23,7 +23,7 @@ from dtrain.core import options, profiles
 from dtrain.core.options import SUBMIT, Option
 from dtrain.core.rundir import DEFAULT, SPEC, RunDir
 from dtrain.core.spec import DEFAULT_MASTER_PORT, LaunchSpec, default_name, dtrain_argv, resolve
-from dtrain.engines import Allocation, Job, Submission, Sweep
+from dtrain.engines import Allocation, Job, Submission, Sweep, shown
 from dtrain.errors import UsageError
 
 NAME = "slurm"
@@ -528,11 +528,6 @@ def read_template(path: str | None) -> str:
         raise UsageError(f"cannot read the sbatch template {chosen} ({exc.strerror}); pass --template PATH.") from None
 
 
-def _shown(path: str | Path, workdir: str) -> str:
-    path = str(path)
-    return os.path.relpath(path, workdir) if path.startswith(workdir + os.sep) else path
-
-
 @dataclasses.dataclass(frozen=True)
 class Slurm:
     """Both faces of SLURM, as `dtrain.engines` asks for them."""
@@ -578,7 +573,7 @@ class Slurm:
             script_path = job_dir(sweep.directory) / SCRIPT
             files = {str(task_spec_path(sweep.directory, index)): spec.to_json() for index, spec in specs.items()}
             said = (f"submitted job array {{job_id}}: {len(indices)} of the sweep's {sweep.total} runs, "
-                       f"{sweep.at_once} at a time, sweep directory {_shown(sweep.directory, workdir)}",
+                       f"{sweep.at_once} at a time, sweep directory {shown(sweep.directory, workdir)}",
                        f"  status  dtrain slurm status {{job_id}}   (one task: dtrain slurm logs {{job_id}}_{indices[0]})")
             return Submission({**files, str(script_path): script}, str(script_path), _SUBMIT_COMMAND + (str(script_path),),
                               said, tasks=tuple(indices))
@@ -587,9 +582,9 @@ class Slurm:
         spec = spec_of({**given, "name": name, "run_dir": run_dir})
         script = render_script(template_text, job, spec, python=python, workdir=workdir)
         script_path = job_dir(run_dir) / SCRIPT
-        summary = (f"submitted job {{job_id}}: {job.nodes} node(s), run directory {_shown(run_dir, workdir)}",
-                   f"  script  {_shown(script_path, workdir)}",
-                   f"  output  {_shown(output_path(run_dir, '{job_id}'), workdir)}",
+        summary = (f"submitted job {{job_id}}: {job.nodes} node(s), run directory {shown(run_dir, workdir)}",
+                   f"  script  {shown(script_path, workdir)}",
+                   f"  output  {shown(output_path(run_dir, '{job_id}'), workdir)}",
                    "  follow  dtrain slurm logs {job_id} --follow   (status, cancel: dtrain slurm status|cancel {job_id})")
         return Submission({str(spec_path(run_dir)): spec.to_json(), str(script_path): script}, str(script_path),
                           _SUBMIT_COMMAND + (str(script_path),), summary)

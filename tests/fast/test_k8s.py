@@ -125,11 +125,13 @@ def test_a_name_is_derived_from_the_recipe_or_refused_in_one_sentence():
     ({"volume": "runs-pvc"}, "is not CLAIM:/PATH"),
     ({"preempt_signal": "USR2"}, "in a pod SIGTERM is what asks dtrain to checkpoint"),
 ])
-def test_what_the_engine_cannot_run_is_one_sentence_and_nothing_is_written(options, says, tmp_path):
+def test_what_the_engine_cannot_run_is_one_sentence(options, says):
     with pytest.raises(UsageError, match=says):
         rendered({**given("trainjob", 2, 8, False), **options})
-    args = ["k8s", "submit", RECIPE, "--gpus-per-node", "8", "--dry-run"]
-    out = run_dtrain(*args, cwd=tmp_path)  # no --image
+
+
+def test_through_the_cli_it_exits_2_and_writes_nothing(tmp_path):
+    out = run_dtrain("k8s", "submit", RECIPE, "--gpus-per-node", "8", "--dry-run", cwd=tmp_path)  # no --image
     assert (out.returncode, out.stdout) == (2, "") and out.stderr.count("\n") == 1 and "--image" in out.stderr
     assert list(tmp_path.iterdir()) == []
 
