@@ -23,7 +23,7 @@ import click
 from click.core import ParameterSource
 
 from dtrain import __version__, engines
-from dtrain.core import contract, hardware, options, rundir
+from dtrain.core import contract, exports, hardware, options, rundir
 from dtrain.core.options import DEBUG, LAUNCH, SUBMIT, SWEEP, Option
 from dtrain.core.rundir import RunDir
 from dtrain.core.spec import AUTO, DEFAULT_MASTER_PORT, LaunchSpec, decide_precision, dtrain_argv, resolve
@@ -574,24 +574,67 @@ def ckpt_verify(run_dir: str, checkpoint: str | None) -> int:
 @click.option("--step", type=int, default=None, help="Export this step (default: the newest good checkpoint).")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Where to write the state_dict file.")
 def ckpt_export(run_dir: str, step: int | None, out: str) -> int:
-    """Write a checkpoint's model as a plain state_dict (`model.load_state_dict(torch.load(OUT))`)."""
-    from dtrain.core import checkpoints
+    """The state-dict format of `dtrain export`, by its old name: a checkpoint's model as one plain state_dict file
+    (`model.load_state_dict(torch.load(OUT))`), without the recipe and without a check."""
+    from dtrain.core import checkpoints, exports
 
-    if step is None:
-        choice = checkpoints.choose_for_resume(run_dir, "auto")
-        for note in choice.notes:
-            click.echo(f"dtrain: {note}", err=True)
-        if choice.path is None:
-            raise UsageError(f"{run_dir} has no committed checkpoint to export.")
-        path = choice.path
-    else:
-        path = checkpoints.checkpoint_root(run_dir) / checkpoints.step_dir_name(step)
-        if not path.is_dir():
-            raise UsageError(f"{run_dir} has no checkpoint for step {step}; `dtrain ckpt ls {run_dir}` lists them.")
-    from dtrain.runtime.checkpoint import export_model
+    click.echo(f"dtrain: `dtrain ckpt export` is `dtrain export {run_dir} --format state-dict` now, which also "
+               "checks the file against the recipe's model.", err=True)
+    name = checkpoints.step_dir_name(step) if step is not None else None
+    source, notes = exports.choose_source(Path(run_dir), name)
+    for note in notes:
+        click.echo(f"dtrain: {note}", err=True)
+    from dtrain.runtime.checkpoint import model_weights, save_atomically
 
-    count = export_model(path, Path(out))
-    click.echo(f"wrote {out}: {count} tensors from {path}")
+    weights = model_weights(source.path)
+    try:
+        save_atomically(weights, Path(out))
+    except OSError as exc:
+        raise UsageError(f"cannot write {out} ({exc.strerror or exc}); pass an --out that can be written, with "
+                         "room for the model.") from None
+    click.echo(f"wrote {out}: {len(weights)} tensors from {source.path}")
+    return 0
+
+
+@cli.command("export")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--checkpoint", metavar="step_N|model.pth",
+              help="The weights to export: a committed checkpoint or the run's final model.pth (default: the newest "
+                   "committed checkpoint, else model.pth).")
+@click.option("--format", "formats", default=",".join(exports.FORMATS), show_default=True,
+              help="The artifacts to write, comma-separated.")
+@click.option("--out", type=click.Path(file_okay=False), help="The folder for the artifacts (default: RUN_DIR/export).")
+@click.option("--recipe", type=click.Path(dir_okay=False),
+              help="The recipe that builds the model (default: the one config.yaml recorded).")
+@click.option("--dynamic-batch", is_flag=True, help="Let the batch size of pt2 and onnx vary (default: the example's).")
+@click.option("--eval", "evaluate", is_flag=True,
+              help="Also run the recipe's evaluation set through the pt2 and onnx artifacts; print their accuracy "
+                   "beside the checkpoint's.")
+@click.option("--atol", type=click.FloatRange(min=0), default=exports.ATOL, show_default=True,
+              help="Absolute tolerance of an artifact's outputs against the trained model's.")
+@click.option("--rtol", type=click.FloatRange(min=0), default=exports.RTOL, show_default=True,
+              help="Relative tolerance of an artifact's outputs against the trained model's.")
+def export_command(run_dir: str, checkpoint: str | None, formats: str, out: str | None, recipe: str | None,
+                   dynamic_batch: bool, evaluate: bool, atol: float, rtol: float) -> int:
+    """Export RUN_DIR's trained model to deploy: a state_dict, safetensors, a torch.export program (.pt2) and ONNX,
+    each loaded back in a fresh process and checked against the model before it is written (docs/deploy.md)."""
+    run = Path(run_dir)
+    chosen = exports.parse_formats(formats)
+    lacking = exports.missing_packages(chosen)
+    if lacking:
+        raise UsageError(lacking)
+    recorded, recipe_args = exports.recorded_recipe(run)
+    source, notes = exports.choose_source(run, checkpoint)
+    for note in notes:
+        click.echo(f"dtrain: {note}", err=True)
+    click.echo(f"dtrain: exporting {source.path}", err=True)
+    from dtrain.export.exporter import Request, export
+
+    request = Request(source, chosen, Path(out) if out else RunDir(run).exports, Path(recipe) if recipe else recorded,
+                      recipe_args, dynamic_batch, evaluate, atol, rtol)
+    record = export(request, say=lambda text: click.echo(f"dtrain: {text}", err=True))
+    click.echo(exports.format_summary(record))
+    click.echo(f"wrote {request.out} ({rundir.EXPORT_RECORD} says what each file is)")
     return 0
 
 

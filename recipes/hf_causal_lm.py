@@ -49,9 +49,24 @@ def build(args: argparse.Namespace) -> tuple[transformers.PreTrainedModel, list[
     if args.pretrained:
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.pretrained)
         return transformers.AutoModelForCausalLM.from_pretrained(args.pretrained), tokenizer(text)["input_ids"]
+    return export_model(args), [INDEX.get(c, UNKNOWN) for c in text]
+
+
+# --- what `dtrain export` builds and checks (docs/deploy.md) ----------------------------------------------------
+
+def export_model(args: argparse.Namespace) -> transformers.PreTrainedModel:
+    """GPT-2 from its config, its output embedding tied to its input embedding (GPT-2's `tie_word_embeddings`)."""
+    if args.pretrained:
+        return transformers.AutoModelForCausalLM.from_pretrained(args.pretrained)
     config = transformers.GPT2Config(vocab_size=len(VOCAB), n_positions=args.block, n_embd=args.n_embd,
-                                     n_layer=args.n_layer, n_head=args.n_head, bos_token_id=None, eos_token_id=None)
-    return transformers.GPT2LMHeadModel(config), [INDEX.get(c, UNKNOWN) for c in text]
+                                     n_layer=args.n_layer, n_head=args.n_head, bos_token_id=None, eos_token_id=None,
+                                     use_cache=False)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def export_inputs(args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    """Ids of the character vocabulary, which any pretrained tokenizer's vocabulary is larger than."""
+    return {"input_ids": torch.randint(len(VOCAB), (4, args.block), generator=torch.Generator().manual_seed(0))}
 
 
 def windows(ids: torch.Tensor, block: int) -> TensorDictDataset:

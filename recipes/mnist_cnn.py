@@ -31,8 +31,8 @@ class MNISTCNN(nn.Module):
             nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Dropout(dropout), nn.Linear(128, 10),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc_layers(self.conv_layers(x).flatten(1))
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fc_layers(self.conv_layers(images).flatten(1))
 
 
 MEAN, STD = 0.1307, 0.3081
@@ -101,6 +101,28 @@ def build(args: argparse.Namespace) -> tuple[MNISTCNN, torch.optim.Optimizer]:
     return model, optimizer
 
 
+# --- what `dtrain export` builds and checks (docs/deploy.md) ----------------------------------------------------
+
+def export_model(args: argparse.Namespace) -> MNISTCNN:
+    return MNISTCNN(args.dropout)
+
+
+def export_inputs(args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    """A fixed batch of normalized-looking images: exporting needs no data set."""
+    return {"images": torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))}
+
+
+def export_eval(args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The 10,000 test images, normalized as in training, and their labels."""
+    try:
+        test_set = datasets.MNIST(args.data_dir, train=False, download=False)
+    except RuntimeError:
+        raise UsageError(f"MNIST's test set is not in {args.data_dir}; export --eval where --data-dir (or "
+                         "DTRAIN_DATA_DIR) holds MNIST/raw/.") from None
+    images, labels = to_tensors(test_set).tensors
+    return {"images": images}, labels
+
+
 def main() -> None:
     args = parse_args()
     ctx = setup(config=vars(args))
@@ -112,7 +134,7 @@ def main() -> None:
         total = args.epochs * math.ceil(batches / ctx.env.grad_accum)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total)
     trainer = Trainer(ctx, model, optimizer, nn.CrossEntropyLoss(), batch_size=args.batch_size,
-                      scheduler=scheduler, scheduler_interval="step", log_every=args.log_every,
+                      class_names=datasets.MNIST.classes, scheduler=scheduler, scheduler_interval="step", log_every=args.log_every,
                       eval_every=args.eval_every, stop_at=args.stop_at)
     trainer.fit(train_set, test_set, epochs=args.epochs, limit_train_batches=args.limit_train_batches,
                 limit_eval_batches=args.limit_eval_batches)

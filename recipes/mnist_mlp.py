@@ -13,11 +13,12 @@ import os
 
 import torch
 from torch import nn
+from torchvision import datasets
 
 from dtrain.runtime import TrainState, setup
 from dtrain.runtime.evaluation import evaluate_classifier
 
-from mnist_cnn import load_mnist
+from mnist_cnn import export_eval, export_inputs, load_mnist  # noqa: F401 (export_*: `dtrain export`'s, as the CNN's)
 
 
 class MNISTMLP(nn.Module):
@@ -25,8 +26,13 @@ class MNISTMLP(nn.Module):
         super().__init__()
         self.layers = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.layers(images)
+
+
+def export_model(args: argparse.Namespace) -> MNISTMLP:
+    """With the CNN's export_inputs and export_eval: `dtrain export` (docs/deploy.md)."""
+    return MNISTMLP()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -88,7 +94,7 @@ def main() -> None:
                 ctx.save_checkpoint(TrainState(step, epoch, batch, batch_size=args.batch_size), scheduler)
             break
         scheduler.step()
-        result = evaluate_classifier(ctx, model, test_set, loss_fn)
+        result = evaluate_classifier(ctx, model, test_set, loss_fn, class_names=datasets.MNIST.classes)
         ctx.log_evaluation(step, epoch + 1, result)  # eval/epoch_NNN.json: report and confusion matrix
         ctx.log(step, {"epoch": epoch + 1, "eval/accuracy": result["accuracy"], "lr": scheduler.get_last_lr()[0]},
                 kind="epoch")

@@ -71,10 +71,10 @@ class TinyGPT(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        length = ids.shape[1]
-        x = self.embed(ids) + self.position(torch.arange(length, device=ids.device))
-        mask = nn.Transformer.generate_square_subsequent_mask(length, device=ids.device, dtype=x.dtype)
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        length = input_ids.shape[1]
+        x = self.embed(input_ids) + self.position(torch.arange(length, device=input_ids.device))
+        mask = nn.Transformer.generate_square_subsequent_mask(length, device=input_ids.device, dtype=x.dtype)
         for block in self.blocks:
             x = block(x, src_mask=mask, is_causal=True)
         return self.head(self.norm(x))
@@ -109,11 +109,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def export_model(args: argparse.Namespace) -> TinyGPT:
+    """The model `main` trains, for `dtrain export` (docs/deploy.md); also what main builds."""
+    return TinyGPT(len(VOCAB), args.block, args.d_model, args.layers, dropout=args.dropout)
+
+
+def export_inputs(args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.randint(len(VOCAB), (8, args.block), generator=torch.Generator().manual_seed(0))}
+
+
+def export_dims(args: argparse.Namespace) -> dict[str, dict[int, tuple[str, int, int]]]:
+    """Any context up to the trained one: the position table has `block` rows."""
+    return {"input_ids": {1: ("sequence", 1, args.block)}}
+
+
 def main() -> None:
     args = parse_args()
     ctx: Context = setup(config=vars(args))
     train_set, val_set = datasets(args.max_chars, args.block)
-    model = TinyGPT(len(VOCAB), args.block, args.d_model, args.layers, dropout=args.dropout)
+    model = export_model(args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     batches = args.limit_train_batches or math.ceil(len(train_set) / (args.batch_size * ctx.world_size))
     steps = args.epochs * math.ceil(batches / ctx.env.grad_accum)  # optimizer steps of the whole run

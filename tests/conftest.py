@@ -64,6 +64,19 @@ def file_size_limit(size: int):
         signal.signal(signal.SIGXFSZ, handler)
 
 
+@contextlib.contextmanager
+def mounted_tmpfs(folder: Path, size: str):
+    """A real small file system (tmpfs of `size`, e.g. "13m") at `folder`, unmounted after; skips without root."""
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                      capture_output=True).returncode:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
 def run_dtrain(*args: str, cwd: Path | str = ROOT, timeout: float = 600, env: dict | None = None):
     return subprocess.run([DTRAIN, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})

@@ -15,7 +15,7 @@ import yaml
 from dtrain.core import checkpoints
 from dtrain.core.hardware import free_port
 
-from conftest import TEST_RECIPES, launch, run_dtrain
+from conftest import TEST_RECIPES, launch, mounted_tmpfs, run_dtrain
 
 STORAGE = str(TEST_RECIPES / "faulty_storage.py")
 
@@ -64,14 +64,8 @@ def test_a_write_that_fails_on_one_rank_stops_every_rank_and_commits_nothing(tmp
 @pytest.fixture
 def tmpfs(tmp_path):
     """A real small file system (tmpfs, 13 MB), mounted for the test and unmounted after it."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=13m", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("needs root to mount a small tmpfs")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "13m") as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_a_disk_that_fills_up_stops_the_run_in_one_sentence_and_the_run_resumes_once_there_is_room(tmpfs, data_dir):

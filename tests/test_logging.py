@@ -104,6 +104,13 @@ def test_dtrain_report_draws_pngs_and_summarises(offline_run):
         data = (run_dir / "report" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
     assert "accuracy" in out.stdout and "macro avg" in out.stdout and "weighted avg" in out.stdout
+    # The recipe's class names (torchvision's for MNIST), in the evaluation's JSON (which the plot's axes read) and
+    # in the console's report.
+    names = ["0 - zero", "1 - one", "2 - two", "3 - three", "4 - four", "5 - five", "6 - six", "7 - seven",
+             "8 - eight", "9 - nine"]
+    evaluation = json.loads(sorted((run_dir / "eval").glob("epoch_*.json"))[-1].read_text())
+    assert list(evaluation["report"]["classes"]) == names
+    assert [line.split()[:3] for line in out.stdout.splitlines() if " - " in line] == [n.split() for n in names]
 
 
 def test_evaluation_report_and_torchmetrics_from_two_ranks_equal_one_process(tmp_path, data_dir):

@@ -28,6 +28,8 @@ PARTIAL = ".partial"  # the suffix of a checkpoint being written
 RUN_ID = "run-id"  # in a tracker's folder: the run it resumes
 FIGURES = ("loss_lr.png", "system.png", "accuracy.png", "confusion_matrix.png")  # in report/, as `dtrain report` draws them
 SWEEP_FIGURE = "sweep.png"  # in a sweep directory's report/
+MODEL = "model.pth"  # the trained model's plain state_dict; also `dtrain export`'s state-dict artifact
+EXPORT_RECORD = "export.json"  # beside `dtrain export`'s artifacts: their source, shapes, sizes and parity
 
 
 def per_node(name: str, node_rank: int) -> str:
@@ -120,7 +122,12 @@ class RunDir:
 
     @property
     def model(self) -> Path:
-        return self.root / "model.pth"
+        return self.root / MODEL
+
+    @property
+    def exports(self) -> Path:
+        """`dtrain export`'s default --out."""
+        return self.root / "export"
 
     @property
     def checkpoints(self) -> Path:

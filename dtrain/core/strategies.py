@@ -24,16 +24,13 @@ class Strategy:
     loss_scaling: str = "amp"  # fp16's loss scaler: GradScaler ("amp"), ShardedGradScaler ("sharded"), or the engine's
     cpu_precisions: tuple[str, ...] = ("fp32", "bf16", "fp16")
     deepspeed_stage: int | None = None  # a DeepSpeed ZeRO stage: it takes a DeepSpeed config
-    export_hint: str | None = None  # where its checkpoints keep the model, when not in DCP's files
     cuda_graph: bool = False  # a model it wraps can be captured in CUDA graphs (--cuda-graph): no hooks of its own
 
 
 def _zero(stage: int) -> Strategy:
     return Strategy(f"zero{stage}", "dtrain.runtime.strategies.zero:DeepSpeedZero", package="deepspeed",
                     group_of_one=True, async_checkpoint=False, loss_scaling="engine", cpu_precisions=("fp32", "bf16"),
-                    deepspeed_stage=stage,
-                    export_hint="DeepSpeed's engine keeps the model in files of its own; export the run's model.pth "
-                                "instead, or convert with the zero_to_fp32.py that DeepSpeed left in the checkpoint")
+                    deepspeed_stage=stage)
 
 
 STRATEGIES = {s.name: s for s in (

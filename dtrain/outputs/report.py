@@ -11,6 +11,7 @@ import collections
 import io
 import json
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,18 @@ from dtrain.core.rundir import FIGURES, SWEEP_FIGURE, RunDir, write_atomically
 from dtrain.errors import UsageError
 
 
-def classification_report(confusion: list[list[int]]) -> dict[str, Any]:
-    """Per-class precision, recall, F1 and support from a confusion matrix (rows: true, columns: predicted).
+def classification_report(confusion: list[list[int]], class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Per-class precision, recall, F1 and support from a confusion matrix (rows: true, columns: predicted), under
+    `class_names` (scikit-learn's `target_names`; by default the class indices).
 
     A ratio with a zero denominator is 0, as in scikit-learn's default. Also the macro and
     support-weighted averages, and the accuracy.
     """
     classes = len(confusion)
+    names = [str(c) for c in range(classes)] if class_names is None else [str(n) for n in class_names]
+    if len(names) != classes:
+        raise UsageError(f"the model scores {classes} classes and class_names names {len(names)}; pass one name per "
+                         "class, in the order of the model's outputs.")
     support = [sum(row) for row in confusion]
     predicted = [sum(confusion[t][p] for t in range(classes)) for p in range(classes)]
     per_class = {}
@@ -34,12 +40,12 @@ def classification_report(confusion: list[list[int]]) -> dict[str, Any]:
         precision = tp / predicted[c] if predicted[c] else 0.0
         recall = tp / support[c] if support[c] else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[str(c)] = {"precision": precision, "recall": recall, "f1": f1, "support": support[c]}
+        per_class[names[c]] = {"precision": precision, "recall": recall, "f1": f1, "support": support[c]}
     total = sum(support)
 
     def average(weights: list[float]) -> dict[str, float]:
         norm = sum(weights) or 1
-        return {k: sum(w * per_class[str(c)][k] for c, w in enumerate(weights)) / norm
+        return {k: sum(w * per_class[names[c]][k] for c, w in enumerate(weights)) / norm
                 for k in ("precision", "recall", "f1")}
 
     return {

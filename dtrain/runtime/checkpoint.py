@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
 import random
@@ -353,28 +354,18 @@ def load(path: Path, parts: Checkpointable, extras: dict[str, Any], rank: int,
     return state, state_dict["extras"], rng
 
 
-def export_model(path: Path, out: Path) -> int:
-    """Write the checkpoint's model as a plain `state_dict` file; returns the number of tensors."""
-    verify(path)
-    strategy = strategies.get(read_manifest(path).get("strategy", "ddp"))  # 0.1.0 recorded none
-    if strategy.export_hint:
-        raise CheckpointError(f"checkpoint {path} was written under --strategy {strategy.name}: "
-                              f"{strategy.export_hint}.")
-    from dtrain.runtime import dcp_io
+def model_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The whole model's state_dict from a checkpoint of any strategy and world size, or from a model.pth file,
+    in this one process on the CPU; nothing pickled runs."""
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    strategy = strategies.get(verify(path).get("strategy", "ddp"))  # 0.1.0 recorded no strategy
+    if strategy.package and importlib.util.find_spec(strategy.package) is None:
+        raise CheckpointError(f"checkpoint {path} was written under --strategy {strategy.name}, whose files only "
+                              f"{strategy.package} reads; pip install 'dtrain[{strategy.package}]'.")
+    from dtrain.runtime.strategies import runtime_class
 
-    dcp_io.read_metadata_safely(path)
-
-    state = dcp_io.load_whole(path)
-    if "model" not in state:
-        raise CheckpointError(f"checkpoint {path} holds no model state that dtrain can export; use the run's "
-                              "model.pth.")
-    model = dict(state["model"])
-    try:
-        save_atomically(model, out)
-    except OSError as exc:
-        raise CheckpointError(f"cannot write {out} ({exc.strerror or exc}); pass an --out that can be written, with "
-                              "room for the model.") from None
-    return len(model)
+    return runtime_class(strategy.name).model_weights(path)
 
 
 class _KeepsWriteErrors:

@@ -13,7 +13,7 @@ change its training.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -42,10 +42,10 @@ def is_classification(outputs: Any, targets: Any) -> bool:
 @rng_unchanged()
 def evaluate(ctx: Context, model: nn.Module, dataset: Dataset, forward: Forward, *, batch_size: int,
              metrics: Mapping[str, Any] | None = None, classification: bool | None = None,
-             collate_fn: Callable | None = None) -> dict[str, Any]:
+             collate_fn: Callable | None = None, class_names: Sequence[str] | None = None) -> dict[str, Any]:
     """`loss` (the mean over every sample of the set), each metric's value by name, and, for a
     classifier (`classification`, or by default: outputs that are class scores of integer labels),
-    `accuracy`, `confusion_matrix` and `report`.
+    `accuracy`, `confusion_matrix` and `report` (its classes under `class_names`).
 
     `metrics` holds objects with `update(outputs, targets)`, `compute()` and `reset()` that gather
     their state across ranks in `compute()` as torchmetrics' do, or functions of the evaluation's
@@ -87,7 +87,7 @@ def evaluate(ctx: Context, model: nn.Module, dataset: Dataset, forward: Forward,
     result: dict[str, Any] = {"loss": (totals[0] / totals[1]).item()}
     if classification:
         confusion = totals[2:].reshape(classes, classes).long().tolist()
-        report = classification_report(confusion)
+        report = classification_report(confusion, class_names)
         result.update(accuracy=report["accuracy"], confusion_matrix=confusion, report=report)
     for name, metric in metrics.items():
         value = metric.compute() if name in objects else metric(dict(result))
@@ -134,7 +134,7 @@ def _lockstep_stream(ctx: Context, first: Any, batches: Iterator[Any]) -> Iterat
 
 def evaluate_classifier(ctx: Context, model: nn.Module, dataset: Dataset,
                         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                        batch_size: int = 1000) -> dict[str, Any]:
+                        batch_size: int = 1000, class_names: Sequence[str] | None = None) -> dict[str, Any]:
     """Loss, accuracy (0..1), the confusion matrix and the per-class report of a classifier over
     all of `dataset` of (inputs, labels) pairs."""
 
@@ -143,4 +143,4 @@ def evaluate_classifier(ctx: Context, model: nn.Module, dataset: Dataset,
         outputs = model(inputs)
         return loss_fn(outputs.float(), targets), outputs, targets
 
-    return evaluate(ctx, model, dataset, forward, batch_size=batch_size, classification=True)
+    return evaluate(ctx, model, dataset, forward, batch_size=batch_size, classification=True, class_names=class_names)

@@ -64,7 +64,8 @@ class Trainer:
                  scheduler_interval: str = "epoch", clip_grad_norm: float | None = None, metrics: Mapping[str, Any] | None = None,
                  eval_every: int | None = None, stop_at: str | None = None, callbacks: Sequence[Any] = (),
                  batch_size: int = 64, eval_batch_size: int | None = None, log_every: int = 50,
-                 blocks: Sequence[type | str] = (), collate_fn: Callable | None = None):
+                 blocks: Sequence[type | str] = (), collate_fn: Callable | None = None,
+                 class_names: Sequence[str] | None = None):
         if (loss_fn is None) == (compute_loss is None):
             raise UsageError("Trainer takes a loss_fn(outputs, targets) or a compute_loss(model, batch), one of them.")
         if scheduler_interval not in SCHEDULER_INTERVALS:
@@ -85,6 +86,7 @@ class Trainer:
         # (10,000 MNIST samples: 3.3 s in batches of 1000, 1.3 s in batches of 64; bench/RESULTS.md).
         self.eval_batch_size = eval_batch_size or batch_size
         self.collate_fn = collate_fn
+        self.class_names = class_names
         self.log_every = ctx.log_every = log_every
         self.epoch = 0
         self.metrics: dict[str, float] = {}
@@ -273,7 +275,7 @@ class Trainer:
         and for a classifier accuracy, confusion matrix and report (a "report" key also goes to
         eval/epoch_NNN.json)."""
         return evaluate(self.ctx, self.model, eval_set, self.forward, batch_size=self.eval_batch_size,
-                        metrics=self.eval_metrics, collate_fn=self.collate_fn)
+                        metrics=self.eval_metrics, collate_fn=self.collate_fn, class_names=self.class_names)
 
     def evaluation_metrics(self, result: dict[str, Any]) -> dict[str, float]:
         """The scalars logged as eval/<name>."""

@@ -31,6 +31,7 @@ print(f"{{time.perf_counter() - start:.3f}}", "torch" in sys.modules)
     [["slurm", "--help"], ["slurm", "submit", "--help"]],
     [["slurm", "submit", "recipes/mnist_cnn.py", "--nodes", "4", "--gpus-per-node", "8", "--dry-run"]],
     [["sweep", "recipes/mnist_mlp.py", "--cpu", "--grid", "lr=1e-3,3e-4", "--dry-run"]],
+    [["export", "--help"], ["ckpt", "export", "--help"]],
 ])
 def test_help_and_dry_run_never_import_torch(args):
     out = subprocess.run([sys.executable, "-c", NO_TORCH_PROBE.format(args=repr(args))],

@@ -10,7 +10,7 @@ import dtrain
 
 PACKAGE = Path(dtrain.__file__).parent
 # Top first; a module may import its own folder and the floors below it, never one beside it.
-FLOORS = (("cli", "recipes"), ("launch", "runtime"), ("engines", "outputs"), ("core",), ("errors", "__init__"))
+FLOORS = (("cli", "recipes"), ("export",), ("launch", "runtime"), ("engines", "outputs"), ("core",), ("errors", "__init__"))
 
 
 def floor_of(module: str) -> tuple[int, str]:

@@ -17,7 +17,8 @@ SLURM = re.compile(r"\bSLURMD?_[A-Z_]+\b|\b(sbatch|srun|salloc|scontrol|squeue|s
 RUN_FILES = ("config.yaml", "metrics.jsonl", "model.pth", "LATEST", "COMMITTED", "manifest.json", "trainer_state.json",
              "ended.json", "spec.json", "sweep.json", "summary.csv", "summary.json", "launcher.log", "launch.lock",
              "console.log", "deepspeed.json", "accelerate.yaml", "hostfile", "preflight.json", "trackers.lock",
-             "mlflow.db", "run-id", "loss_lr.png", "system.png", "accuracy.png", "confusion_matrix.png", "sweep.png")
+             "mlflow.db", "run-id", "loss_lr.png", "system.png", "accuracy.png", "confusion_matrix.png", "sweep.png",
+             "export.json")
 
 
 def names(source: str, attributes: bool = True) -> list[str]:

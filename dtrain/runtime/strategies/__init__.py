@@ -11,7 +11,10 @@ from dtrain.core.contract import WorkerEnv
 from dtrain.runtime.strategies.base import StrategyRuntime
 
 
+def runtime_class(name: str) -> type[StrategyRuntime]:
+    module, _, attribute = strategies.get(name).runtime.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
 def make_strategy(env: WorkerEnv, device: torch.device) -> StrategyRuntime:
-    description = strategies.get(env.strategy)
-    module, _, name = description.runtime.partition(":")
-    return getattr(importlib.import_module(module), name)(description, env, device)
+    return runtime_class(env.strategy)(strategies.get(env.strategy), env, device)

@@ -80,6 +80,12 @@ class StrategyRuntime(abc.ABC):
     def checkpointable(self, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> Checkpointable:
         """What the checkpointer saves and loads of the model and optimizers."""
 
+    @staticmethod
+    @abc.abstractmethod
+    def model_weights(folder: Path) -> dict[str, torch.Tensor]:
+        """The whole model's state_dict from one of this strategy's checkpoints (verified), read in this one
+        process on the CPU, whatever the world size and devices that wrote it."""
+
     def close(self, model: nn.Module) -> None:
         """Before the process group goes."""
 

@@ -16,6 +16,7 @@ from torch import nn
 if TYPE_CHECKING:
     from torch.nn.parallel import DistributedDataParallel
 
+from dtrain.core.checkpoints import CheckpointError
 from dtrain.runtime import dist as dist_utils
 from dtrain.runtime.precision import Precision
 from dtrain.runtime.strategies.base import StrategyRuntime, total_norm, whole
@@ -83,6 +84,15 @@ class DataParallel(StrategyRuntime):
 
     def checkpointable(self, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> DCPState:
         return DCPState(model, list(optimizers))
+
+    @staticmethod
+    def model_weights(folder: Path) -> dict[str, torch.Tensor]:
+        from dtrain.runtime import dcp_io
+
+        state = dcp_io.load_whole(folder)
+        if "model" not in state:
+            raise CheckpointError(f"checkpoint {folder} holds no model state; export the run's model.pth instead.")
+        return dict(state["model"])
 
 
 class DCPState:

@@ -6,11 +6,13 @@ its checkpoint files; the gradient norm is the one the step computed.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from dtrain.runtime.strategies.base import StrategyRuntime, make_parameters_cont
 DeepSpeedEngine = Any  # what deepspeed.initialize returns: an nn.Module with methods of its own (backward, step)
 
 ENGINE_FOLDER = "deepspeed"  # where in a checkpoint the engine writes its own files (its "tag")
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch's switch: weights_only=True whatever the caller passes
 # DeepSpeed's own use of a torch API that torch now deprecates: not the recipe's to act on.
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor` is deprecated", category=FutureWarning)
 
@@ -125,6 +128,15 @@ class DeepSpeedZero(StrategyRuntime):
     def checkpointable(self, model: DeepSpeedEngine, optimizers: Sequence[torch.optim.Optimizer]) -> EngineState:
         return EngineState(model, self.env.rank)
 
+    @staticmethod
+    def model_weights(folder: Path) -> dict[str, torch.Tensor]:
+        """The fp32 master weights, gathered from every rank's partition by DeepSpeed's own zero_to_fp32 (any stage,
+        any world size), which prints its progress and unpickles anything: both kept from the user."""
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with _weights_only(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=ENGINE_FOLDER)
+
 
 class EngineState:
     """The engine writes its model and optimizer state into files of its own (`save_checkpoint`);
@@ -156,7 +168,7 @@ class EngineState:
 
         class WeightsOnly(TorchCheckpointEngine):
             def load(self, path: str, map_location=None):
-                with torch.serialization.safe_globals(_deepspeed_globals()):
+                with _weights_only():
                     return torch.load(path, map_location=map_location, weights_only=True)
 
         self.engine.checkpoint_engine = WeightsOnly()
@@ -174,11 +186,22 @@ def _writer(name: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-def _deepspeed_globals() -> list:
-    """The plain data types DeepSpeed puts in its checkpoint files (found with
+@contextlib.contextmanager
+def _weights_only() -> Iterator[None]:
+    """Every torch.load inside unpickles plain data only, even where DeepSpeed asks for `weights_only=False`, and
+    allows the plain data types DeepSpeed puts in its files (found with
     `torch.serialization.get_unsafe_globals_in_checkpoint` on ZeRO 1-3, fp32 and bf16)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    forced = os.environ.get(_FORCE_WEIGHTS_ONLY)
+    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+            yield
+    finally:
+        if forced is None:
+            del os.environ[_FORCE_WEIGHTS_ONLY]
+        else:
+            os.environ[_FORCE_WEIGHTS_ONLY] = forced
