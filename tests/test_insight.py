@@ -28,12 +28,18 @@ def test_a_rank_that_hangs_is_named_with_its_step_and_line_once_the_collective_t
     assert out.returncode == 1 and time.monotonic() - begun < 15 + 30, out.stderr
     assert "  timeout: 15  # from DTRAIN_TIMEOUT_S\n" in (run_dir / "config.yaml").read_text()
     sleep_line = next(n for n, line in enumerate(open(HANG), 1) if "time.sleep(3600)" in line)
+    # The first line a user reads names the culprit; rank 0, which only waited, leaves its traceback in its record.
+    dtrains = [line for line in out.stderr.splitlines() if line.startswith("dtrain: ")]
+    assert dtrains[0] == ("dtrain: rank 1 hung: it never reached the collective the others waited in; at step 20 it "
+                          f"was at tests/recipes/hang.py:{sleep_line} in <module>.")
+    assert "Traceback" not in out.stdout + out.stderr
     report = out.stderr[out.stderr.index("dtrain: where each rank was"):].splitlines()
     assert report[1].startswith("  rank 0: step 20, waiting for the others, at ")
     assert report[2] == ("  rank 1: step 20, never reached gloo:all_reduce #30 of default_pg (its last: #29), at "
                          f"tests/recipes/hang.py:{sleep_line} in <module>")
-    assert report[3] == ("dtrain: rank 1 hung: it never reached the collective the others waited in; at step 20 it "
-                         f"was at tests/recipes/hang.py:{sleep_line} in <module>.")
+    assert dtrains[-1].startswith("dtrain: rank 0 was the first to wait out --timeout (")
+    record = json.loads((run_dir / "logs" / "errors" / "rank0.json").read_text())
+    assert record["traceback"].startswith("Traceback (most recent call last):")
     for rank in (0, 1):
         state = json.loads((run_dir / "debug" / f"rank{rank}.json").read_text())
         assert state["step"] == 20

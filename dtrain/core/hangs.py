@@ -77,20 +77,21 @@ def _relative(filename: str) -> str:
 
 
 def hang_report(states: list[dict], run_dir: str | os.PathLike) -> list[str]:
-    """What `dtrain launch` prints after a collective timed out: a line per rank, then the ranks that
-    did not reach the collective the others waited in."""
+    """What `dtrain launch` prints after a collective timed out: first the verdict, the ranks that did not reach the
+    collective the others waited in (the line a user reads first names the culprit), then a line per rank."""
     if not states:
         return []
     missed = behind(states)
-    lines = [f"dtrain: where each rank was when the collective timed out (every thread's stack: "
-             f"{_relative(str(RunDir.of(run_dir).debug))}/):"]
-    for state in states:
-        doing = f"never reached {missed[state['rank']]}" if state["rank"] in missed else "waiting for the others"
-        lines.append(f"  rank {state['rank']}: step {state['step']}, {doing}, at {_where(state.get('user_frame'))}")
+    lines = []
     for rank in sorted(missed):
         state = next(s for s in states if s["rank"] == rank)
         lines.append(f"dtrain: rank {rank} hung: it never reached the collective the others waited in; at step "
                      f"{state['step']} it was at {_where(state.get('user_frame'))}.")
+    lines.append(f"dtrain: where each rank was when the collective timed out (every thread's stack: "
+                 f"{_relative(str(RunDir.of(run_dir).debug))}/):")
+    for state in states:
+        doing = f"never reached {missed[state['rank']]}" if state["rank"] in missed else "waiting for the others"
+        lines.append(f"  rank {state['rank']}: step {state['step']}, {doing}, at {_where(state.get('user_frame'))}")
     return lines
 
 

@@ -202,6 +202,9 @@ def run_job(spec: LaunchSpec, argv: Sequence[str], env: Mapping[str, str], start
             for pid in child_pids(proc.pid) if launcher.agent else [proc.pid]:
                 _signal_quietly(pid, signum)
 
+        lost = threading.Event()  # the rendezvous host stopped answering after a rank failed: this node gave up
+        if spec.nodes > 1 and spec.node_rank != 0 and spool:
+            threading.Thread(target=_watch_rendezvous_host, args=(spec, spool, started, proc, lost), daemon=True).start()
         handlers = {**dict.fromkeys((signal.SIGINT, signal.SIGTERM, signal.SIGHUP), forward), preempt: forward_preemption}
         previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}  # SIGTERM may preempt
         pumps = [threading.Thread(target=_pump, args=(stream, console, log, is_stderr, launcher.rank_prefixes),
@@ -219,6 +222,11 @@ def run_job(spec: LaunchSpec, argv: Sequence[str], env: Mapping[str, str], start
                 signal.signal(sig, handler)
         if received:
             return 128 + received[0]
+        if lost.is_set():
+            print(f"dtrain: node {spec.node_rank} lost the rendezvous host {spec.master_addr} (node 0): it stopped "
+                  "answering on the network while this node's ranks waited for it, so this node stopped them; the "
+                  "job goes on only with node 0 back.", file=sys.stderr)
+            return 1
         if returncode == 0:
             return 0
         status = launcher.implementation().exit_status(launcher_log.text(), returncode)
@@ -227,22 +235,77 @@ def run_job(spec: LaunchSpec, argv: Sequence[str], env: Mapping[str, str], start
             return status.code
         failures = [first_failure(folder, spec.world_size, started) for folder in (spool, spec.run_dir) if folder]
         failure = next((f for f in failures if f is not None), None)
-        report_failure(status, failure, spec.log_dir)
-        if failure is not None and (failure.usage or not timed_out(failure.message)):
-            return status.code  # not a hang (a rank killed outright, as NCCL's watchdog does, may be one)
-        for line in hang_report(read_states(spec.run_dir, started), spec.run_dir):
+        if failure is None or failure.usage or not timed_out(failure.message):
+            report_failure(status, failure, spec.log_dir)  # a rank killed outright (as NCCL's watchdog does) may hang
+            return status.code
+        for line in _hang_verdict(spec, started):  # the culprit first: the rank that waited is not it
             print(line, file=sys.stderr)
-        if spec.nodes > 1:
-            silent = silent_nodes(spec, started, hardware.answers)
-            if silent:
-                print(f"dtrain: {', '.join(f'node {n} ({a})' for n, a in silent)} did not answer on the network when "
-                      "the collective timed out: it dropped off, and the others waited for it.", file=sys.stderr)
+        report_failure(status, failure, spec.log_dir)
         return status.code
     finally:
         for log in {launcher_log, *stream_logs}:
             log.close()
         if spool:
             shutil.rmtree(spool, ignore_errors=True)
+
+
+LOST_HOST_CHECKS = (0.0, 5.0)  # seconds after a rank's failure when the rendezvous host is asked: a blip is no loss
+KILL_GRACE_S = 5.0
+
+
+def _watch_rendezvous_host(spec: LaunchSpec, spool: str, started: float, proc: subprocess.Popen,
+                           lost: threading.Event) -> None:
+    """On a node other than 0: once one of its ranks has failed, if node 0 (which holds the rendezvous store) does
+    not answer on the network, stop the launcher and its workers. A launcher's agent would wait for the store for
+    many minutes (torchrun's does), and outside a cluster's scheduler nothing else would ever end this node."""
+    while proc.poll() is None:
+        if first_failure(spool, spec.world_size, started) is not None:
+            for delay in LOST_HOST_CHECKS:
+                time.sleep(delay)
+                if proc.poll() is not None or hardware.answers(spec.master_addr):
+                    return
+            lost.set()
+            stop_tree(proc.pid, KILL_GRACE_S)
+            return
+        time.sleep(1.0)
+
+
+def stop_tree(pid: int, grace: float) -> None:
+    """SIGTERM to a process and every process below it (each worker in a session of its own), then SIGKILL to what
+    is left after `grace` seconds."""
+    tree = [pid, *descendants(pid)]
+    for member in tree:
+        _signal_quietly(member, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_exists(member) for member in tree):
+        time.sleep(0.2)
+    for member in tree:
+        _signal_quietly(member, signal.SIGKILL)
+
+
+def descendants(pid: int) -> list[int]:
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for parent in frontier for child in child_pids(parent)]
+        found += children
+        frontier = children
+    return found
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _hang_verdict(spec: LaunchSpec, started: float) -> list[str]:
+    """After a collective timed out: the nodes that no longer answer on the network, then the hang report."""
+    silent = silent_nodes(spec, started, hardware.answers) if spec.nodes > 1 else []
+    dropped = ([f"dtrain: {', '.join(f'node {n} ({a})' for n, a in silent)} did not answer on the network when the "
+                "collective timed out: it dropped off, and the others waited for it."] if silent else [])
+    return dropped + hang_report(read_states(spec.run_dir, started), spec.run_dir)
 
 
 def _announce_node(spec: LaunchSpec) -> None:
@@ -374,6 +437,9 @@ def report_failure(status: ExitStatus, failure: RankFailure | None, logs: str) -
               f"under {logs}.", file=sys.stderr)
     elif failure.usage:  # one sentence, shown here once, whichever ranks made it
         print(f"dtrain: error: {failure.message}", file=sys.stderr)
+    elif timed_out(failure.message):
+        print(f"dtrain: rank {failure.rank} was the first to wait out --timeout ({failure.message.splitlines()[0]}); "
+              f"the job stopped with exit code {status.code}. Per-rank logs: {logs}.", file=sys.stderr)
     else:
         print(f"dtrain: rank {failure.rank} failed first ({failure.message}); the job stopped with exit code "
               f"{status.code}. Per-rank logs: {logs}.", file=sys.stderr)

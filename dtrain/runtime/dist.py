@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from dtrain.core import strategies
 from dtrain.core.contract import WorkerEnv
+from dtrain.core.hangs import timed_out
 from dtrain.core.rundir import RunDir, write_json_atomically
 from dtrain.errors import UsageError
 
@@ -141,11 +142,15 @@ def install_error_hook(env: WorkerEnv) -> None:
     def hook(exc_type, exc, tb):
         usage = issubclass(exc_type, UsageError)
         text = str(exc) if usage else "".join(traceback.format_exception(exc_type, exc, tb))
-        recorded = _write_error_records(env, str(exc) if usage else f"{exc_type.__name__}: {exc}", text, usage)
+        message = str(exc) if usage else f"{exc_type.__name__}: {exc}"
+        recorded = _write_error_records(env, message, text, usage)
         try:
             if usage:
                 if not recorded:
                     print(f"dtrain: error: {exc}", file=sys.stderr)
+            elif timed_out(message) and recorded:  # the waiting rank is not the culprit: the hang report names it
+                print(f"rank {rank}: a collective timed out; its traceback is in "
+                      f"{RunDir.of(env.run_dir).error_record(rank)}.", file=sys.stderr)
             elif issubclass(exc_type, dist.DistBackendError) or _peer_vanished(exc):
                 print(f"rank {rank}: stopped because another rank failed ({exc_type.__name__}).", file=sys.stderr)
             else:
@@ -191,7 +196,8 @@ def _write_error_records(env: WorkerEnv, message: str, text: str, usage: bool) -
     (TORCHELASTIC_ERROR_FILE: its failure summary then names the right root cause). Whether the spool's
     was written, that is, whether `dtrain launch` will show it."""
     now = time.time()
-    record = {"rank": env.rank, "message": message, "time": now, "usage": usage, "attempt": attempt()}
+    record = {"rank": env.rank, "message": message, "time": now, "usage": usage, "attempt": attempt(),
+              "traceback": None if usage else text}
     shown = env.error_spool is not None and write_json_atomically(RunDir.of(env.error_spool).error_record(env.rank), record)
     if env.launched_world_size is not None:
         write_json_atomically(RunDir.of(env.run_dir).error_record(env.rank), record)

@@ -19,14 +19,15 @@ def test_the_rank_that_entered_fewer_collectives_is_the_one_that_never_arrived()
     assert behind(states) == {1: "gloo:all_reduce #30 of default_pg (its last: #29)",
                               2: "x #21 of shared-memory gradient all-reduce (its last: #20)"}
     lines = hang_report(states, "/r/runs/a")
-    assert lines[2] == ("  rank 1: step 20, never reached gloo:all_reduce #30 of default_pg (its last: #29), at "
-                        "/r/train.py:40 in after_step")
-    assert lines[1].startswith("  rank 0: step 20, waiting for the others, at ")
-    assert lines[-2:] == [
+    assert lines[:2] == [  # the verdict first
         "dtrain: rank 1 hung: it never reached the collective the others waited in; at step 20 it was at "
         "/r/train.py:40 in after_step.",
         "dtrain: rank 2 hung: it never reached the collective the others waited in; at step 20 it was at "
         "/r/train.py:12 in main."]
+    assert lines[2].startswith("dtrain: where each rank was when the collective timed out")
+    assert lines[3].startswith("  rank 0: step 20, waiting for the others, at ")
+    assert lines[4] == ("  rank 1: step 20, never reached gloo:all_reduce #30 of default_pg (its last: #29), at "
+                        "/r/train.py:40 in after_step")
 
 
 def test_ranks_level_with_each_other_are_listed_and_no_one_is_blamed():
