@@ -6,6 +6,8 @@ advertises."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import time
 
@@ -21,10 +23,11 @@ def nothing_left(namespaces):
     empty_namespaces(namespaces)
 
 
-def start(namespaces, node: int, run_dir, *args: str) -> subprocess.Popen:
-    """`dtrain launch` node `node` of 2 in its namespace; `args`: launch options, then `--` and the recipe's."""
+def start(namespaces, node: int, run_dir, *args: str, nodes: int = 2) -> subprocess.Popen:
+    """`dtrain launch` node `node` of `nodes` in its namespace; `args`: launch options, then `--` and the recipe's."""
     cut = args.index("--") if "--" in args else len(args)
-    return subprocess.Popen(["ip", "netns", "exec", namespaces[node][0], DTRAIN, "launch", *args[:cut], "--nodes", "2",
+    return subprocess.Popen(["ip", "netns", "exec", namespaces[node][0], DTRAIN, "launch", *args[:cut], "--nodes",
+                             str(nodes),
                              "--node-rank", str(node), "--master-addr", ADDRESSES[0], "--run-dir", str(run_dir),
                              "--wandb", "disabled", *args[cut:]],
                             cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -92,7 +95,7 @@ def test_a_node_cut_off_the_network_and_the_node_it_left_both_end_naming_each_ot
                                "timed out: it dropped off"), outputs[0][1]
     assert outputs[1][1].splitlines()[-1] == (
         f"dtrain: node 1 lost the rendezvous host {ADDRESSES[0]} (node 0): it stopped answering on the network while "
-        "this node's ranks waited for it, so this node stopped them; the job goes on only with node 0 back.")
+        "this node waited for it, so this node stopped its ranks; the job goes on only with node 0 back.")
     assert "Traceback" not in outputs[0][1] + outputs[1][1]
     assert [namespace_pids(name) for name, _ in namespaces[:2]] == [[], []]  # no dtrain, torchrun or worker left
 
@@ -112,3 +115,69 @@ def test_a_node_whose_workers_die_restarts_with_the_other_and_resumes(namespaces
     assert [node.returncode for node in nodes] == [0, 0], outputs
     assert "resuming from" in outputs[0][0] + outputs[1][0]
     assert [r["step"] for r in metrics(run_dir, "train")][-1] == 60
+
+
+def elastic_args(port: int, data_dir: str) -> tuple[str, ...]:
+    return ("recipes/mnist_cnn.py", "--cpu", "--nproc", "1", "--name", "shrink", "--master-port", str(port),
+            "--min-nodes", "2", "--checkpoint-every", "10", "--timeout", "60", "--rdzv-timeout", "60",
+            "--max-steps", "50", "--", "--epochs", "1", "--log-every", "10", "--limit-eval-batches", "2",
+            "--data-dir", data_dir)
+
+
+def wait_for_checkpoint(run_dir, step: int, nodes, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not (run_dir / "checkpoints" / f"step_{step:07d}" / "COMMITTED").exists():
+        assert time.monotonic() < deadline and all(node.poll() is None for node in nodes), "no checkpoint came"
+        time.sleep(0.05)
+
+
+def kill_node(namespace: str) -> None:
+    for pid in namespace_pids(namespace):
+        os.kill(pid, 9)
+
+
+def test_a_lost_node_shrinks_the_job_which_resumes_on_the_others_as_a_fresh_resume_would(namespaces, tmp_path,
+                                                                                         data_dir):
+    """--min-nodes 2 of 3: node 2 (dtrain, torchrun and its worker) is killed after a checkpoint; nodes 0 and 1 go
+    on without a command typed, on 2 nodes from that checkpoint, and train as a fresh 2-node resume of it does."""
+    run_dir = tmp_path / "run"
+    nodes = [start(namespaces, node, run_dir, *elastic_args(29613, data_dir), nodes=3) for node in range(3)]
+    wait_for_checkpoint(run_dir, 20, nodes)
+    kill_node(namespaces[2][0])
+    killed = time.time()
+    outputs = [node.communicate(timeout=300) for node in nodes[:2]]
+    assert [node.returncode for node in nodes[:2]] == [0, 0], outputs
+    resumed = int(re.search(r"dtrain: node 2 lost; restarting on 2 nodes from step (\d+) \(each rank's batch kept",
+                            outputs[0][0])[1])
+    restart = metrics(run_dir, "restart")
+    assert len(restart) == 1 and restart[0]["step"] == resumed + 1
+    assert (restart[0]["world_size"], restart[0]["previous_world_size"]) == (2, 3)
+    assert 0 < restart[0]["heal_s"] < restart[0]["time"] - killed + 5
+    print(f"heal: {restart[0]['heal_s']:.1f} s from the first failure to the first step on 2 nodes")
+
+    reference = tmp_path / "reference"
+    (reference / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run_dir / "checkpoints" / f"step_{resumed:07d}", reference / "checkpoints" / f"step_{resumed:07d}")
+    args = elastic_args(29614, data_dir)
+    cut = args.index("--min-nodes")
+    fresh = [start(namespaces, node, reference, *args[:cut], *args[cut + 2:]) for node in range(2)]
+    outputs = [node.communicate(timeout=300) for node in fresh]
+    assert [node.returncode for node in fresh] == [0, 0], outputs
+    after = {r["step"]: r["train/loss"] for r in metrics(run_dir, "train") if r["step"] > resumed + 10}
+    assert after and after == {r["step"]: r["train/loss"] for r in metrics(reference, "train") if r["step"] in after}
+
+
+def test_a_shrink_needs_node_0_and_every_other_node_ends_saying_so(namespaces, tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    nodes = [start(namespaces, node, run_dir, *elastic_args(29615, data_dir), nodes=3) for node in range(3)]
+    wait_for_checkpoint(run_dir, 10, nodes)
+    kill_node(namespaces[0][0])
+    killed = time.monotonic()
+    outputs = [node.communicate(timeout=300) for node in nodes[1:]]
+    assert time.monotonic() - killed < 60 + 60 and [node.returncode for node in nodes[1:]] == [1, 1], outputs
+    for node, (_, stderr) in zip((1, 2), outputs):
+        assert stderr.splitlines()[-1] == (
+            f"dtrain: node {node} lost the rendezvous host {ADDRESSES[0]} (node 0): its rendezvous store went away, so "
+            "this node stopped its ranks; the job goes on only with node 0 back (a shrink, --min-nodes, needs node 0 "
+            "alive: it holds the rendezvous).")
+    assert [namespace_pids(name) for name, _ in namespaces] == [[], [], []]

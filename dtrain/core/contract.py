@@ -15,11 +15,12 @@ import json
 import os
 import socket
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dtrain.core.fields import WorkerOptions
 from dtrain.core.options import WORKER_OPTIONS, Option, for_command
-from dtrain.core.rundir import DEFAULT
+from dtrain.core.rundir import DEFAULT, RunDir
 from dtrain.errors import UsageError
 
 if TYPE_CHECKING:
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 DEVICE = "DTRAIN_DEVICE"
 RUN_DIR = "DTRAIN_RUN_DIR"
 WORLD_SIZE = "DTRAIN_WORLD_SIZE"
+MIN_WORLD_SIZE = "DTRAIN_MIN_WORLD_SIZE"
+NODE_RANK = "DTRAIN_NODE_RANK"
 DEEPSPEED_CONFIG = "DTRAIN_DEEPSPEED_CONFIG"
 LAUNCH_TIME = "DTRAIN_LAUNCH_TIME"
 TTY = "DTRAIN_TTY"
@@ -41,6 +44,9 @@ DERIVED = {
     DEVICE: ("`--cpu` / `--gpus`", "`cpu` or `cuda`; unset: cuda when available"),
     RUN_DIR: ("`--name` / `--run-dir`", "the run directory (default `runs/<recipe>-<timestamp>`)"),
     WORLD_SIZE: ("every launch", "the world launched; a worker that sees another one stops at `setup()`"),
+    MIN_WORLD_SIZE: ("`--min-nodes`", "the smallest world the job may shrink to (its nodes times the processes per "
+                     "node): a worker in a world from it up to `DTRAIN_WORLD_SIZE` goes on"),
+    NODE_RANK: ("every launch", "this node's `--node-rank`: after a shrink, the ranks say which nodes are left"),
     DEEPSPEED_CONFIG: ("ZeRO strategies", "`<run_dir>/deepspeed.json`: the merged DeepSpeed config"),
     LAUNCH_TIME: ("`dtrain launch` (not `--dry-run`)", "Unix time it started: `Trainer` logs `startup_s` once"),
     TTY: ("`dtrain launch`, when its stdout is a terminal", "where rank 0 draws its progress bar"),
@@ -84,6 +90,8 @@ class WorkerEnv(WorkerOptions):
     device: str | None  # "cuda", "cpu", or None: cuda when available
     run_dir: str
     launched_world_size: int | None  # what `dtrain launch` asked the launcher for
+    min_world_size: int | None  # with --min-nodes: the smallest world the job goes on in
+    node_rank: int  # this node's --node-rank (not the launcher's, which a shrink renumbers)
     launch_time: float | None
     tty: str | None
     deepspeed_config: str | None
@@ -117,6 +125,8 @@ def read_env(environ: Mapping[str, str] | None = None, job: Job | None = None) -
         device=environ.get(DEVICE) or None,
         run_dir=environ.get(RUN_DIR) or str(DEFAULT / "default"),
         launched_world_size=int(environ[WORLD_SIZE]) if environ.get(WORLD_SIZE) else None,
+        min_world_size=int(environ[MIN_WORLD_SIZE]) if environ.get(MIN_WORLD_SIZE) else None,
+        node_rank=int(environ.get(NODE_RANK) or 0),
         launch_time=float(environ[LAUNCH_TIME]) if environ.get(LAUNCH_TIME) else None,
         tty=environ.get(TTY) or None,
         deepspeed_config=environ.get(DEEPSPEED_CONFIG) or None,
@@ -131,6 +141,8 @@ def worker_env(spec: LaunchSpec, cpus: int, base: Mapping[str, str]) -> dict[str
     env = dict(base)
     sources = {option.name: spec.sources[option.name] for option in WORKER_OPTIONS if option.name in spec.sources}
     values = {DEVICE: spec.device, RUN_DIR: spec.run_dir, WORLD_SIZE: str(spec.world_size),
+              MIN_WORLD_SIZE: str(spec.min_nodes * spec.nproc) if spec.min_nodes else None,
+              NODE_RANK: str(spec.node_rank),
               DEEPSPEED_CONFIG: spec.deepspeed_config_path, SOURCES: json.dumps(sources) if sources else None}
     values.update({option.variable: option.encode(getattr(spec, option.name)) for option in WORKER_OPTIONS})
     for key, value in values.items():
@@ -200,3 +212,40 @@ def markdown_table() -> str:
 
 if __name__ == "__main__":
     print(markdown_table())
+
+
+# --- the workers' error records (written by `dtrain.runtime.dist`, read by `dtrain launch` and a restarted world) ---
+
+@dataclasses.dataclass(frozen=True)
+class RankFailure:
+    """The exception that stopped a worker, as `dtrain.runtime.dist` recorded it."""
+
+    rank: int
+    message: str
+    time: float
+    attempt: int  # the launcher's restart count
+    usage: bool  # a UsageError: one sentence, no traceback
+
+
+def failures(folder: str, world_size: int, since: float) -> list[RankFailure]:
+    """The errors recorded in `folder` (`dtrain launch`'s spool or the run directory) since `since`, one per rank
+    at most (a rank's record is replaced by its next attempt's)."""
+    found = (read_error_record(RunDir.of(folder).error_record(rank)) for rank in range(world_size))
+    return [f for f in found if f is not None and f.time >= since]
+
+
+def first_failure(folder: str, world_size: int, since: float) -> RankFailure | None:
+    """The earliest error recorded by a worker of the newest attempt since `since`; a usage error first: its
+    sentence says what to do."""
+    recorded = failures(folder, world_size, since)
+    newest = [f for f in recorded if f.attempt == max((f.attempt for f in recorded), default=0)]
+    return min(newest, key=lambda f: (not f.usage, f.time), default=None)
+
+
+def read_error_record(path: Path) -> RankFailure | None:
+    try:
+        data = json.loads(path.read_text())
+        return RankFailure(rank=int(data["rank"]), message=str(data["message"]), time=float(data["time"]),
+                           attempt=int(data.get("attempt", 0)), usage=bool(data["usage"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -45,4 +45,5 @@ class SpecOptions(WorkerOptions):
 
     launcher: str
     max_restarts: int
+    min_nodes: int | None
     rdzv_timeout: int

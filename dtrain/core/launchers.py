@@ -21,6 +21,7 @@ class Launcher:
     package: str | None  # what must be installed to use it
     rank_prefixes: bool  # each worker's line reaches dtrain tagged with its rank ("[rank3]: ...")
     restarts: bool  # can restart the workers (--max-restarts)
+    elastic: bool = False  # can restart them on fewer nodes (--min-nodes)
     one_node: bool = False  # starts the processes of one node only
     agent: bool = True  # a process of its own starts the workers; without one, the worker is dtrain's child
 
@@ -29,7 +30,8 @@ class Launcher:
 
 
 LAUNCHERS = {launcher.name: launcher for launcher in (
-    Launcher("torchrun", "dtrain.launch.launchers.torchrun", package=None, rank_prefixes=True, restarts=True),
+    Launcher("torchrun", "dtrain.launch.launchers.torchrun", package=None, rank_prefixes=True, restarts=True,
+             elastic=True),
     Launcher("accelerate", "dtrain.launch.launchers.accelerate", package="accelerate", rank_prefixes=True, restarts=True),
     Launcher("deepspeed", "dtrain.launch.launchers.deepspeed", package="deepspeed", rank_prefixes=False, restarts=False),
     Launcher("local", "dtrain.launch.launchers.local", package=None, rank_prefixes=True, restarts=False, one_node=True),

@@ -16,6 +16,8 @@ other key is one series, and a series' name means one thing in every row that ho
     target   the evaluation that reached Trainer's stop_at: stop_at (the target), the value,
              time_to_target_s (since fit began), since_launch_s (since `dtrain launch` started)
     startup  once per launch: startup_s, from `dtrain launch` to this process's first step
+    restart  the first step after the workers restarted (--max-restarts, --min-nodes): world_size (now),
+             previous_world_size (the checkpoint's), heal_s (from the first rank's failure to this step)
     system   every log interval (and at `ctx.close()`), over all ranks: compute_s, data_wait_s and
              comm_wait_s (seconds per step; /min, /median, /max), slowest_rank (the longest
              compute), memory/* (the highest rank's; CPU: rss_gb, peak_rss_gb; GPU, since the process
@@ -37,8 +39,8 @@ from typing import Any
 from dtrain.core.rundir import METRICS, RunDir
 from dtrain.errors import UsageError
 
-TRAIN, EPOCH, EVAL, TARGET, STARTUP, SYSTEM = "train", "epoch", "eval", "target", "startup", "system"
-KINDS = (TRAIN, EPOCH, EVAL, TARGET, STARTUP, SYSTEM)
+TRAIN, EPOCH, EVAL, TARGET, STARTUP, SYSTEM, RESTART = "train", "epoch", "eval", "target", "startup", "system", "restart"
+KINDS = (TRAIN, EPOCH, EVAL, TARGET, STARTUP, SYSTEM, RESTART)
 META = ("step", "time", "kind")  # what a row says about itself; every other key is a series
 
 

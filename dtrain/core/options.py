@@ -299,6 +299,9 @@ OPTIONS: tuple[Option, ...] = (
            check=at_least(1)),
     Option("max_restarts", int, "Restart the whole group up to K times when a worker dies.", "launcher", default=0,
            commands=JOB, check=at_least(0)),
+    Option("min_nodes", int, "Go on with as few as K nodes: when a node is lost, the others restart on fewer nodes "
+           "from the newest checkpoint (elastic shrink; default: the job needs every node).", "launcher",
+           commands=JOB - {SWEEP}, check=at_least(1)),
     Option("rdzv_timeout", int, "Seconds the rendezvous waits for every node to join (default 600).", "launcher",
            default=600, commands=JOB, check=at_least(1)),
     Option("max_requeues", int, "In a cluster job, requeue it at most K times on the pre-timeout signal "

@@ -145,6 +145,9 @@ def resolve(options: Mapping[str, Any], gpus_available: int, free_port: int,
     nodes, node_rank = value("nodes"), value("node_rank")  # 2.
     if not 0 <= node_rank < nodes:
         raise UsageError(f"--node-rank must be between 0 and {nodes - 1} for {nodes} node(s), got {node_rank}.")
+    if (value("min_nodes") or 0) > nodes:
+        raise UsageError(f"--min-nodes {value('min_nodes')} is more than the job's {nodes} node(s): a job shrinks, it "
+                         f"does not grow; pass --min-nodes {nodes} or fewer, or more --nodes.")
     master_port = value("master_port", free_port if nodes == 1 else DEFAULT_MASTER_PORT)
     network = toward(value("master_addr"), route) if nodes > 1 else None
     name, run_dir = _run_dir(options, recipe, nodes)  # 3.
@@ -184,7 +187,7 @@ def _parallelism(options: Mapping[str, Any], value: Callable[..., Any], device: 
     precision, accumulation) and must agree with what it sets.
     """
     world_size = nodes * nproc
-    if nodes > 1 or value("max_restarts"):
+    if nodes > 1 or value("max_restarts") or value("min_nodes") is not None:
         default = launchers.TORCHRUN
     else:
         default = launchers.DIRECT if nproc == 1 else launchers.LOCAL
@@ -219,6 +222,9 @@ def _parallelism(options: Mapping[str, Any], value: Callable[..., Any], device: 
         if package and not is_installed(package):
             raise UsageError(f"{option} needs {package}, which is not installed here; pip install {package}, "
                              f"or {way_out}.")
+    if value("min_nodes") is not None and not launcher.elastic:
+        raise UsageError(f"--launcher {launcher.name} cannot restart on fewer nodes; leave --min-nodes out, or leave "
+                         "--launcher out (torchrun does).")
     if not launcher.restarts and value("max_restarts"):
         raise UsageError(f"--launcher {launcher.name} does not restart workers; leave --max-restarts out, or leave "
                          "--launcher out.")

@@ -216,6 +216,9 @@ def resolve_job(given: Mapping[str, Any], nodes: int) -> K8sJob:
     if not cpu and (gpus is None or gpus < 1):
         raise UsageError("say how many GPUs each pod uses with --gpus-per-node G (at least 1), or run CPU "
                          "processes with --cpu.")
+    if given.get("min_nodes") is not None:
+        raise UsageError("a TrainJob or JobSet restarts its pods as one group, never on fewer of them; leave "
+                         "--min-nodes out on Kubernetes (SLURM and `dtrain launch` across nodes shrink).")
     volume = parse_volume(given["volume"]) if given.get("volume") else None
     return K8sJob(name=job_name(given.get("name"), given["recipe"], nodes), image=image,
                   format=_BY_NAME["format"].value(given.get("format")), namespace=given.get("namespace"),

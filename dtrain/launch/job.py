@@ -27,12 +27,11 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from dtrain.core import hardware, launchers
-from dtrain.core.contract import ERROR_SPOOL
+from dtrain.core.contract import ERROR_SPOOL, RankFailure, first_failure
 from dtrain.core.hangs import hang_report, read_states, timed_out
 from dtrain.core.rundir import RunDir, write_atomically, write_json_atomically
 from dtrain.core.spec import LaunchSpec
@@ -40,17 +39,6 @@ from dtrain.errors import UsageError
 from dtrain.launch.launchers import ExitStatus
 
 _PR_SET_PDEATHSIG = 1
-
-
-@dataclass(frozen=True)
-class RankFailure:
-    """The exception that stopped a worker, as `dtrain.runtime.dist` recorded it."""
-
-    rank: int
-    message: str
-    time: float
-    attempt: int  # the launcher's restart count
-    usage: bool  # a UsageError: one sentence, no traceback
 
 
 def write_files(files: Mapping[str, str]) -> None:
@@ -223,13 +211,15 @@ def run_job(spec: LaunchSpec, argv: Sequence[str], env: Mapping[str, str], start
         if received:
             return 128 + received[0]
         if lost.is_set():
-            print(f"dtrain: node {spec.node_rank} lost the rendezvous host {spec.master_addr} (node 0): it stopped "
-                  "answering on the network while this node's ranks waited for it, so this node stopped them; the "
-                  "job goes on only with node 0 back.", file=sys.stderr)
+            print(f"dtrain: {host_lost(spec, 'it stopped answering on the network while this node waited for it')}",
+                  file=sys.stderr)
             return 1
         if returncode == 0:
             return 0
         status = launcher.implementation().exit_status(launcher_log.text(), returncode)
+        if status.store_lost and spec.node_rank != 0:
+            print(f"dtrain: {host_lost(spec, 'its rendezvous store went away')}", file=sys.stderr)
+            return status.code
         if status.rendezvous_timeout:
             print(f"dtrain: {rendezvous_failure(spec, arrived_nodes(spec, started))}", file=sys.stderr)
             return status.code
@@ -249,6 +239,12 @@ def run_job(spec: LaunchSpec, argv: Sequence[str], env: Mapping[str, str], start
             shutil.rmtree(spool, ignore_errors=True)
 
 
+def host_lost(spec: LaunchSpec, how: str) -> str:
+    return (f"node {spec.node_rank} lost the rendezvous host {spec.master_addr} (node 0): {how}, so this node stopped "
+            "its ranks; the job goes on only with node 0 back"
+            + (" (a shrink, --min-nodes, needs node 0 alive: it holds the rendezvous)." if spec.min_nodes else "."))
+
+
 LOST_HOST_CHECKS = (0.0, 5.0)  # seconds after a rank's failure when the rendezvous host is asked: a blip is no loss
 KILL_GRACE_S = 5.0
 
@@ -258,16 +254,22 @@ def _watch_rendezvous_host(spec: LaunchSpec, spool: str, started: float, proc: s
     """On a node other than 0: once one of its ranks has failed, if node 0 (which holds the rendezvous store) does
     not answer on the network, stop the launcher and its workers. A launcher's agent would wait for the store for
     many minutes (torchrun's does), and outside a cluster's scheduler nothing else would ever end this node."""
+    since = started
     while proc.poll() is None:
-        if first_failure(spool, spec.world_size, started) is not None:
-            for delay in LOST_HOST_CHECKS:
-                time.sleep(delay)
-                if proc.poll() is not None or hardware.answers(spec.master_addr):
-                    return
-            lost.set()
-            stop_tree(proc.pid, KILL_GRACE_S)
-            return
+        if first_failure(spool, spec.world_size, since) is not None:
+            since = time.time()  # a failure with the host there (a restart, a shrink) is the launcher's to handle
+            if not any(proc.poll() is not None or hardware.answers(spec.master_addr)
+                       for _ in _after(LOST_HOST_CHECKS)):
+                lost.set()
+                stop_tree(proc.pid, KILL_GRACE_S)
+                return
         time.sleep(1.0)
+
+
+def _after(delays: Sequence[float]) -> Iterator[None]:
+    for delay in delays:
+        time.sleep(delay)
+        yield
 
 
 def stop_tree(pid: int, grace: float) -> None:
@@ -443,21 +445,3 @@ def report_failure(status: ExitStatus, failure: RankFailure | None, logs: str) -
     else:
         print(f"dtrain: rank {failure.rank} failed first ({failure.message}); the job stopped with exit code "
               f"{status.code}. Per-rank logs: {logs}.", file=sys.stderr)
-
-
-def first_failure(folder: str, world_size: int, since: float) -> RankFailure | None:
-    """The earliest error recorded in `folder` (the spool or the run directory) by a worker of the newest
-    attempt since `since`; a usage error first: its sentence says what to do."""
-    failures = [f for f in (read_error_record(RunDir.of(folder).error_record(rank)) for rank in range(world_size))
-                if f is not None and f.time >= since]
-    newest = [f for f in failures if f.attempt == max((f.attempt for f in failures), default=0)]
-    return min(newest, key=lambda f: (not f.usage, f.time), default=None)
-
-
-def read_error_record(path: Path) -> RankFailure | None:
-    try:
-        data = json.loads(path.read_text())
-        return RankFailure(rank=int(data["rank"]), message=str(data["message"]), time=float(data["time"]),
-                           attempt=int(data.get("attempt", 0)), usage=bool(data["usage"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None

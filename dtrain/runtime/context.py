@@ -41,7 +41,7 @@ from dtrain import engines
 from dtrain.core.checkpoints import committed
 from dtrain.core.contract import NETWORK_INTERFACES, WorkerEnv, read_env
 from dtrain.core.hardware import peak_tflops
-from dtrain.core.metrics import SYSTEM, TRAIN
+from dtrain.core.metrics import RESTART, SYSTEM, TRAIN
 from dtrain.core.options import parse_checkpoint_every
 from dtrain.core.rundir import RunDir
 from dtrain.errors import UsageError
@@ -66,6 +66,8 @@ def setup(config: Mapping[str, Any] | None = None) -> Context:
     dist_utils.install_error_hook(env)
     device = dist_utils.pick_device(env)
     dist_utils.check_world(env)
+    env = dataclasses.replace(env, grad_accum=dist_utils.shrunk_accumulation(env.grad_accum, env.launched_world_size,
+                                                                              env.world_size))
     stacks.enable_flight_recorder(env.run_dir)
     dist_utils.init_process_group(env, device)
     return Context(env, device, config or {})
@@ -104,7 +106,11 @@ class Context:
         self.run_dir = Path(env.run_dir)
         self.models: list[nn.Module] = []
         self.optimizers: list[torch.optim.Optimizer] = []
-        rank_nodes = self._gather(env.node_name)
+        placement = self._gather((env.node_name, env.node_rank))
+        rank_nodes = [name for name, _ in placement]
+        self.nodes = sorted({node for _, node in placement})
+        self.lost_nodes = dist_utils.lost_nodes(self.nodes, env.launched_world_size, env.world_size)
+        self._restarted: tuple[float, int | None] | None = None  # (failure time, old world): the restart row's
         self.logger: RunLogger | None = None
         self.progress: Progress | None = None
         self.run_config: dict[str, Any] = {}
@@ -271,9 +277,27 @@ class Context:
         self.steps += 1
         self.monitor.clock.steps += 1
         self.tracer.step()
+        if self._restarted is not None:
+            self._log_restart()
         if self.steps % self.log_every == 0:
             self._log_system()
         return norm
+
+    def _say_shrunk(self, state: TrainState | None) -> None:
+        launched = self.env.launched_world_size or self.world_size
+        batch = (f"the global batch kept: {self.env.grad_accum} micro-batches per step" if launched % self.world_size == 0
+                 else "each rank's batch kept: the global batch shrinks with the world")
+        self.print(f"dtrain: node{'s' if len(self.lost_nodes) > 1 else ''} {', '.join(map(str, self.lost_nodes))} "
+                   f"lost; restarting on {len(self.nodes)} nodes from {f'step {state.step}' if state else 'the start'} "
+                   f"({batch}).")
+
+    def _log_restart(self) -> None:
+        """The restart row, at the first step of a restarted world: how long it took to heal."""
+        assert self._restarted is not None
+        failed, previous = self._restarted
+        self._restarted = None
+        self.log(self.steps, {"world_size": self.world_size, "heal_s": round(time.time() - failed, 3),
+                              **({"previous_world_size": previous} if previous is not None else {})}, kind=RESTART)
 
     def _log_system(self) -> None:
         """Collective: the interval's `system` row (dtrain.runtime.performance), logged by rank 0."""
@@ -353,6 +377,11 @@ class Context:
             self.env.resume, self._checkpointable(), self._extras(scheduler))
         for note in notes:
             self.print(f"dtrain: {note}")
+        failed = dist_utils.failed_at(self.env)
+        if failed is not None:
+            self._restarted = (failed, state.world_size if state is not None else None)
+        if self.lost_nodes:
+            self._say_shrunk(state)
         if path is None or state is None:
             return None
         self.steps = state.step

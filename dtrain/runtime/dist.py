@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from dtrain.core import strategies
-from dtrain.core.contract import WorkerEnv
+from dtrain.core.contract import WorkerEnv, failures
 from dtrain.core.hangs import timed_out
 from dtrain.core.rundir import RunDir, write_json_atomically
 from dtrain.errors import UsageError
@@ -32,12 +32,40 @@ def pick_device(env: WorkerEnv) -> torch.device:
 
 
 def check_world(env: WorkerEnv) -> None:
-    """Stop unless the launcher made this process one rank of the world `dtrain launch` asked for:
-    a launcher misconfigured into starting N independent trainings is caught here, not after them."""
-    if env.launched_world_size is not None and env.launched_world_size != env.world_size:
+    """Stop unless the launcher made this process one rank of the world `dtrain launch` asked for (or, with
+    --min-nodes, of one it may shrink to): a launcher misconfigured into starting N independent trainings is
+    caught here, not after them."""
+    launched = env.launched_world_size
+    if launched is not None and not (env.min_world_size or launched) <= env.world_size <= launched:
         raise UsageError(f"this process was started as one of a world of {env.world_size}, but dtrain launched "
-                         f"{env.launched_world_size} processes: the launcher did not join them into one job; "
+                         f"{launched} processes: the launcher did not join them into one job; "
                          "check its configuration, or leave --launcher out.")
+
+
+def shrunk_accumulation(grad_accum: int, launched: int | None, world_size: int) -> int:
+    """The accumulation after a shrink (--min-nodes): the global batch is kept by accumulating more where the
+    world divides it evenly (4 ranks to 2: twice the micro-batches per step); otherwise each rank's batch and
+    accumulation are kept, and the global batch shrinks with the world."""
+    if launched is None or world_size >= launched or launched % world_size:
+        return grad_accum
+    return grad_accum * launched // world_size
+
+
+def lost_nodes(nodes: list[int], launched: int | None, world_size: int) -> list[int]:
+    """The nodes (their --node-rank) of the launched world that are not in this one, from the nodes of this one."""
+    if launched is None or world_size >= launched:
+        return []
+    return sorted(set(range(launched // (world_size // len(nodes)))) - set(nodes))
+
+
+def failed_at(env: WorkerEnv) -> float | None:
+    """When the first rank of the previous attempt failed (its error record in the run directory), in a restarted
+    world; None in a first one."""
+    if attempt() == 0 or env.launched_world_size is None:
+        return None
+    earlier = [f.time for f in failures(env.run_dir, env.launched_world_size, env.launch_time or 0.0)
+               if f.attempt < attempt()]
+    return min(earlier, default=None)
 
 
 def init_process_group(env: WorkerEnv, device: torch.device) -> None:

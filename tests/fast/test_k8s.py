@@ -141,6 +141,14 @@ def test_a_sweep_is_refused():
     assert out.returncode == 2 and "not a sweep" in out.stderr
 
 
+def test_a_shrink_is_refused():
+    out = run_dtrain("k8s", "submit", RECIPE, "--cpu", "--image", "i", "--nodes", "3", "--min-nodes", "2", "--dry-run")
+    assert (out.returncode, out.stdout) == (2, "")
+    assert out.stderr == ("dtrain: error: a TrainJob or JobSet restarts its pods as one group, never on fewer of "
+                          "them; leave --min-nodes out on Kubernetes (SLURM and `dtrain launch` across nodes "
+                          "shrink).\n")
+
+
 @pytest.mark.parametrize("environ, expected", [
     ({"KUBERNETES_SERVICE_HOST": "10.0.0.1", "PET_NNODES": "3", "PET_NPROC_PER_NODE": "8", "PET_NODE_RANK": "2",
       "PET_MASTER_ADDR": "exp-node-0-0.exp", "PET_MASTER_PORT": "29500"},

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
+from dtrain.core.contract import first_failure
 from dtrain.core.rundir import RunDir
-from dtrain.launch.job import first_failure
 from dtrain.launch.launchers import ExitStatus, accelerate, deepspeed, local, torchrun
 
 from conftest import file_size_limit

@@ -153,3 +153,24 @@ def test_config_yaml_says_beside_each_launch_option_where_it_was_set():
     assert "  timeout: 30  # from DTRAIN_TIMEOUT_S\n" in text and "  tags:  # from profile p.yaml\n" in text
     assert f"  wandb_entity: {'x' * 200}  # from the command line\n" in text  # not folded onto a second line
     assert "\nseed: 0\n" in text and "  seed: 0\n" in text and "\n  timeout: 1\n" in text  # only the launch section's
+
+
+@pytest.mark.parametrize("grad_accum, launched, world, kept", [
+    (1, 4, 2, 2),   # 4 ranks to 2: twice the micro-batches per step, the global batch kept
+    (3, 8, 2, 12),
+    (2, 3, 2, 2),   # 3 to 2 does not divide: each rank's batch kept, the global batch shrinks
+    (2, 4, 4, 2),   # no shrink
+    (2, None, 1, 2),  # not under dtrain launch
+])
+def test_a_shrink_keeps_the_global_batch_where_the_world_divides_it(grad_accum, launched, world, kept):
+    from dtrain.runtime.dist import shrunk_accumulation
+
+    assert shrunk_accumulation(grad_accum, launched, world) == kept
+
+
+def test_the_lost_nodes_are_those_of_the_launched_world_no_rank_runs_on():
+    from dtrain.runtime.dist import lost_nodes
+
+    assert lost_nodes([0, 1], launched=3, world_size=2) == [2]
+    assert lost_nodes([0, 3], launched=8, world_size=4) == [1, 2]  # 2 processes per node
+    assert lost_nodes([0, 1, 2], launched=3, world_size=3) == []

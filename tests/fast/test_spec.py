@@ -53,6 +53,10 @@ def test_no_gpu_and_no_flag_falls_back_to_one_cpu_process():
     ({"checkpoint_every": "hourly"}, 0, "is not understood"),
     ({"keep_last": 0}, 0, "--keep-last must be at least 1"),
     ({"resume": "runs/nope/checkpoints/step_0000001"}, 0, "checkpoint runs/nope/checkpoints/step_0000001 does not exist"),
+    ({"nodes": 2, "name": "x", "min_nodes": 3}, 0, "--min-nodes 3 is more than the job's 2 node(s): a job shrinks, it "
+                                                  "does not grow; pass --min-nodes 2 or fewer, or more --nodes."),
+    ({"nodes": 2, "name": "x", "min_nodes": 1, "launcher": "accelerate"}, 0,
+     "--launcher accelerate cannot restart on fewer nodes; leave --min-nodes out, or leave --launcher out"),
 ])
 def test_bad_options_are_refused_with_the_fix(options, available, words):
     with pytest.raises(UsageError, match=words.replace("(", r"\(").replace(")", r"\)")):
@@ -100,6 +104,18 @@ def test_torchrun_argv_for_two_nodes():
     assert env["TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"] == "[rank${rank}]: "
     assert env["DTRAIN_DEVICE"] == "cuda" and env["DTRAIN_RUN_DIR"] == "runs/big"
     assert env["OMP_NUM_THREADS"] == "4"
+    assert env["DTRAIN_NODE_RANK"] == "1" and "DTRAIN_MIN_WORLD_SIZE" not in env
+
+
+def test_a_job_that_may_shrink_rendezvous_from_its_minimum_and_restarts_at_least_once_per_node_it_may_lose():
+    shrinking = resolve(cpu=True, nproc=2, nodes=4, node_rank=3, master_addr="node-a", name="big", min_nodes=2)
+    argv, env = torchrun.build_command(shrinking, cpus=8, base_env={}, python="python")
+    assert argv[argv.index("--nnodes") + 1] == "2:4" and argv[argv.index("--max-restarts") + 1] == "2"
+    assert (env["DTRAIN_WORLD_SIZE"], env["DTRAIN_MIN_WORLD_SIZE"], env["DTRAIN_NODE_RANK"]) == ("8", "4", "3")
+    more = resolve(cpu=True, nproc=2, nodes=4, node_rank=3, master_addr="node-a", name="big", min_nodes=3,
+                   max_restarts=5)
+    argv, _ = torchrun.build_command(more, cpus=8, base_env={}, python="python")
+    assert argv[argv.index("--max-restarts") + 1] == "5"
 
 
 def test_worker_env_is_the_dtrain_contract_and_keeps_the_callers_variables():
@@ -116,7 +132,7 @@ def test_worker_env_is_the_dtrain_contract_and_keeps_the_callers_variables():
         "DTRAIN_PREEMPT_SIGNAL": "USR1", "DTRAIN_MAX_REQUEUES": "5",
         "DTRAIN_WANDB": "auto", "DTRAIN_WANDB_PROJECT": "dtrain", "DTRAIN_TIMEOUT_S": "60",
         "DTRAIN_MLFLOW_EXPERIMENT": "dtrain",
-        "DTRAIN_STRATEGY": "ddp", "DTRAIN_GRAD_ACCUM": "1", "DTRAIN_WORLD_SIZE": "2",
+        "DTRAIN_STRATEGY": "ddp", "DTRAIN_GRAD_ACCUM": "1", "DTRAIN_WORLD_SIZE": "2", "DTRAIN_NODE_RANK": "0",
     }
     plain = contract.worker_env(resolve(cpu=True, name="r"), cpus=2, base={"DTRAIN_KEEP_LAST": "9"})
     assert "DTRAIN_KEEP_LAST" not in plain and "DTRAIN_ASYNC_CHECKPOINT" not in plain

@@ -25,6 +25,7 @@ class ExitStatus:
     signal: int | None = None  # a worker was killed by this signal (it left no error record) ...
     rank: int | None = None  # ... and this was its rank, when the launcher says
     rendezvous_timeout: bool = False  # the nodes never met: no worker started
+    store_lost: bool = False  # the rendezvous store (on node 0) went away under this node's agent
 
 
 def worker_failure(failed: Sequence[tuple[int, int]], launcher_code: int) -> ExitStatus:

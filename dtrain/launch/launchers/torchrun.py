@@ -26,17 +26,22 @@ def build_command(spec: LaunchSpec, cpus: int, base_env: Mapping[str, str],
     """Every rank's stdout/stderr is written under `<run_dir>/logs/` and teed (`--tee 3`); `job.py` shows
     rank 0's output and only the other ranks' stderr. Rendezvous is c10d in every case: on one node at a
     free local port, on many at MASTER_ADDR:MASTER_PORT with node rank 0 hosting the store, each node
-    advertising its address toward node 0 (`--local-addr`: torchrun would publish its host name)."""
+    advertising its address toward node 0 (`--local-addr`: torchrun would publish its host name). With
+    `--min-nodes K` the rendezvous takes K to all nodes, and a lost node is a restart of the others: at least one
+    allowed per node the job may lose."""
+    nodes, restarts = str(spec.nodes), spec.max_restarts
+    if spec.min_nodes is not None:
+        nodes, restarts = f"{spec.min_nodes}:{spec.nodes}", max(restarts, spec.nodes - spec.min_nodes)
     argv = [
         python, "-m", "torch.distributed.run",
-        "--nnodes", str(spec.nodes),
+        "--nnodes", nodes,
         "--nproc-per-node", str(spec.nproc),
         "--node-rank", str(spec.node_rank),
         "--rdzv-backend", "c10d",
         "--rdzv-endpoint", f"{spec.master_addr}:{spec.master_port}",
         "--rdzv-id", spec.name,
         "--rdzv-conf", f"is_host={1 if spec.node_rank == 0 else 0},join_timeout={spec.rdzv_timeout}",
-        "--max-restarts", str(spec.max_restarts),
+        "--max-restarts", str(restarts),
         *(("--local-addr", spec.network["address"]) if spec.network else ()),
         "--log-dir", spec.log_dir,
         "--tee", "3",
@@ -57,6 +62,8 @@ def exit_status(launcher_log: str, launcher_code: int) -> ExitStatus:
     """
     if "RendezvousTimeoutError" in launcher_log or "client socket has timed out" in launcher_log:
         return ExitStatus(launcher_code, rendezvous_timeout=True)
+    if "RendezvousConnectionError" in launcher_log:
+        return ExitStatus(launcher_code, store_lost=True)
     summary = [(int(rank), int(code)) for rank, code in _SUMMARY_FAILURE.findall(launcher_log)]
     if summary:
         return worker_failure(summary, launcher_code)
