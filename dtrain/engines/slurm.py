@@ -110,6 +110,9 @@ def resolve_job(given: Mapping[str, Any], profile: Mapping[str, Any], profile_pa
         value = given.get(key)
         return profile.get(key, default) if value is None else value
 
+    if given.get("min_nodes") is not None:
+        raise UsageError("a SLURM job runs on the nodes it was given, and srun stops all of them when one fails; "
+                         "leave --min-nodes out (it shrinks a `dtrain launch` across nodes started by hand).")
     cpu = bool(given.get("cpu"))
     gpus = given.get("gpus_per_node")
     node_gpus = profile.get("gpus_per_node")

@@ -263,3 +263,9 @@ def test_a_job_arrays_status_has_a_line_per_run():
         "  1     22    PENDING (BeginTime)          1         001_lr=2",
         "  2     20_2  PENDING (JobArrayTaskLimit)  0         002_lr=3",
         "  3     20_3  PENDING (JobArrayTaskLimit)  0         003_lr=4"]
+
+
+def test_a_shrink_is_refused_in_one_sentence():
+    with pytest.raises(UsageError, match=r"^a SLURM job runs on the nodes it was given, and srun stops all of them "
+                                         r"when one fails; leave --min-nodes out"):
+        slurm.resolve_job({"nodes": 3, "cpu": True, "min_nodes": 2}, {}, None)
