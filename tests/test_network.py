@@ -115,6 +115,9 @@ def test_a_node_whose_workers_die_restarts_with_the_other_and_resumes(namespaces
     assert [node.returncode for node in nodes] == [0, 0], outputs
     assert "resuming from" in outputs[0][0] + outputs[1][0]
     assert [r["step"] for r in metrics(run_dir, "train")][-1] == 60
+    restart = metrics(run_dir, "restart")  # the same world again, no node lost
+    assert len(restart) == 1 and (restart[0]["world_size"], restart[0]["previous_world_size"]) == (2, 2)
+    assert "lost; restarting" not in outputs[0][0]
 
 
 def elastic_args(port: int, data_dir: str) -> tuple[str, ...]:

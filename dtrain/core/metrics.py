@@ -17,7 +17,8 @@ other key is one series, and a series' name means one thing in every row that ho
              time_to_target_s (since fit began), since_launch_s (since `dtrain launch` started)
     startup  once per launch: startup_s, from `dtrain launch` to this process's first step
     restart  the first step after the workers restarted (--max-restarts, --min-nodes): world_size (now),
-             previous_world_size (the checkpoint's), heal_s (from the first rank's failure to this step)
+             previous_world_size (the checkpoint's), heal_s (from the first rank's failure to this step, where
+             a failed rank left its error record; a rank its launcher stopped first leaves none)
     system   every log interval (and at `ctx.close()`), over all ranks: compute_s, data_wait_s and
              comm_wait_s (seconds per step; /min, /median, /max), slowest_rank (the longest
              compute), memory/* (the highest rank's; CPU: rss_gb, peak_rss_gb; GPU, since the process

@@ -110,7 +110,7 @@ class Context:
         rank_nodes = [name for name, _ in placement]
         self.nodes = sorted({node for _, node in placement})
         self.lost_nodes = dist_utils.lost_nodes(self.nodes, env.launched_world_size, env.world_size)
-        self._restarted: tuple[float, int | None] | None = None  # (failure time, old world): the restart row's
+        self._restarted: tuple[float | None, int | None] | None = None  # the restart row's failure time, old world
         self.logger: RunLogger | None = None
         self.progress: Progress | None = None
         self.run_config: dict[str, Any] = {}
@@ -292,12 +292,15 @@ class Context:
                    f"({batch}).")
 
     def _log_restart(self) -> None:
-        """The restart row, at the first step of a restarted world: how long it took to heal."""
+        """The restart row, at the first step of a restarted world: its world, the checkpoint's, and how long it took
+        to heal since a rank failed (where a rank's error record says when)."""
         assert self._restarted is not None
         failed, previous = self._restarted
         self._restarted = None
-        self.log(self.steps, {"world_size": self.world_size, "heal_s": round(time.time() - failed, 3),
-                              **({"previous_world_size": previous} if previous is not None else {})}, kind=RESTART)
+        self.log(self.steps, {"world_size": self.world_size,
+                              **({"previous_world_size": previous} if previous is not None else {}),
+                              **({"heal_s": round(time.time() - failed, 3)} if failed is not None else {})},
+                 kind=RESTART)
 
     def _log_system(self) -> None:
         """Collective: the interval's `system` row (dtrain.runtime.performance), logged by rank 0."""
@@ -377,9 +380,8 @@ class Context:
             self.env.resume, self._checkpointable(), self._extras(scheduler))
         for note in notes:
             self.print(f"dtrain: {note}")
-        failed = dist_utils.failed_at(self.env)
-        if failed is not None:
-            self._restarted = (failed, state.world_size if state is not None else None)
+        if dist_utils.attempt() > 0:
+            self._restarted = (dist_utils.failed_at(self.env), state.world_size if state is not None else None)
         if self.lost_nodes:
             self._say_shrunk(state)
         if path is None or state is None:

@@ -59,8 +59,8 @@ def lost_nodes(nodes: list[int], launched: int | None, world_size: int) -> list[
 
 
 def failed_at(env: WorkerEnv) -> float | None:
-    """When the first rank of the previous attempt failed (its error record in the run directory), in a restarted
-    world; None in a first one."""
+    """In a restarted world, when the first rank of an earlier attempt failed (its error record in the run directory);
+    None when none left one (its launcher stopped it first) or in a first world."""
     if attempt() == 0 or env.launched_world_size is None:
         return None
     earlier = [f.time for f in failures(env.run_dir, env.launched_world_size, env.launch_time or 0.0)
