@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -109,17 +110,21 @@ def launch(ctx: click.Context, profile: str | None, dry_run: bool | None, spec: 
                               **_precision_facts(given.get("precision"), gpus_available))
 
     if allocation is not None and not allocation.per_node:
-        # In a job (an allocation, or a batch script) but started once for all of it: once per node, by the engine.
+        # In a job (an allocation, or a batch script) but started once for all of it: once per node, by the engine,
+        # and this process stays to requeue the job without a node that made it fail.
         engine = engines.submitters()[allocation.engine]
         argv = engine.fan_out(allocation, [*dtrain_argv(), *sys.argv[1:]])
         if dry_run:
             click.echo(shlex.join(argv))
             return 0
-        try:
-            os.execvp(argv[0], argv)
-        except OSError as exc:
-            raise UsageError(f"cannot start {argv[0]} inside {allocation.engine} job {allocation.job_id} "
-                             f"({exc.strerror}); put the {allocation.engine} commands on PATH.") from None
+        if shutil.which(argv[0]) is None:
+            raise UsageError(f"cannot start {argv[0]} inside {allocation.engine} job {allocation.job_id} (it is not "
+                             f"on PATH); put the {allocation.engine} commands on PATH.")
+        from dtrain.launch.job import run_across_nodes
+
+        job = engines.job(os.environ)
+        assert job is not None  # an allocation is a job's
+        return run_across_nodes(launch_spec, argv, engine, job, started=STARTED)
 
     _check_port(launch_spec, explicit=given.get("master_port") is not None or allocation is not None)
     launch_spec = _resolve_wandb(launch_spec, quiet=bool(dry_run))

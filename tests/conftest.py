@@ -179,7 +179,7 @@ def _controller_answers(conf: Path) -> bool:
 
 @pytest.fixture(scope="session")
 def slurm_env() -> dict[str, str]:
-    """The environment for SLURM commands against a real local cluster (two logical nodes).
+    """The environment for SLURM commands against a real local cluster (three logical nodes).
 
     Uses the cluster `.ci/run` (or a developer) started when SLURM_CONF points at one that
     answers; otherwise starts one with cluster/local/start.sh and stops exactly that one.

@@ -1,4 +1,4 @@
-"""`dtrain slurm` against a real SLURM: slurmctld and two slurmd (logical nodes n1 and n2) on
+"""`dtrain slurm` against a real SLURM: slurmctld and three slurmd (logical nodes n1, n2 and n3) on
 this machine, started by `.ci/run` or by the `slurm_env` fixture (cluster/local/start.sh).
 
 Two accelerations, both of SLURM's clock and not of dtrain: the pre-timeout signal is sent
@@ -222,3 +222,31 @@ def test_a_sweep_larger_than_max_array_size_is_refused_and_nothing_submitted(slu
                                   f"cluster's MaxArraySize is {limit}; split the sweep (fewer --grid values or "
                                   "--draws) or ask the cluster's admins for a larger MaxArraySize.")
     assert not (tmp_path / "big").exists()
+
+
+def test_a_job_that_a_node_makes_fail_is_requeued_without_it_and_resumes(slurm_env, tmp_path):
+    """The rank on n2 hangs in the job's first run: the batch script's dtrain (not a rank: that one hangs) requeues
+    the job without n2; it runs on the other nodes and resumes from its checkpoint."""
+    job_id = submit(slurm_env, tmp_path, str(TEST_RECIPES / "hang_on_node.py"), "--nodes", "2", "--cpu", "--nproc",
+                    "1", "--name", "badnode", "--timeout", "20", "--checkpoint-every", "10", "--max-steps", "40",
+                    "--max-requeues", "1", "--", "--hang-node", "n2", "--hang-at", "25")
+    fields = wait_for(slurm_env, job_id, ("COMPLETED", "FAILED", "CANCELLED"), timeout=400, release=True)
+    run_dir = tmp_path / "runs" / "badnode"
+    output = (run_dir / "slurm" / f"slurm-{job_id}.out").read_text()
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", output
+    assert fields["ExcNodeList"] == "n2" and fields["NodeList"] == "n[1,3]", fields
+    assert f"dtrain: job {job_id} on n[1-2], requeue 0 of 1" in output
+    assert "dtrain: node n2: rank 1 never reached " in output or "dtrain: node n2: rank 0 never reached " in output
+    assert f"dtrain: requeueing slurm job {job_id} without node n2 (requeue 1 of 1)" in output, output
+    assert f"dtrain: job {job_id} on n[1,3], requeue 1 of 1" in output
+    assert f"resuming from {run_dir}/checkpoints/step_0000020 (step 20," in output
+    assert [m["step"] for m in read_metrics(run_dir, "train")][-1] == 40 and (run_dir / "model.pth").is_file()
+
+
+def test_a_recipes_exception_on_every_rank_excludes_no_node(slurm_env, tmp_path):
+    job_id = submit(slurm_env, tmp_path, str(TEST_RECIPES / "hang_on_node.py"), "--nodes", "2", "--cpu", "--nproc",
+                    "1", "--name", "bug", "--max-requeues", "1", "--", "--fail-at", "5")
+    fields = wait_for(slurm_env, job_id, ("COMPLETED", "FAILED", "CANCELLED"), timeout=300)
+    output = (tmp_path / "runs" / "bug" / "slurm" / f"slurm-{job_id}.out").read_text()
+    assert (fields["JobState"], fields["Restarts"], fields["ExcNodeList"]) == ("FAILED", "0", "(null)"), output
+    assert "fails at step 5, as the recipe says" in output and "requeueing" not in output

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start a real SLURM (munged, slurmctld, and one slurmd per logical node n1, n2) on this machine,
+# Start a real SLURM (munged, slurmctld, and one slurmd per logical node n1, n2, n3) on this machine,
 # for development and CI. Idempotent: if this state directory's daemons are up, it does nothing.
 #
 #   cluster/local/start.sh [STATE_DIR]     (default: $DTRAIN_SLURM_DIR or /tmp/dtrain-slurm)
@@ -10,8 +10,8 @@
 set -euo pipefail
 
 STATE="${1:-${DTRAIN_SLURM_DIR:-/tmp/dtrain-slurm}}"
-CTLD_PORT="${DTRAIN_SLURM_PORT:-16817}"       # slurmd of n1 and n2 listen on the next two ports
-NODE_PORTS=($((CTLD_PORT + 1)) $((CTLD_PORT + 2)))
+CTLD_PORT="${DTRAIN_SLURM_PORT:-16817}"       # slurmd of n1, n2 and n3 listen on the next three ports
+NODES=(n1 n2 n3)
 
 say() { echo "cluster/local: $*"; }
 
@@ -40,11 +40,13 @@ mkdir -p "$STATE"
 STATE="$(cd "$STATE" && pwd)"
 HOSTS_TAG="# dtrain-local-slurm $STATE"  # marks the /etc/hosts lines this cluster added
 add_hosts() {  # the logical node names must resolve; /etc/hosts may be a bind mount: append in place
-    grep -qF "$HOSTS_TAG" /etc/hosts || printf '127.0.0.1 n1 %s\n127.0.0.2 n2 %s\n' "$HOSTS_TAG" "$HOSTS_TAG" >> /etc/hosts
+    grep -qF "$HOSTS_TAG" /etc/hosts || for i in "${!NODES[@]}"; do
+        printf '127.0.0.%d %s %s\n' $((i + 1)) "${NODES[$i]}" "$HOSTS_TAG" >> /etc/hosts
+    done
 }
 
 if alive "$STATE/munged.pid" && alive "$STATE/slurmctld.pid" && alive "$STATE/slurmd-n1.pid" \
-        && alive "$STATE/slurmd-n2.pid"; then
+        && alive "$STATE/slurmd-n2.pid" && alive "$STATE/slurmd-n3.pid"; then
     add_hosts
     say "already running in $STATE"
     exit 0
@@ -55,7 +57,7 @@ if [[ -e "$STATE/munged.pid" || -e "$STATE/slurmctld.pid" ]]; then
 fi
 
 add_hosts
-mkdir -p "$STATE"/{munge,spool/n1,spool/n2,ctld,log}
+mkdir -p "$STATE"/{munge,spool/n1,spool/n2,spool/n3,ctld,log}
 MEM_MB=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 ))
 CPUS="$(nproc)"
 HOST="$(hostname -s)"
@@ -102,21 +104,22 @@ ReturnToService=2
 KillWait=10
 MinJobAge=300
 JobRequeue=1
-NodeName=n1 NodeHostname=$HOST NodeAddr=127.0.0.1 Port=${NODE_PORTS[0]} CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
-NodeName=n2 NodeHostname=$HOST NodeAddr=127.0.0.2 Port=${NODE_PORTS[1]} CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
+$(for i in "${!NODES[@]}"; do
+    echo "NodeName=${NODES[$i]} NodeHostname=$HOST NodeAddr=127.0.0.$((i + 1)) Port=$((CTLD_PORT + i + 1)) CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN"
+done)
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
 echo "export SLURM_CONF=$STATE/slurm.conf" > "$STATE/env.sh"
 
 export SLURM_CONF="$STATE/slurm.conf"
 slurmctld -f "$SLURM_CONF"
-for node in n1 n2; do
+for node in "${NODES[@]}"; do
     slurmd -f "$SLURM_CONF" -N "$node"
 done
 
 for _ in $(seq 1 100); do
     if [[ "$(sinfo -h -o '%T' -N 2>/dev/null | sort -u | tr -d '\n')" == idle ]]; then
-        say "running in $STATE (nodes n1, n2 idle); use it with: source $STATE/env.sh"
+        say "running in $STATE (nodes ${NODES[*]} idle); use it with: source $STATE/env.sh"
         exit 0
     fi
     sleep 0.2

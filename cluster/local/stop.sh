@@ -19,12 +19,13 @@ if alive "$STATE/slurmctld.pid"; then
     # slurmd does not kill running jobs when it stops: cancel them while the controller listens.
     SLURM_CONF="$STATE/slurm.conf" timeout 10 scancel --full --quiet --user=root 2>/dev/null || true
 fi
-for pidfile in "$STATE"/slurmd-n1.pid "$STATE"/slurmd-n2.pid "$STATE"/slurmctld.pid "$STATE"/munged.pid; do
+PIDFILES=("$STATE"/slurmd-n1.pid "$STATE"/slurmd-n2.pid "$STATE"/slurmd-n3.pid "$STATE"/slurmctld.pid "$STATE"/munged.pid)
+for pidfile in "${PIDFILES[@]}"; do
     if alive "$pidfile"; then
         kill "$(cat "$pidfile")"
     fi
 done
-for pidfile in "$STATE"/slurmd-n1.pid "$STATE"/slurmd-n2.pid "$STATE"/slurmctld.pid "$STATE"/munged.pid; do
+for pidfile in "${PIDFILES[@]}"; do
     for _ in $(seq 1 50); do
         alive "$pidfile" || break
         sleep 0.1

@@ -18,9 +18,10 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from dtrain.core.contract import RankFailure
 from dtrain.core.rundir import RunDir
 
 DUMP_SIGNAL = signal.SIGWINCH  # faulthandler dumps the stacks on it; a process that did not ask ignores it
@@ -150,3 +151,23 @@ def dump_live_stacks(run_dir: str | os.PathLike, send: Callable[[int, int], None
         if not stacks.get(rank):
             notes.append(f"rank {rank} did not answer within {wait_s:.0f} s.")
     return {rank: text for rank, text in stacks.items() if text}, notes
+
+
+# Words of a device's failure in a rank's error (CUDA, NVML, the driver): the node's hardware, not the recipe.
+DEVICE_ERRORS = ("uncorrectable ecc", "ecc error", "cuda error: unknown error", "unspecified launch failure",
+                 "gpu is lost", "fallen off the bus", "nvml", "xid")
+
+
+def culprit_nodes(states: list[dict], rank_nodes: Sequence[str], failures: Sequence[RankFailure]) -> dict[str, str]:
+    """The nodes a failed job should not run on again, each with why: a rank there never reached the collective
+    the others waited in, or it hit a device error. A recipe's exception on every rank, or a hang on every rank
+    in the recipe's own code, names none."""
+    blamed: dict[str, str] = {}
+    for rank, collective in sorted(behind(states).items()):
+        if rank < len(rank_nodes):
+            blamed.setdefault(rank_nodes[rank], f"rank {rank} never reached {collective}")
+    for failure in failures:
+        first = failure.message.splitlines()[0] if failure.message else ""
+        if failure.rank < len(rank_nodes) and any(words in first.lower() for words in DEVICE_ERRORS):
+            blamed.setdefault(rank_nodes[failure.rank], f"rank {failure.rank} hit a device error ({first})")
+    return blamed

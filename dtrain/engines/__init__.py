@@ -101,6 +101,12 @@ class Submitter(Engine, Protocol):
     def fan_out(self, where: Allocation, argv: Sequence[str]) -> list[str]:
         """A command that runs `argv` once on every node of the allocation (for a launch started once per job)."""
 
+    def requeue_without(self, job_id: str, nodes: Sequence[str], needed: int) -> list[str]:
+        """From the job's own launch (the one that fanned out): put the failed job back in the queue, never again on
+        `nodes` nor on those it excluded before, and return all it excludes now (an engine that stops this process
+        as it requeues the job, as SLURM does, never returns); UsageError when that would leave fewer than `needed`
+        nodes, or the engine cannot."""
+
     def render(self, given: Mapping[str, Any], sources: Mapping[str, str], sweep: Sweep | None, workdir: str,
                python: str) -> Submission:
         """The job's files for the options given (pure but for reading the files they name): one run, or one job

@@ -346,6 +346,10 @@ class Kubernetes:
     def fan_out(self, where: Allocation, argv: Sequence[str]) -> list[str]:
         return list(argv)  # every pod runs its own `dtrain launch`
 
+    def requeue_without(self, job_id: str, nodes: Sequence[str], needed: int) -> list[str]:
+        raise UsageError("a TrainJob or JobSet is not requeued by dtrain: Kubernetes restarts its pods, and a node "
+                         "that fails is the cluster's to cordon.")
+
     def render(self, given: Mapping[str, Any], sources: Mapping[str, str], sweep: Sweep | None, workdir: str,
                python: str) -> Submission:
         if sweep is not None:

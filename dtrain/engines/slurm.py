@@ -12,7 +12,9 @@ import dataclasses
 import os
 import re
 import shlex
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
@@ -216,6 +218,21 @@ def first_host(nodelist: str) -> str:
     return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[,-]", m.group(1))[0], nodelist[:end])
 
 
+def hostnames(nodelist: str) -> list[str]:
+    """Every host of a SLURM hostlist: "n[1-3,5],login1" -> n1, n2, n3, n5, login1 (zero padding kept)."""
+    hosts = []
+    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist or ""):
+        match = re.match(r"^(.*?)\[([^\]]*)\](.*)$", part)
+        if match is None:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = match.groups()
+        for item in ranges.split(","):
+            low, _, high = item.partition("-")
+            hosts += [f"{prefix}{n:0{len(low)}d}{suffix}" for n in range(int(low), int(high or low) + 1)]
+    return hosts
+
+
 def rendezvous_port(job_id: str) -> int:
     """A port from the job id: concurrent jobs sharing a first node do not collide, a requeue keeps it."""
     return _PORT_BASE + int(job_id) % _PORT_SPAN
@@ -345,13 +362,12 @@ def _check_directive_value(option: str, value: str | None, what: str = "its valu
 
 def render_script(template: str, job: SlurmJob, spec: LaunchSpec, python: str, workdir: str) -> str:
     """The sbatch script: the template with its {{ placeholders }} filled; every user value quoted.
-    Its one step starts `dtrain launch --spec` on every node, with the spec file `dtrain slurm submit`
-    writes beside it; in a job array (`job.array`, `spec.run_dir` the sweep directory) each task
+    It runs `dtrain launch --spec` once, with the spec file `dtrain slurm submit` writes beside it, which starts
+    one on every node (srun, `fan_out`) and requeues the job without a node that made it fail; in a job array (`job.array`, `spec.run_dir` the sweep directory) each task
     launches its own run's, slurm/task-$SLURM_ARRAY_TASK_ID.json."""
     spec_file = (shlex.quote(str(task_spec_path(spec.run_dir, ""))[:-len(".json")]) + '"${SLURM_ARRAY_TASK_ID}".json'
                  if job.array else shlex.quote(str(spec_path(spec.run_dir))))
-    lines = [shlex.join(srun_command(job.nodes, [], job.cpus_per_task)),
-             f"{shlex.join([*dtrain_argv(python), 'launch', '--spec'])} {spec_file}"]
+    lines = [f"{shlex.join([*dtrain_argv(python), 'launch', '--spec'])} {spec_file}"]
     setup = [f"module load {shlex.quote(module)}" for module in job.modules] + list(job.setup)
     values = {
         "directives": "\n".join(directives(job, spec.name, spec.run_dir, workdir)),
@@ -464,6 +480,39 @@ def requeue(job_id: str) -> None:
     _run(["scontrol", "requeue", job_id])
 
 
+_REQUEUED_WAIT_S = 600  # longer than any KillWait: SLURM kills the requeued job's batch script before it ends
+
+
+def requeue_without(job_id: str, nodes: Sequence[str], needed: int) -> list[str]:
+    """From inside the job (its batch script's dtrain): put it back in the queue, never again on `nodes` nor on
+    those it excluded before; the nodes it now excludes. A running job's ExcNodeList cannot change, a pending one's
+    can: hold it in the queue, change it, release it. SLURM stops the batch script as it requeues it (SIGTERM,
+    SIGKILL after KillWait), so SIGTERM is ignored meanwhile; and the script must not end by itself after that:
+    an exit code that reaches SLURM after the requeue marks the requeued job FAILED. It waits to be killed."""
+    record = show_job(job_id)
+    excluded = sorted(set(hostnames(record.get("ExcNodeList", "")) if record.get("ExcNodeList") != "(null)" else [])
+                      | set(nodes))
+    partition = record.get("Partition", "")
+    left = [n for n in hostnames(_run(["sinfo", "-h", "-p", partition, "-o", "%N"]).stdout.strip())
+            if n not in excluded]
+    if len(left) < needed:
+        raise UsageError(f"without {', '.join(excluded)} partition {partition} has {len(left)} node(s) and the job "
+                         f"needs {needed}, so it is not requeued; repair or drain those nodes, then submit it again.")
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _run(["scontrol", "requeuehold", job_id])
+    deadline = time.monotonic() + 10
+    while True:  # accepted once the job is pending
+        done = subprocess.run(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={','.join(excluded)}"],
+                              capture_output=True, text=True)
+        if done.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    _run(["scontrol", "release", job_id])
+    print(f"dtrain: slurm job {job_id} now excludes {', '.join(excluded)}.", file=sys.stderr, flush=True)
+    time.sleep(_REQUEUED_WAIT_S)
+    return excluded
+
+
 TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                    "DEADLINE", "PREEMPTED")
 
@@ -550,7 +599,11 @@ class Slurm:
         requeue(job_id)
 
     def fan_out(self, where: Allocation, argv: Sequence[str]) -> list[str]:
-        return srun_command(where.nodes or 1, argv)  # SLURM always says how many
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK")  # srun does not inherit sbatch's --cpus-per-task
+        return srun_command(where.nodes or 1, argv, int(cpus) if cpus else None)  # SLURM always says how many
+
+    def requeue_without(self, job_id: str, nodes: Sequence[str], needed: int) -> list[str]:
+        return requeue_without(job_id, nodes, needed)
 
     def render(self, given: Mapping[str, Any], sources: Mapping[str, str], sweep: Sweep | None, workdir: str,
                python: str) -> Submission:

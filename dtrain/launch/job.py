@@ -30,11 +30,15 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
+import yaml
+
+from dtrain import engines
 from dtrain.core import hardware, launchers
-from dtrain.core.contract import ERROR_SPOOL, RankFailure, first_failure
-from dtrain.core.hangs import hang_report, read_states, timed_out
+from dtrain.core.contract import ERROR_SPOOL, Job, RankFailure, failures, first_failure
+from dtrain.core.hangs import culprit_nodes, hang_report, read_states, timed_out
 from dtrain.core.rundir import RunDir, write_atomically, write_json_atomically
 from dtrain.core.spec import LaunchSpec
+from dtrain.engines import Submitter
 from dtrain.errors import UsageError
 from dtrain.launch.launchers import ExitStatus
 
@@ -302,6 +306,55 @@ def _exists(pid: int) -> bool:
         return False
 
 
+def run_across_nodes(spec: LaunchSpec, argv: Sequence[str], engine: Submitter, job: Job, started: float) -> int:
+    """The job's own launch, started once for all its nodes (a batch script's): run the engine's command that starts
+    `dtrain launch` on every node, and when the job fails for a cause that belongs to a node (a rank there hung, or
+    hit a device error, or the node dropped off the network), requeue it without that node, at most --max-requeues
+    times. A recipe's exception on every rank, or its hang on every rank, requeues nothing: it would fail again."""
+    proc = subprocess.Popen(list(argv))
+
+    def forward(signum, _frame):
+        _signal_quietly(proc.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if code == 0:
+        return 0
+    blamed = culprit_nodes(read_states(spec.run_dir, started), _rank_nodes(spec),
+                           failures(spec.run_dir, spec.world_size, started))
+    for record in node_records(spec, started).values():
+        if record.get("address") and record.get("node_name") and not hardware.answers(record["address"]):
+            blamed.setdefault(record["node_name"], "it did not answer on the network")
+    if not blamed:
+        return code
+    for node, why in blamed.items():
+        print(f"dtrain: node {node}: {why}.", file=sys.stderr)
+    if job.requeue_count >= spec.max_requeues:
+        print(f"dtrain: {engine.name} job {job.job_id} is not requeued without {', '.join(blamed)}: it was requeued "
+              f"{job.requeue_count} time(s), --max-requeues {spec.max_requeues}.", file=sys.stderr)
+        return code
+    print(f"dtrain: requeueing {engine.name} job {job.job_id} without node {', '.join(blamed)} (requeue "
+          f"{job.requeue_count + 1} of {spec.max_requeues}); it resumes from its newest checkpoint.", file=sys.stderr,
+          flush=True)
+    try:
+        engine.requeue_without(job.job_id, sorted(blamed), spec.nodes)
+    except UsageError as exc:
+        print(f"dtrain: {exc}", file=sys.stderr)
+    return code
+
+
+def _rank_nodes(spec: LaunchSpec) -> list[str]:
+    """Each rank's node (the engine's name for it), as the job's rank 0 recorded in config.yaml."""
+    try:
+        return list(yaml.safe_load(spec.paths.config.read_text()).get("rank_nodes") or [])
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []
+
+
 def _hang_verdict(spec: LaunchSpec, started: float) -> list[str]:
     """After a collective timed out: the nodes that no longer answer on the network, then the hang report."""
     silent = silent_nodes(spec, started, hardware.answers) if spec.nodes > 1 else []
@@ -313,8 +366,9 @@ def _hang_verdict(spec: LaunchSpec, started: float) -> list[str]:
 def _announce_node(spec: LaunchSpec) -> None:
     """Say in the (shared) run directory that this node has come, so that a rendezvous that times out
     can say which nodes did (a node whose disk refuses is only missing from that message)."""
+    job = engines.job(os.environ)
     record = {"node_rank": spec.node_rank, "host": os.uname().nodename, "time": time.time(),
-              "address": (spec.network or {}).get("address")}
+              "address": (spec.network or {}).get("address"), "node_name": job.node_name if job else None}
     write_json_atomically(spec.paths.node_record(spec.node_rank), record)
 
 

@@ -45,6 +45,9 @@ class Fake:
     def fan_out(self, where, argv):
         return list(argv)
 
+    def requeue_without(self, job_id, nodes, needed):
+        raise NotImplementedError
+
     def render(self, given, sources, sweep, workdir, python):
         spec = resolve({**given, "name": "faked", "run_dir": str(Path(workdir) / "runs" / "faked")}, 0, 29500,
                        cpu_flags=None, sources=sources)

@@ -57,3 +57,20 @@ def test_time_outs_in_the_words_of_gloo_nccl_and_dtrain():
                      "600010 milliseconds before timing out. ... collective timed out")
     assert timed_out("RuntimeError: Timed out waiting 30000ms for the other ranks in shared-memory gradient all-reduce 4")
     assert not timed_out("RuntimeError: Connection closed by peer [198.18.0.2]:20142")
+
+
+def test_the_node_blamed_is_where_a_rank_hung_or_hit_a_device_error_and_a_recipes_bug_blames_none():
+    from dtrain.core.contract import RankFailure
+    from dtrain.core.hangs import culprit_nodes
+
+    hung = [state(0, 20, {"default_pg": [30, "gloo:all_reduce"]}), state(1, 20, {"default_pg": [29, "gloo:barrier"]}),
+            state(2, 20, {"default_pg": [30, "gloo:all_reduce"]})]
+    nodes = ["n1", "n2", "n3"]
+    assert culprit_nodes(hung, nodes, []) == {"n2": "rank 1 never reached gloo:all_reduce #30 of default_pg (its "
+                                                    "last: #29)"}
+    level = [state(r, 20, {"default_pg": [30, "gloo:all_reduce"]}) for r in range(3)]  # every rank in the recipe
+    bug = [RankFailure(rank, "ValueError: rank exploded", 1.0, 0, False) for rank in range(3)]
+    assert culprit_nodes(level, nodes, bug) == {}
+    device = [RankFailure(2, "RuntimeError: CUDA error: uncorrectable ECC error encountered\nmore", 1.0, 0, False)]
+    assert culprit_nodes(level, nodes, device) == {
+        "n3": "rank 2 hit a device error (RuntimeError: CUDA error: uncorrectable ECC error encountered)"}

@@ -152,9 +152,9 @@ def test_gpu_job_script_is_exactly_the_reviewed_file(monkeypatch):
 def test_profile_and_command_line_meet_in_the_script(monkeypatch):
     script = render_4x8(monkeypatch)
     assert "#SBATCH --time=02:00:00" in script  # the command line wins over the profile's 04:00:00
-    assert "#SBATCH --signal=USR2@120" in script and "at most 5 times" in script  # from the profile
+    assert "#SBATCH --signal=USR2@120" in script and "At most 5 requeues" in script  # from the profile
     assert "module load cuda/12.4\nmodule load nccl/2.21\n" in script
-    assert script.index("export NCCL_SOCKET_IFNAME=ib0") < script.index("exec srun")
+    assert script.index("export NCCL_SOCKET_IFNAME=ib0") < script.index("exec /opt/venv/bin/python -m dtrain.cli")
 
 
 def bad(*args, env=None):
@@ -269,3 +269,21 @@ def test_a_shrink_is_refused_in_one_sentence():
     with pytest.raises(UsageError, match=r"^a SLURM job runs on the nodes it was given, and srun stops all of them "
                                          r"when one fails; leave --min-nodes out"):
         slurm.resolve_job({"nodes": 3, "cpu": True, "min_nodes": 2}, {}, None)
+
+
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("n[1-3,5]", ["n1", "n2", "n3", "n5"]),
+    ("gpu[009-011],login1", ["gpu009", "gpu010", "gpu011", "login1"]),
+    ("n2", ["n2"]),
+    ("", []),
+])
+def test_a_hostlist_expands_as_scontrol_show_hostnames_does(nodelist, hosts):
+    assert slurm.hostnames(nodelist) == hosts
+
+
+def test_the_batch_scripts_fan_out_gives_srun_the_cpus_sbatch_was_given(monkeypatch):
+    where = engines.Allocation(engine="slurm", job_id="7", nodes=3, node_rank=0, first_host="n1", master_port=1,
+                               per_node=False)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4")
+    assert slurm.ENGINE.fan_out(where, ["dtrain", "launch"]) == [
+        "srun", "--nodes=3", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--cpus-per-task=4", "dtrain", "launch"]
