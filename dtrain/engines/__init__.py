@@ -102,11 +102,12 @@ class Submitter(Engine, Protocol):
         """A command that runs `argv` once on every node of the allocation (for a launch started once per job); with
         `elastic` (--min-nodes), one that goes on when a node's copy fails."""
 
-    def requeue_without(self, job_id: str, nodes: Sequence[str], needed: int) -> list[str]:
+    def requeue_without(self, job_id: str, nodes: Sequence[str], needed: int,
+                        announce: Callable[[list[str]], None]) -> list[str]:
         """From the job's own launch (the one that fanned out): put the failed job back in the queue, never again on
-        `nodes` nor on those it excluded before, and return all it excludes now (an engine that stops this process
-        as it requeues the job, as SLURM does, never returns); UsageError when that would leave fewer than `needed`
-        nodes, or the engine cannot."""
+        `nodes` nor on those it excluded before; `announce(all it excludes now)` just before, and return them (an
+        engine that stops this process as it requeues the job, as SLURM does, never returns). UsageError, before
+        anything changes, when that would leave fewer than `needed` nodes or the engine cannot."""
 
     def render(self, given: Mapping[str, Any], sources: Mapping[str, str], sweep: Sweep | None, workdir: str,
                python: str) -> Submission:

@@ -346,7 +346,8 @@ class Kubernetes:
     def fan_out(self, where: Allocation, argv: Sequence[str], elastic: bool = False) -> list[str]:
         return list(argv)  # every pod runs its own `dtrain launch`
 
-    def requeue_without(self, job_id: str, nodes: Sequence[str], needed: int) -> list[str]:
+    def requeue_without(self, job_id: str, nodes: Sequence[str], needed: int,
+                        announce: Callable[[list[str]], None]) -> list[str]:
         raise UsageError("a TrainJob or JobSet is not requeued by dtrain: Kubernetes restarts its pods, and a node "
                          "that fails is the cluster's to cordon.")
 

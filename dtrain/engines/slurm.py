@@ -486,7 +486,7 @@ def requeue(job_id: str) -> None:
 _REQUEUED_WAIT_S = 600  # longer than any KillWait: SLURM kills the requeued job's batch script before it ends
 
 
-def requeue_without(job_id: str, nodes: Sequence[str], needed: int) -> list[str]:
+def requeue_without(job_id: str, nodes: Sequence[str], needed: int, announce: Callable[[list[str]], None]) -> list[str]:
     """From inside the job (its batch script's dtrain): put it back in the queue, never again on `nodes` nor on
     those it excluded before; the nodes it now excludes. A running job's ExcNodeList cannot change, a pending one's
     can: hold it in the queue, change it, release it. SLURM stops the batch script as it requeues it (SIGTERM,
@@ -501,6 +501,7 @@ def requeue_without(job_id: str, nodes: Sequence[str], needed: int) -> list[str]
     if len(left) < needed:
         raise UsageError(f"without {', '.join(excluded)} partition {partition} has {len(left)} node(s) and the job "
                          f"needs {needed}, so it is not requeued; repair or drain those nodes, then submit it again.")
+    announce(excluded)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _run(["scontrol", "requeuehold", job_id])
     deadline = time.monotonic() + 10
@@ -605,8 +606,9 @@ class Slurm:
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")  # srun does not inherit sbatch's --cpus-per-task
         return srun_command(where.nodes or 1, argv, int(cpus) if cpus else None, elastic)  # SLURM says how many
 
-    def requeue_without(self, job_id: str, nodes: Sequence[str], needed: int) -> list[str]:
-        return requeue_without(job_id, nodes, needed)
+    def requeue_without(self, job_id: str, nodes: Sequence[str], needed: int,
+                        announce: Callable[[list[str]], None]) -> list[str]:
+        return requeue_without(job_id, nodes, needed, announce)
 
     def render(self, given: Mapping[str, Any], sources: Mapping[str, str], sweep: Sweep | None, workdir: str,
                python: str) -> Submission:

@@ -350,11 +350,14 @@ def run_across_nodes(spec: LaunchSpec, argv: Sequence[str], engine: Submitter, j
         print(f"dtrain: {engine.name} job {job.job_id} is not requeued without {', '.join(blamed)}: it was requeued "
               f"{job.requeue_count} time(s), --max-requeues {spec.max_requeues}.", file=sys.stderr)
         return code
-    print(f"dtrain: requeueing {engine.name} job {job.job_id} without node {', '.join(blamed)} (requeue "
-          f"{job.requeue_count + 1} of {spec.max_requeues}); it resumes from its newest checkpoint.", file=sys.stderr,
-          flush=True)
+
+    def announce(excluded: list[str]) -> None:
+        print(f"dtrain: requeueing {engine.name} job {job.job_id} without node {', '.join(excluded)} (requeue "
+              f"{job.requeue_count + 1} of {spec.max_requeues}); it resumes from its newest checkpoint.",
+              file=sys.stderr, flush=True)
+
     try:
-        engine.requeue_without(job.job_id, sorted(blamed), spec.nodes)
+        engine.requeue_without(job.job_id, sorted(blamed), spec.nodes, announce)
     except UsageError as exc:
         print(f"dtrain: {exc}", file=sys.stderr)
     return code

@@ -45,7 +45,7 @@ class Fake:
     def fan_out(self, where, argv, elastic=False):
         return list(argv)
 
-    def requeue_without(self, job_id, nodes, needed):
+    def requeue_without(self, job_id, nodes, needed, announce):
         raise NotImplementedError
 
     def render(self, given, sources, sweep, workdir, python):
