@@ -9,9 +9,6 @@ job, which SLURM holds back for two minutes, is made eligible with `scontrol upd
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
 import time
 from pathlib import Path
 
@@ -253,29 +250,3 @@ def test_a_recipes_exception_on_every_rank_excludes_no_node(slurm_env, tmp_path)
     output = (tmp_path / "runs" / "bug" / "slurm" / f"slurm-{job_id}.out").read_text()
     assert (fields["JobState"], fields["Restarts"], fields["ExcNodeList"]) == ("FAILED", "0", "(null)"), output
     assert "fails at step 5, as the recipe says" in output and "requeueing" not in output
-
-
-def test_a_job_that_may_shrink_loses_a_node_and_finishes_on_the_others(slurm_env, tmp_path):
-    """--min-nodes 2 of 3: n3's dtrain, torchrun and worker are killed after a checkpoint; the job goes on with n1 and
-    n2, ends COMPLETED, and logs the restart."""
-    from conftest import processes_with_env
-
-    job_id = submit(slurm_env, tmp_path, str(TEST_RECIPES / "hang_on_node.py"), "--nodes", "3", "--cpu", "--nproc",
-                    "1", "--name", "shrink", "--min-nodes", "2", "--checkpoint-every", "10", "--max-steps", "60")
-    run_dir = tmp_path / "runs" / "shrink"
-    assert "#SBATCH --no-kill" in (run_dir / "slurm" / "job.sbatch").read_text()
-    deadline = time.monotonic() + 300
-    while not (run_dir / "checkpoints" / "step_0000020" / "COMMITTED").exists():
-        assert time.monotonic() < deadline, "no checkpoint came"
-        time.sleep(0.05)
-    on_n3 = set(processes_with_env("SLURM_JOB_ID", job_id)) & set(processes_with_env("SLURMD_NODENAME", "n3"))
-    for pid in on_n3:
-        os.kill(pid, signal.SIGKILL)
-    fields = wait_for(slurm_env, job_id, ("COMPLETED", "FAILED", "CANCELLED"), timeout=400)
-    output = (run_dir / "slurm" / f"slurm-{job_id}.out").read_text()
-    assert on_n3 and fields["JobState"] == "COMPLETED" and fields["Restarts"] == "0", output
-    assert re.search(r"dtrain: node 2 lost; restarting on 2 nodes from step \d+ \(each rank's batch kept", output)
-    assert "dtrain: the job lost a node on the way and finished on the others (--min-nodes 2)." in output
-    restart = read_metrics(run_dir, "restart")
-    assert len(restart) == 1 and (restart[0]["world_size"], restart[0]["previous_world_size"]) == (2, 3)
-    assert [m["step"] for m in read_metrics(run_dir, "train")][-1] == 60 and (run_dir / "model.pth").is_file()

@@ -343,7 +343,7 @@ class Kubernetes:
     def requeue(self, job_id: str) -> None:
         raise NotImplementedError("Kubernetes starts a stopped pod again itself")
 
-    def fan_out(self, where: Allocation, argv: Sequence[str], elastic: bool = False) -> list[str]:
+    def fan_out(self, where: Allocation, argv: Sequence[str]) -> list[str]:
         return list(argv)  # every pod runs its own `dtrain launch`
 
     def requeue_without(self, job_id: str, nodes: Sequence[str], needed: int,

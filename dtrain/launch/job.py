@@ -68,14 +68,6 @@ def record_end(run_dir: str, code: int | None) -> None:
         pass
 
 
-def ended(run_dir: str | os.PathLike) -> dict | None:
-    """How the run's last `dtrain launch` ended (`record_end`), or None while it runs or before it ever did."""
-    try:
-        return json.loads(RunDir.of(run_dir).ended.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 @contextlib.contextmanager
 def run_dir_lock(spec: LaunchSpec) -> Iterator[None]:
     """Hold this node's lock of the run directory (`spec.launch_lock`) while the job runs: a second `dtrain launch`
@@ -332,11 +324,6 @@ def run_across_nodes(spec: LaunchSpec, argv: Sequence[str], engine: Submitter, j
             signal.signal(sig, handler)
     if code == 0:
         return 0
-    last = ended(spec.run_dir) or {}
-    if spec.min_nodes is not None and last.get("exit_code") == 0 and last.get("time", 0) >= started:
-        print(f"dtrain: the job lost a node on the way and finished on the others (--min-nodes {spec.min_nodes}).",
-              file=sys.stderr)
-        return 0  # node 0's launch ended well: the job's result, whatever srun says of the lost node's task
     blamed = culprit_nodes(read_states(spec.run_dir, started), _rank_nodes(spec),
                            failures(spec.run_dir, spec.world_size, started))
     for record in node_records(spec, started).values():
