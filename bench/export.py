@@ -21,8 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from compare import dtrain_launch, publish
+
 ROOT = Path(__file__).resolve().parent.parent
-DTRAIN = str(Path(sys.executable).parent / "dtrain")
 MODELS = {  # label -> (recipe, recipe arguments, export options)
     "MNIST CNN": ("recipes/mnist_cnn.py", ["--epochs", "1"], ["--dynamic-batch"]),
     "tiny_gpt (4 layers, d 128, block 128)": ("recipes/tiny_gpt.py", ["--max-chars", "100000"], []),
@@ -49,12 +50,11 @@ def main() -> None:
     rows = []
     for label, (recipe, recipe_args, options) in MODELS.items():
         run_dir = work / Path(recipe).stem
-        run(DTRAIN, "launch", recipe, "--cpu", "--nproc", "1", "--run-dir", str(run_dir), "--max-steps", "5",
-            "--", *recipe_args)
+        run(*dtrain_launch(ROOT / recipe, 1, run_dir, False, "--max-steps", "5", "--", *recipe_args))
         records, wall = [], []
         for repeat in range(args.repeats):
             out = work / f"{run_dir.name}-{repeat}"
-            wall.append(run(DTRAIN, "export", str(run_dir), "--out", str(out), *options))
+            wall.append(run(sys.executable, "-m", "dtrain.cli", "export", str(run_dir), "--out", str(out), *options))
             records.append(json.loads((out / "export.json").read_text()))
         formats = records[0]["formats"]
         rows.append((label, "trace (torch.export)", "", spread([r["trace_seconds"] for r in records]), ""))
@@ -69,11 +69,7 @@ def main() -> None:
              "the max abs diff is the artifact's largest distance from the eager fp32 model's outputs.", "",
              "| model | step | size | seconds | max abs diff |", "| --- | --- | ---: | ---: | ---: |"]
     lines += [f"| {' | '.join(row)} |" for row in rows]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "a") as fh:
-            fh.write("\n" + text + "\n")
+    publish("\n".join(lines) + "\n", args.out)
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -22,6 +22,7 @@ from dtrain.runtime.checkpoint import model_weights
 from conftest import ROOT, TEST_RECIPES, launch, mounted_tmpfs, run_dtrain
 
 ONE = ("--cpu", "--nproc", "1")
+# The file names users load (docs/deploy.md), spelt out: the test holds the names, not the product's table.
 FORMATS = {"state-dict": "model.pth", "safetensors": "model.safetensors", "pt2": "model.pt2", "onnx": "model.onnx"}
 
 # A fresh interpreter where `import dtrain` fails: the artifacts must load with torch and their own libraries.
@@ -44,12 +45,10 @@ def without_dtrain(code: str, *args: str) -> None:
     assert done.returncode == 0, done.stderr
 
 
-def eager(run_dir: Path, record: dict) -> torch.nn.Module:
+def eager(record: dict) -> torch.nn.Module:
     """The trained model as the test builds it: the run's recipe, its recorded arguments, the exported weights."""
-    config = json.loads(json.dumps(record))
-    recipe = Recipe.load(Path(config["recipe"]), config["recipe_args"])
-    model = recipe.model()
-    model.load_state_dict(model_weights(Path(config["source"]["path"])))
+    model = Recipe.load(Path(record["recipe"]), record["recipe_args"]).model()
+    model.load_state_dict(model_weights(Path(record["source"]["path"])))
     return model
 
 
@@ -110,7 +109,7 @@ def test_a_sharded_checkpoint_exports_to_every_format_and_each_computes_what_the
         assert record["formats"][name]["files"][file] == (out / file).stat().st_size
         assert record["formats"][name]["max_abs_diff"] <= 1e-4
 
-    model = eager(sharded_run, record)
+    model = eager(record)
     test = torch.load(mnist_test_set, weights_only=True)
     with torch.no_grad():
         expected = model(test["images"][:256])
@@ -162,7 +161,7 @@ def test_tiny_gpt_exports_a_sequence_length_that_varies(tmp_path):
     assert record["inputs"]["input_ids"]["dynamic"] == {"1": "sequence"}
     assert record["checked_shapes"] == [{"input_ids": [8, 32]}, {"input_ids": [8, 16]}]
 
-    model = eager(run_dir, record)
+    model = eager(record)
     ids = {length: torch.randint(97, (8, length), generator=torch.Generator().manual_seed(length)) for length in (32, 11)}
     with torch.no_grad():
         expected = {length: model(batch) for length, batch in ids.items()}
@@ -194,7 +193,7 @@ def test_gpt2s_tied_embedding_is_written_once_and_loads_back_sharing_storage(tmp
     assert set(record["formats"]["safetensors"]["files"]) == {"model.safetensors", "config.json"}
     ids = torch.randint(97, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected = eager(run_dir, record)(input_ids=ids).logits
+        expected = eager(record)(input_ids=ids).logits
     results = tmp_path / "reloaded.pt"
     without_dtrain("""
         import torch

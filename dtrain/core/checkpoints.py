@@ -175,8 +175,6 @@ def choose_for_resume(run_dir: str | os.PathLike, resume: str,
             notes.append(f"{exc} Falling back to an earlier checkpoint.")
             continue
         return Choice(path, tuple(notes))
-    if notes:
-        notes.append("no usable checkpoint is left; starting from scratch.")
     return Choice(None, tuple(notes))
 
 

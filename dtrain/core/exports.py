@@ -95,7 +95,7 @@ def choose_source(run_dir: Path, checkpoint: str | None) -> tuple[Source, list[s
             raise UsageError(f"{str(exc).rstrip('.')}; export a committed checkpoint, {listing}.") from None
         return Source(path, manifest["step"]), []
     choice = checkpoints.choose_for_resume(run_dir, "auto")
-    notes = list(choice.notes[:-1] if choice.path is None else choice.notes)  # not its "starting from scratch"
+    notes = list(choice.notes)
     if choice.path is not None:
         return Source(choice.path, checkpoints.read_manifest(choice.path)["step"]), notes
     if model.is_file():

@@ -262,18 +262,20 @@ def _watch_rendezvous_host(spec: LaunchSpec, spool: str, started: float, proc: s
     while proc.poll() is None:
         if first_failure(spool, spec.world_size, since) is not None:
             since = time.time()  # a failure with the host there (a restart, a shrink) is the launcher's to handle
-            if not any(proc.poll() is not None or hardware.answers(spec.master_addr)
-                       for _ in _after(LOST_HOST_CHECKS)):
+            if _host_gone(spec.master_addr, proc):
                 lost.set()
                 stop_tree(proc.pid, KILL_GRACE_S)
                 return
         time.sleep(1.0)
 
 
-def _after(delays: Sequence[float]) -> Iterator[None]:
-    for delay in delays:
+def _host_gone(address: str, proc: subprocess.Popen) -> bool:
+    """Whether `address` does not answer at any of LOST_HOST_CHECKS while the launcher still runs."""
+    for delay in LOST_HOST_CHECKS:
         time.sleep(delay)
-        yield
+        if proc.poll() is not None or hardware.answers(address):
+            return False
+    return True
 
 
 def stop_tree(pid: int, grace: float) -> None:

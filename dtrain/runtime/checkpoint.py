@@ -319,7 +319,10 @@ def _choose_on_rank0(run_dir: Path, resume: str, rank: int, world_size: int) -> 
     if rank == 0:
         try:
             picked = choose_for_resume(run_dir, resume, inspect=_read_metadata)
-            choice = [picked.path, list(picked.notes)]
+            notes = list(picked.notes)
+            if picked.path is None and notes:
+                notes.append("no usable checkpoint is left; starting from scratch.")
+            choice = [picked.path, notes]
         except CheckpointError as exc:
             choice = [exc, []]
     if world_size > 1:

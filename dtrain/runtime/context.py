@@ -284,8 +284,8 @@ class Context:
         return norm
 
     def _say_shrunk(self, state: TrainState | None) -> None:
-        launched = self.env.launched_world_size or self.world_size
-        batch = (f"the global batch kept: {self.env.grad_accum} micro-batches per step" if launched % self.world_size == 0
+        batch = (f"the global batch kept: {self.env.grad_accum} micro-batches per step"
+                 if dist_utils.keeps_global_batch(self.env.launched_world_size, self.world_size)
                  else "each rank's batch kept: the global batch shrinks with the world")
         self.print(f"dtrain: node{'s' if len(self.lost_nodes) > 1 else ''} {', '.join(map(str, self.lost_nodes))} "
                    f"lost; restarting on {len(self.nodes)} nodes from {f'step {state.step}' if state else 'the start'} "

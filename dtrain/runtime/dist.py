@@ -42,13 +42,16 @@ def check_world(env: WorkerEnv) -> None:
                          "check its configuration, or leave --launcher out.")
 
 
-def shrunk_accumulation(grad_accum: int, launched: int | None, world_size: int) -> int:
-    """The accumulation after a shrink (--min-nodes): the global batch is kept by accumulating more where the
-    world divides it evenly (4 ranks to 2: twice the micro-batches per step); otherwise each rank's batch and
+def keeps_global_batch(launched: int | None, world_size: int) -> bool:
+    """After a shrink (--min-nodes) the global batch is kept by accumulating more where the world divides the
+    launched one evenly (4 ranks to 2: twice the micro-batches per step); otherwise each rank's batch and
     accumulation are kept, and the global batch shrinks with the world."""
-    if launched is None or world_size >= launched or launched % world_size:
-        return grad_accum
-    return grad_accum * launched // world_size
+    return launched is not None and world_size < launched and launched % world_size == 0
+
+
+def shrunk_accumulation(grad_accum: int, launched: int | None, world_size: int) -> int:
+    """The accumulation after a shrink, by `keeps_global_batch`'s rule."""
+    return grad_accum * launched // world_size if launched and keeps_global_batch(launched, world_size) else grad_accum
 
 
 def lost_nodes(nodes: list[int], launched: int | None, world_size: int) -> list[int]:
