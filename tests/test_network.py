@@ -184,3 +184,62 @@ def test_a_shrink_needs_node_0_and_every_other_node_ends_saying_so(namespaces, t
             "this node stopped its ranks; the job goes on only with node 0 back (a shrink, --min-nodes, needs node 0 "
             "alive: it holds the rendezvous).")
     assert [namespace_pids(name) for name, _ in namespaces] == [[], [], []]
+
+
+def test_a_replica_group_killed_mid_run_heals_from_its_peer_which_never_stopped(namespaces, tmp_path, data_dir):
+    """Two replica groups (torchft) on two "nodes", joined by a lighthouse on node 0. Group 1's worker is SIGKILLed at
+    step 20 and its torchrun starts it again: group 0 keeps stepping meanwhile, group 1 takes group 0's model,
+    optimizer and step over the network (there is no checkpoint to read), and after that both hold the same weights,
+    bit for bit."""
+    lighthouse = f"{ADDRESSES[0]}:29616"
+    beacon = subprocess.Popen(["ip", "netns", "exec", namespaces[0][0], shutil.which("torchft_lighthouse") or "",
+                               "--min_replicas", "1", "--quorum_tick_ms", "100", "--join_timeout_ms", "1000",
+                               "--heartbeat_timeout_ms", "1000", "--bind", lighthouse],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = [tmp_path / f"group{group}" for group in (0, 1)]
+    groups = [subprocess.Popen(
+        ["ip", "netns", "exec", namespaces[group][0], DTRAIN, "launch", "recipes/mnist_cnn.py", "--cpu",
+         "--replica-groups", "2", "--replica-group", str(group), "--lighthouse", f"http://{lighthouse}",
+         "--max-restarts", "1", "--max-steps", "150", "--checkpoint-every", "never", "--run-dir", str(runs[group]),
+         "--wandb", "disabled", "--", "--epochs", "1", "--log-every", "1", "--limit-eval-batches", "2",
+         "--data-dir", data_dir], cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for group in (0, 1)]
+    try:
+        wait_for_step(runs[1], 20, groups)
+        workers = [pid for pid in namespace_pids(namespaces[1][0]) if b"torch.distributed.run" in cmdline(parent(pid))]
+        assert len(workers) == 1, "group 1's one worker is running"
+        os.kill(workers[0], 9)
+        killed = time.time()
+        outputs = [group.communicate(timeout=300) for group in groups]
+    finally:
+        beacon.terminate()
+        beacon.wait(timeout=30)
+    assert [group.returncode for group in groups] == [0, 0], outputs
+
+    [restart], heals = metrics(runs[1], "restart"), metrics(runs[1], "heal")
+    heal = heals[-1]  # the first is group 1 joining group 0 at the start
+    assert "previous_world_size" not in restart and not (runs[1] / "checkpoints").exists()  # no checkpoint read
+    assert heal["previous_step"] == 0 and heal["step"] > 21 and heal["participants"] == 1
+    survivor = [r for r in metrics(runs[0], "train") if r["time"] >= killed - 1]
+    stepped_alone = [r["step"] for r in survivor if killed < r["time"] < heal["time"]]
+    assert len(stepped_alone) >= 5 and heal["step"] - 1 in stepped_alone, stepped_alone
+    first = stepped_alone[0]
+    assert stepped_alone == list(range(first, first + len(stepped_alone))) and 20 < first <= 25, stepped_alone
+    for dropped in re.findall(r"dtrain: replica group 0 dropped step (\d+): ", outputs[0][0]):  # a kill mid-exchange
+        assert int(dropped) == first  # the step is taken again
+    longest_stop = max(b["time"] - a["time"] for a, b in zip(survivor, survivor[1:]))
+    assert longest_stop < heal["time"] - killed
+    assert f"dtrain: replica group 1 took a live peer's state at step {heal['step'] - 1} in" in outputs[1][0]
+    losses = [{r["step"]: r["train/loss"] for r in metrics(run, "train") if r["step"] > heal["step"]} for run in runs]
+    assert losses[0].keys() == losses[1].keys() and losses[0] != losses[1]  # one model, a shard of the data each
+    weights = [torch_load(run / "model.pth") for run in runs]
+    assert weights[0].keys() == weights[1].keys() and all(weights[0][k].equal(weights[1][k]) for k in weights[0])
+    print(f"group 1 killed after step 20: group 0 stepped {len(stepped_alone)} steps alone, its longest stop "
+          f"{longest_stop:.2f} s; group 1 stepped again {heal['time'] - killed:.2f} s after the kill, "
+          f"peer_heal_s {heal['peer_heal_s']} s")
+
+
+def torch_load(path):
+    import torch
+
+    return torch.load(path, weights_only=True)

@@ -35,6 +35,9 @@ class WorkerOptions:
     memory_snapshot: bool
     cuda_graph: bool
     peak_tflops: float | None
+    replica_groups: int
+    replica_group: int
+    lighthouse: str | None
     max_requeues: int
     preempt_signal: str
 

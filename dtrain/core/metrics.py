@@ -19,6 +19,9 @@ other key is one series, and a series' name means one thing in every row that ho
     restart  the first step after the workers restarted (--max-restarts, --min-nodes): world_size (now),
              previous_world_size (the checkpoint's), heal_s (from the first rank's failure to this step, where
              a failed rank left its error record; a rank its launcher stopped first leaves none)
+    heal     a replica group's first step on a live peer's state (--replica-groups): previous_step (this group's
+             own count before), peer_heal_s (from asking the lighthouse to join to that step's end), participants
+             (the groups in that step)
     system   every log interval (and at `ctx.close()`), over all ranks: compute_s, data_wait_s and
              comm_wait_s (seconds per step; /min, /median, /max), slowest_rank (the longest
              compute), memory/* (the highest rank's; CPU: rss_gb, peak_rss_gb; GPU, since the process
@@ -40,8 +43,9 @@ from typing import Any
 from dtrain.core.rundir import METRICS, RunDir
 from dtrain.errors import UsageError
 
-TRAIN, EPOCH, EVAL, TARGET, STARTUP, SYSTEM, RESTART = "train", "epoch", "eval", "target", "startup", "system", "restart"
-KINDS = (TRAIN, EPOCH, EVAL, TARGET, STARTUP, SYSTEM, RESTART)
+TRAIN, EPOCH, EVAL, TARGET, STARTUP, SYSTEM, RESTART, HEAL = ("train", "epoch", "eval", "target", "startup", "system",
+                                                              "restart", "heal")
+KINDS = (TRAIN, EPOCH, EVAL, TARGET, STARTUP, SYSTEM, RESTART, HEAL)
 META = ("step", "time", "kind")  # what a row says about itself; every other key is a series
 
 

@@ -302,6 +302,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("min_nodes", int, "Go on with as few as K nodes: when a node is lost, the others restart on fewer nodes "
            "from the newest checkpoint (elastic shrink; default: the job needs every node).", "launcher",
            commands=JOB - {SWEEP}, check=at_least(1)),
+    Option("replica_groups", int, "Train as one of R replica groups that keep stepping when another dies, and heal a "
+           "restarted one from a live peer without a checkpoint (torchft's fault-tolerant DDP: one process per group, "
+           "each its own `dtrain launch` and run directory; default 1).", default=1, env="DTRAIN_REPLICA_GROUPS",
+           commands=JOB - {SWEEP}, check=at_least(1), example=2),
+    Option("replica_group", int, "This launch's replica group, 0 .. R-1 (with --replica-groups).", default=0,
+           env="DTRAIN_REPLICA_GROUP", commands=JOB - {SWEEP}, check=at_least(0), example=1),
+    Option("lighthouse", str, "The torchft lighthouse that joins the replica groups, http://HOST:PORT (default: "
+           "$TORCHFT_LIGHTHOUSE).", env="DTRAIN_LIGHTHOUSE", commands=JOB - {SWEEP},
+           example="http://127.0.0.1:29510", metavar="URL"),
     Option("rdzv_timeout", int, "Seconds the rendezvous waits for every node to join (default 600).", "launcher",
            default=600, commands=JOB, check=at_least(1)),
     Option("max_requeues", int, "In a cluster job, requeue it at most K times on the pre-timeout signal "

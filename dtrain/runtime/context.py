@@ -41,12 +41,12 @@ from dtrain import engines
 from dtrain.core.checkpoints import committed
 from dtrain.core.contract import NETWORK_INTERFACES, WorkerEnv, read_env
 from dtrain.core.hardware import peak_tflops
-from dtrain.core.metrics import RESTART, SYSTEM, TRAIN
+from dtrain.core.metrics import HEAL, RESTART, SYSTEM, TRAIN
 from dtrain.core.options import parse_checkpoint_every
 from dtrain.core.rundir import RunDir
 from dtrain.errors import UsageError
 from dtrain.outputs.trackers import redact
-from dtrain.runtime import activation_checkpointing, checkpoint, performance, stacks, tracing
+from dtrain.runtime import activation_checkpointing, checkpoint, performance, replicas, stacks, tracing
 from dtrain.runtime import dist as dist_utils
 from dtrain.runtime.checkpoint import TrainState
 from dtrain.runtime.data import make_loader
@@ -66,6 +66,8 @@ def setup(config: Mapping[str, Any] | None = None) -> Context:
     dist_utils.install_error_hook(env)
     device = dist_utils.pick_device(env)
     dist_utils.check_world(env)
+    if env.replica_groups > 1:
+        replicas.check(env)
     env = dataclasses.replace(env, grad_accum=dist_utils.shrunk_accumulation(env.grad_accum, env.launched_world_size,
                                                                               env.world_size))
     stacks.enable_flight_recorder(env.run_dir)
@@ -106,6 +108,8 @@ class Context:
         self.run_dir = Path(env.run_dir)
         self.models: list[nn.Module] = []
         self.optimizers: list[torch.optim.Optimizer] = []
+        self.scheduler = None  # the one `resume(scheduler)` named: a healed replica group takes it from its peer
+        self.replicas: replicas.Replicas | None = None
         placement = self._gather((env.node_name, env.node_rank))
         rank_nodes = [name for name, _ in placement]
         self.nodes = sorted({node for _, node in placement})
@@ -200,6 +204,8 @@ class Context:
                                                                          recipe_blocks, model)
             activation_checkpointing.apply(model, checkpointed)
         model = self.strategy.wrap(model, recipe_blocks, optimizers, batch_size)
+        if self.env.replica_groups > 1:
+            self.replicas = replicas.Replicas(self.env, self.device, self._replica_state, self._load_replica_state)
         if self.env.cuda_graph:
             from dtrain.runtime.cuda_graph import GraphedForward
 
@@ -214,7 +220,9 @@ class Context:
         the dataset and `collate_fn` give; call `set_epoch(epoch)` on it before each epoch. `train`: every rank
         the same number of batches (padding by wrap-around, or whole rounds of a stream); otherwise each sample
         once over all ranks (evaluation)."""
-        loader = make_loader(dataset, batch_size, rank=self.rank, world_size=self.world_size, device=self.device,
+        groups = self.env.replica_groups if train else 1  # replica groups train on shards of their own
+        loader = make_loader(dataset, batch_size, rank=self.env.replica_group * self.world_size + self.rank
+                             if train else self.rank, world_size=groups * self.world_size, device=self.device,
                              shuffle=shuffle, seed=self.env.seed, train=train, num_workers=num_workers,
                              collate_fn=collate_fn)
         return performance.timed(loader, self.monitor.clock) if train else loader
@@ -236,6 +244,8 @@ class Context:
         """
         self._accumulating = True
         self._accumulated += 1
+        if self.replicas is not None:
+            self.replicas.begin()
         self._sync = last or self._accumulated >= self.env.grad_accum
         for model in self.models:
             self.strategy.set_gradient_sync(model, self._sync)
@@ -247,7 +257,11 @@ class Context:
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of the loss, averaged over the accumulation window (scaled for fp16)."""
+        if self.replicas is not None:
+            self.replicas.begin()
         self.strategy.backward(self._model(), loss, self.precision, self.env.grad_accum)
+        if self.replicas is not None:
+            self.replicas.average(self._model())
         self._end_flop_count()
 
     def _end_flop_count(self) -> None:
@@ -272,6 +286,17 @@ class Context:
         self._end_flop_count()  # a loop that calls loss.backward() itself
         if not self._sync:
             return None
+        healed = None
+        if self.replicas is not None:
+            steps, healed = self.replicas.commit(self.steps)
+            if steps is None:  # a peer failed during this step: every group drops it
+                self.print(f"dtrain: replica group {self.env.replica_group} dropped step {self.steps + 1}: "
+                           f"{self.replicas.dropped()}; it goes on with the groups left.")
+                for optimizer in self.optimizers:
+                    optimizer.zero_grad(set_to_none=True)
+                self._accumulated = 0
+                return None
+            self.steps = steps - 1
         norm = self.strategy.step(self._model(), self.optimizers, self.precision, measure_grad_norm, self.is_main)
         self._accumulated = 0
         self.steps += 1
@@ -279,6 +304,10 @@ class Context:
         self.tracer.step()
         if self._restarted is not None:
             self._log_restart()
+        if healed is not None:
+            self.print(f"dtrain: replica group {self.env.replica_group} took a live peer's state at step "
+                       f"{self.steps - 1} in {healed['peer_heal_s']} s (it was at step {healed['previous_step']}).")
+            self.log(self.steps, healed, kind=HEAL)
         if self.steps % self.log_every == 0:
             self._log_system()
         return norm
@@ -376,6 +405,7 @@ class Context:
         The RNG states are restored later, by `restore_rng()`, once the data iterator of the
         resumed epoch exists: creating it may draw random numbers.
         """
+        self.scheduler = scheduler
         path, notes, state, extras, self._rng_to_restore = self.checkpointer.resume(
             self.env.resume, self._checkpointable(), self._extras(scheduler))
         for note in notes:
@@ -387,6 +417,8 @@ class Context:
         if path is None or state is None:
             return None
         self.steps = state.step
+        if self.replicas is not None:
+            self.replicas.resumed(state.step)
         if self.logger is not None:
             self.logger.resumed()
         if scheduler is not None:
@@ -424,6 +456,21 @@ class Context:
                              f"this call, and found {len(self.models)}; prepare one model, first.")
         return self.models[0]
 
+    def _replica_state(self) -> dict[str, Any]:
+        """What a replica group that starts again takes from a live one (torchft sends it over the process group)."""
+        return {"model": self.unwrap(self._model()).state_dict(),
+                "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
+                **self._extras(self.scheduler)}
+
+    def _load_replica_state(self, state: dict[str, Any]) -> None:
+        self.unwrap(self._model()).load_state_dict(state["model"])
+        for optimizer, optimizer_state in zip(self.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(optimizer_state)
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.precision.scaler is not None:
+            self.precision.scaler.load_state_dict(state["scaler"])
+
     def _checkpointable(self):
         return self.strategy.checkpointable(self._model(), self.optimizers)
 
@@ -444,6 +491,8 @@ class Context:
             self.logger.close()
         for model in self.models:
             self.strategy.close(model)
+        if self.replicas is not None:
+            self.replicas.close()
         self.watch.close()
         dist_utils.destroy_process_group()
 

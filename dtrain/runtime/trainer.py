@@ -179,7 +179,10 @@ class Trainer:
                 continue
             logging_step = (self.step + 1) % self.log_every == 0
             clipped = self.ctx.clip_grad_norm(self.clip) if self.clip is not None else None
+            before = self.step
             grad_norm = self.ctx.step(measure_grad_norm=logging_step and clipped is None)
+            if self.step == before:  # a replica group's step that a failed peer dropped
+                continue
             if clipped is not None:
                 grad_norm = clipped
             if self.scheduler is not None and self.scheduler_interval == "step":

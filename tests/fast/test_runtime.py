@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import pytest
@@ -174,3 +175,43 @@ def test_the_lost_nodes_are_those_of_the_launched_world_no_rank_runs_on():
     assert lost_nodes([0, 1], launched=3, world_size=2) == [2]
     assert lost_nodes([0, 3], launched=8, world_size=4) == [1, 2]  # 2 processes per node
     assert lost_nodes([0, 1, 2], launched=3, world_size=3) == []
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"world_size": 2}, "--replica-groups runs one process per replica group, and this group has 2; start each group "
+                        "with one process (--nproc 1 or --gpus 1, one node), or leave --replica-groups out."),
+    ({"strategy": "fsdp"}, "--replica-groups averages gradients between groups like DDP, not --strategy fsdp; pass "
+                           "--strategy ddp, or leave --replica-groups out."),
+    ({"grad_accum": 4}, "--replica-groups averages every micro-batch's gradients between groups; leave --grad-accum "
+                        "out, or --replica-groups."),
+    ({"replica_group": 2}, "--replica-group must be between 0 and 1 for --replica-groups 2, got 2."),
+])
+def test_replica_groups_say_what_they_need_in_one_sentence(change, says):
+    from dtrain.core.contract import read_env
+    from dtrain.errors import UsageError
+    from dtrain.runtime import replicas
+
+    env = dataclasses.replace(read_env({"DTRAIN_REPLICA_GROUPS": "2", "DTRAIN_REPLICA_GROUP": "1"}), **change)
+    with pytest.raises(UsageError) as error:
+        replicas.check(env)
+    assert str(error.value) == says
+
+
+@pytest.mark.parametrize("missing, says", [
+    ("torchft", "--replica-groups needs torchft, which is not installed here; pip install 'dtrain[ft]', or leave "
+                "--replica-groups out."),
+    ("lighthouse", "--replica-groups needs torchft's lighthouse, which joins the groups; start one "
+                   "(`torchft_lighthouse --min_replicas 1`) and pass --lighthouse http://HOST:29510."),
+])
+def test_replica_groups_without_torchft_or_a_lighthouse_stop_before_anything_starts(monkeypatch, missing, says):
+    from dtrain.core.contract import read_env
+    from dtrain.errors import UsageError
+    from dtrain.runtime import replicas
+
+    monkeypatch.delenv("TORCHFT_LIGHTHOUSE", raising=False)
+    if missing == "torchft":
+        monkeypatch.setitem(sys.modules, "torchft", None)  # what an import finds where the package is not installed
+    env = read_env({"DTRAIN_REPLICA_GROUPS": "2", "DTRAIN_REPLICA_GROUP": "1"})
+    with pytest.raises(UsageError) as error:
+        replicas.Replicas(env, torch.device("cpu"), dict, lambda state: None)
+    assert str(error.value) == says

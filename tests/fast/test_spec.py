@@ -133,6 +133,7 @@ def test_worker_env_is_the_dtrain_contract_and_keeps_the_callers_variables():
         "DTRAIN_WANDB": "auto", "DTRAIN_WANDB_PROJECT": "dtrain", "DTRAIN_TIMEOUT_S": "60",
         "DTRAIN_MLFLOW_EXPERIMENT": "dtrain",
         "DTRAIN_STRATEGY": "ddp", "DTRAIN_GRAD_ACCUM": "1", "DTRAIN_WORLD_SIZE": "2", "DTRAIN_NODE_RANK": "0",
+        "DTRAIN_REPLICA_GROUPS": "1", "DTRAIN_REPLICA_GROUP": "0",
     }
     plain = contract.worker_env(resolve(cpu=True, name="r"), cpus=2, base={"DTRAIN_KEEP_LAST": "9"})
     assert "DTRAIN_KEEP_LAST" not in plain and "DTRAIN_ASYNC_CHECKPOINT" not in plain
@@ -222,7 +223,8 @@ def test_a_multi_node_launch_advertises_and_uses_the_interface_toward_node_0():
     assert argv[argv.index("--local-addr") + 1] == "198.18.0.2"  # not the host name, which may mean 127.0.0.1
     assert (env["GLOO_SOCKET_IFNAME"], env["NCCL_SOCKET_IFNAME"]) == ("veth1", "ib0")  # the user's choice stays
     one_node = resolve(cpu=True, name="small")
-    assert one_node.network is None and "--local-addr" not in torchrun.build_command(one_node, 2, {}, "python")[0]
+    argv = torchrun.build_command(one_node, 2, {}, "python")[0]
+    assert one_node.network is None and argv[argv.index("--local-addr") + 1] == "127.0.0.1"  # the rendezvous's
 
 
 def test_this_machine_routes_to_its_own_loopback_through_lo():

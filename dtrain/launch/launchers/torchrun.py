@@ -26,7 +26,8 @@ def build_command(spec: LaunchSpec, cpus: int, base_env: Mapping[str, str],
     """Every rank's stdout/stderr is written under `<run_dir>/logs/` and teed (`--tee 3`); `job.py` shows
     rank 0's output and only the other ranks' stderr. Rendezvous is c10d in every case: on one node at a
     free local port, on many at MASTER_ADDR:MASTER_PORT with node rank 0 hosting the store, each node
-    advertising its address toward node 0 (`--local-addr`: torchrun would publish its host name). With
+    advertising its address toward node 0, one node the rendezvous address (`--local-addr`: torchrun would
+    publish its host name, which need not resolve, as in a network namespace). With
     `--min-nodes K` the rendezvous takes K to all nodes, and a lost node is a restart of the others: at least one
     allowed per node the job may lose."""
     nodes, restarts = str(spec.nodes), spec.max_restarts
@@ -42,7 +43,8 @@ def build_command(spec: LaunchSpec, cpus: int, base_env: Mapping[str, str],
         "--rdzv-id", spec.name,
         "--rdzv-conf", f"is_host={1 if spec.node_rank == 0 else 0},join_timeout={spec.rdzv_timeout}",
         "--max-restarts", str(restarts),
-        *(("--local-addr", spec.network["address"]) if spec.network else ()),
+        *(("--local-addr", spec.network["address"]) if spec.network else
+          ("--local-addr", spec.master_addr) if spec.nodes == 1 else ()),
         "--log-dir", spec.log_dir,
         "--tee", "3",
         spec.recipe,
