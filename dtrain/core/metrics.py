@@ -20,7 +20,7 @@ other key is one series, and a series' name means one thing in every row that ho
              previous_world_size (the checkpoint's), heal_s (from the first rank's failure to this step, where
              a failed rank left its error record; a rank its launcher stopped first leaves none)
     heal     a replica group's first step on a live peer's state (--replica-groups): previous_step (this group's
-             own count before), peer_heal_s (from asking the lighthouse to join to that step's end), participants
+             own count before), peer_heal_s (from asking the lighthouse to join to that step's commit), participants
              (the groups in that step)
     system   every log interval (and at `ctx.close()`), over all ranks: compute_s, data_wait_s and
              comm_wait_s (seconds per step; /min, /median, /max), slowest_rank (the longest

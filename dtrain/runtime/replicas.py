@@ -48,7 +48,7 @@ class Replicas:
 
     def __init__(self, env: WorkerEnv, device: torch.device, state_dict: Callable[[], dict[str, Any]],
                  load_state_dict: Callable[[dict[str, Any]], None]):
-        check(env)
+        """`setup()` has checked `env` (`check`)."""
         os.environ.setdefault("RUST_LOG", "warn")  # torchft's server logs every quorum at info
         logging.getLogger("torchft").setLevel(logging.CRITICAL)  # a peer's failure: `dropped` says it in one line
         try:
@@ -87,24 +87,24 @@ class Replicas:
         for grad, averaged in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
             grad.copy_(averaged)
 
-    def begin(self) -> None:
-        """Ask for this step's quorum (once per step; it forms while the forward runs)."""
+    def begin(self) -> float:
+        """Ask for this step's quorum (once per step; it forms while the forward runs); when it was asked for."""
         if self._asked is None:
             self._asked = time.time()
             self.manager.start_quorum()
+        return self._asked
 
     def commit(self, steps: int) -> tuple[int | None, dict[str, Any] | None]:
         """Before the optimizer step: the step count to go on from (None: the step is dropped, a peer failed
         during it), and the `heal` row's values when this step took a peer's state."""
-        self.begin()
-        committed = self.manager.should_commit()
-        asked, self._asked = self._asked, None
-        if not committed:
+        asked = self.begin()
+        self._asked = None
+        if not self.manager.should_commit():
             return None, None
         now = self.manager.current_step()
         if now == steps + 1:
             return now, None
-        return now, {"previous_step": steps, "peer_heal_s": round(time.time() - (asked or time.time()), 3),
+        return now, {"previous_step": steps, "peer_heal_s": round(time.time() - asked, 3),
                      "participants": self.manager.num_participants()}
 
     def dropped(self) -> str:
