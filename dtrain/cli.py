@@ -113,7 +113,7 @@ def launch(ctx: click.Context, profile: str | None, dry_run: bool | None, spec: 
         # In a job (an allocation, or a batch script) but started once for all of it: once per node, by the engine,
         # and this process stays to requeue the job without a node that made it fail.
         engine = engines.submitters()[allocation.engine]
-        argv = engine.fan_out(allocation, [*dtrain_argv(), *sys.argv[1:]])
+        argv = engine.fan_out(allocation, [*dtrain_argv(), *sys.argv[1:]], elastic=launch_spec.min_nodes is not None)
         if dry_run:
             click.echo(shlex.join(argv))
             return 0
@@ -384,13 +384,13 @@ def report(run_dir: str, metric: str | None) -> int:
 def stack(run_dir: str) -> int:
     """Print the Python stacks of every rank of RUN_DIR's job that runs on this node, without stopping it."""
     from dtrain.core import hangs
-    from dtrain.launch import sweep
+    from dtrain.launch.job import ended as ended_record
 
     debug = RunDir.of(run_dir).debug
     if not hangs.live_ranks(run_dir):
         raise UsageError(f"no rank has announced itself in {debug}; give the run directory of a job that dtrain "
                          "started (runs/NAME).")
-    ended = sweep.ended(run_dir)
+    ended = ended_record(run_dir)
     if ended is not None and not hangs.announced_since(run_dir, ended.get("time", 0.0)):
         raise UsageError(f"the job of {run_dir} has ended (exit code {ended.get('exit_code')}); dtrain stack asks a "
                          f"running job for its stacks (a job that hung or failed left its last ones in {debug}).")

@@ -8,7 +8,12 @@ job, which SLURM holds back for two minutes, is made eligible with `scontrol upd
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -250,3 +255,78 @@ def test_a_recipes_exception_on_every_rank_excludes_no_node(slurm_env, tmp_path)
     output = (tmp_path / "runs" / "bug" / "slurm" / f"slurm-{job_id}.out").read_text()
     assert (fields["JobState"], fields["Restarts"], fields["ExcNodeList"]) == ("FAILED", "0", "(null)"), output
     assert "fails at step 5, as the recipe says" in output and "requeueing" not in output
+
+
+def test_a_job_that_may_shrink_loses_a_node_and_finishes_on_the_others(slurm_env, tmp_path):
+    """--min-nodes 2 of 3: n3's dtrain, torchrun and worker are killed after a checkpoint; the job goes on with n1 and
+    n2, ends COMPLETED, and logs the restart."""
+    from conftest import processes_with_env
+
+    job_id = submit(slurm_env, tmp_path, str(TEST_RECIPES / "hang_on_node.py"), "--nodes", "3", "--cpu", "--nproc",
+                    "1", "--name", "shrink", "--min-nodes", "2", "--checkpoint-every", "10", "--max-steps", "60")
+    run_dir = tmp_path / "runs" / "shrink"
+    assert "#SBATCH --no-kill" in (run_dir / "slurm" / "job.sbatch").read_text()
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "step_0000020" / "COMMITTED").exists():
+        assert time.monotonic() < deadline, "no checkpoint came"
+        time.sleep(0.05)
+    on_n3 = set(processes_with_env("SLURM_JOB_ID", job_id)) & set(processes_with_env("SLURMD_NODENAME", "n3"))
+    killed = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:120] for pid in on_n3}
+    for pid in on_n3:
+        os.kill(pid, signal.SIGKILL)
+    try:
+        fields = wait_for(slurm_env, job_id, ("COMPLETED", "FAILED", "CANCELLED"), timeout=300)
+    finally:  # what a failure needs to be understood, and no job left holding the nodes
+        output = (run_dir / "slurm" / f"slurm-{job_id}.out").read_text()
+        steps = slurm_cmd(slurm_env, "scontrol", "show", "steps", job_id, check=False)
+        print(f"killed on n3: {killed}\n{output[-3000:]}\n{steps}")
+        slurm_cmd(slurm_env, "scancel", job_id, check=False)
+    assert on_n3 and fields["JobState"] == "COMPLETED" and fields["Restarts"] == "0", output
+    assert re.search(r"dtrain: node 2 lost; restarting on 2 nodes from step \d+ \(each rank's batch kept", output)
+    assert "dtrain: the job lost a node on the way and finished on the others (--min-nodes 2)." in output
+    restart = read_metrics(run_dir, "restart")
+    assert len(restart) == 1 and (restart[0]["world_size"], restart[0]["previous_world_size"]) == (2, 3)
+    assert [m["step"] for m in read_metrics(run_dir, "train")][-1] == 60 and (run_dir / "model.pth").is_file()
+
+
+def throttle(job_id: str, node: str, script: str, stop: threading.Event) -> None:
+    """Make `node`'s worker of `job_id` that runs `script` slow, for real: stopped 2/3 of the time, until `stop`."""
+    from conftest import processes_with_env
+
+    while not stop.is_set():
+        workers = [pid for pid in set(processes_with_env("SLURM_JOB_ID", job_id))
+                   & set(processes_with_env("SLURMD_NODENAME", node))
+                   if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:3] == [b"-u", script.encode()]]
+        for signum, seconds in ((signal.SIGSTOP, 0.08), (signal.SIGCONT, 0.04)):
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
+            time.sleep(seconds)
+
+
+def test_a_node_the_preflight_finds_slow_is_left_out_before_the_job_trains(slurm_env, tmp_path):
+    """--preflight: n2's preflight worker is slowed (SIGSTOP/SIGCONT); the batch script's dtrain names n2 and requeues
+    the job without it before training; the job then trains on n1 and n3."""
+    from dtrain.launch.doctor import PREFLIGHT
+
+    job_id = submit(slurm_env, tmp_path, str(ROOT / "recipes" / "mnist_cnn.py"), "--nodes", "2", "--cpu", "--nproc",
+                    "1", "--name", "slow", "--preflight", "--max-steps", "10", "--checkpoint-every", "never",
+                    "--max-requeues", "1", "--", "--epochs", "1", "--log-every", "5", "--limit-eval-batches", "2")
+    stop = threading.Event()
+    slowing = threading.Thread(target=throttle, args=(job_id, "n2", str(PREFLIGHT), stop), daemon=True)
+    slowing.start()
+    try:
+        fields = wait_for(slurm_env, job_id, ("COMPLETED", "FAILED", "CANCELLED"), timeout=300, release=True)
+    finally:
+        stop.set()
+        slowing.join()
+    run_dir = tmp_path / "runs" / "slow"
+    output = (run_dir / "slurm" / f"slurm-{job_id}.out").read_text()
+    assert (fields["JobState"], fields["Restarts"], fields["ExcNodeList"]) == ("COMPLETED", "1", "n2"), output
+    assert re.search(r"dtrain: node n2: the preflight's matmul took \d+\.\dx the other ranks' median there\.", output)
+    assert f"dtrain: requeueing slurm job {job_id} without node n2 (requeue 1 of 1)" in output
+    first_run = output[:output.index("requeueing")]
+    assert "Epoch 1/1" not in first_run  # left out before it trained
+    assert f"dtrain: job {job_id} on n[1,3], requeue 1 of 1" in output
+    assert json.loads((run_dir / "preflight.json").read_text())["world_size"] == 2  # the requeued job's preflight
+    assert [m["step"] for m in read_metrics(run_dir, "train")][-1] == 10

@@ -49,4 +49,5 @@ class SpecOptions(WorkerOptions):
     launcher: str
     max_restarts: int
     min_nodes: int | None
+    preflight: bool
     rdzv_timeout: int

@@ -311,6 +311,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("lighthouse", str, "The torchft lighthouse that joins the replica groups, http://HOST:PORT (default: "
            "$TORCHFT_LIGHTHOUSE).", env="DTRAIN_LIGHTHOUSE", commands=JOB - {SWEEP},
            example="http://127.0.0.1:29510", metavar="URL"),
+    Option("preflight", bool, "In a cluster job, before training: time a matrix multiplication on every rank (dtrain "
+           "doctor's preflight) and requeue the job without a node slower than the others (counts against "
+           "--max-requeues).", "launcher", default=False, commands=CLUSTER),
     Option("rdzv_timeout", int, "Seconds the rendezvous waits for every node to join (default 600).", "launcher",
            default=600, commands=JOB, check=at_least(1)),
     Option("max_requeues", int, "In a cluster job, requeue it at most K times on the pre-timeout signal "

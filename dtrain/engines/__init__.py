@@ -98,8 +98,9 @@ class Submitter(Engine, Protocol):
     description: str  # one line: the command group's help
     options: tuple[Option, ...]  # its own options of `submit`, beside the table's (scope "engine")
 
-    def fan_out(self, where: Allocation, argv: Sequence[str]) -> list[str]:
-        """A command that runs `argv` once on every node of the allocation (for a launch started once per job)."""
+    def fan_out(self, where: Allocation, argv: Sequence[str], elastic: bool = False) -> list[str]:
+        """A command that runs `argv` once on every node of the allocation (for a launch started once per job); with
+        `elastic` (--min-nodes), one that goes on when a node's copy fails."""
 
     def requeue_without(self, job_id: str, nodes: Sequence[str], needed: int,
                         announce: Callable[[list[str]], None]) -> list[str]:

@@ -219,6 +219,9 @@ def resolve_job(given: Mapping[str, Any], nodes: int) -> K8sJob:
     if given.get("min_nodes") is not None:
         raise UsageError("a TrainJob or JobSet restarts its pods as one group, never on fewer of them; leave "
                          "--min-nodes out on Kubernetes (SLURM and `dtrain launch` across nodes shrink).")
+    if given.get("preflight"):
+        raise UsageError("a TrainJob or JobSet cannot put itself back in the queue without a node; leave --preflight "
+                         "out on Kubernetes (run `dtrain doctor --nproc N` in a pod to time the nodes).")
     volume = parse_volume(given["volume"]) if given.get("volume") else None
     return K8sJob(name=job_name(given.get("name"), given["recipe"], nodes), image=image,
                   format=_BY_NAME["format"].value(given.get("format")), namespace=given.get("namespace"),
@@ -343,7 +346,7 @@ class Kubernetes:
     def requeue(self, job_id: str) -> None:
         raise NotImplementedError("Kubernetes starts a stopped pod again itself")
 
-    def fan_out(self, where: Allocation, argv: Sequence[str]) -> list[str]:
+    def fan_out(self, where: Allocation, argv: Sequence[str], elastic: bool = False) -> list[str]:
         return list(argv)  # every pod runs its own `dtrain launch`
 
     def requeue_without(self, job_id: str, nodes: Sequence[str], needed: int,

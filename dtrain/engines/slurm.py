@@ -112,9 +112,6 @@ def resolve_job(given: Mapping[str, Any], profile: Mapping[str, Any], profile_pa
         value = given.get(key)
         return profile.get(key, default) if value is None else value
 
-    if given.get("min_nodes") is not None:
-        raise UsageError("a SLURM job runs on the nodes it was given, and srun stops all of them when one fails; "
-                         "leave --min-nodes out (it shrinks a `dtrain launch` across nodes started by hand).")
     cpu = bool(given.get("cpu"))
     gpus = given.get("gpus_per_node")
     node_gpus = profile.get("gpus_per_node")
@@ -316,15 +313,19 @@ def parse_max_array_size(config: str) -> int:
 
 # --- the script ----------------------------------------------------------------------------------
 
-def srun_command(nodes: int, command: Sequence[str], cpus_per_task: int | None = None) -> list[str]:
-    """One task per node: each runs `dtrain launch`, which starts that node's processes."""
-    argv = ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+def srun_command(nodes: int, command: Sequence[str], cpus_per_task: int | None = None,
+                 elastic: bool = False) -> list[str]:
+    """One task per node: each runs `dtrain launch`, which starts that node's processes. A task that fails stops
+    the others, unless the job may go on without a node (`elastic`: --min-nodes), whose step then outlives the
+    failure of a task or of a node."""
+    argv = ["srun", f"--nodes={nodes}", "--ntasks-per-node=1",
+            *(("--kill-on-bad-exit=0", "--no-kill") if elastic else ("--kill-on-bad-exit=1",))]
     if cpus_per_task is not None:
         argv.append(f"--cpus-per-task={cpus_per_task}")  # srun does not inherit it from sbatch
     return argv + list(command)
 
 
-def directives(job: SlurmJob, name: str, run_dir: str, workdir: str) -> list[str]:
+def directives(job: SlurmJob, name: str, run_dir: str, workdir: str, elastic: bool = False) -> list[str]:
     """The #SBATCH lines. Their values cannot be quoted, so each must be one plain word."""
     lines = [
         f"--job-name={name}",
@@ -337,6 +338,8 @@ def directives(job: SlurmJob, name: str, run_dir: str, workdir: str) -> list[str
     lines += [f"--{key}={value}" for key, value in optional.items() if value is not None]
     if job.exclusive:
         lines.append("--exclusive")
+    if elastic:
+        lines.append("--no-kill")  # a node that fails leaves the job to the others (--min-nodes)
     if job.array:
         lines.append(f"--array={job.array}")
     lines += [
@@ -370,7 +373,7 @@ def render_script(template: str, job: SlurmJob, spec: LaunchSpec, python: str, w
     lines = [f"{shlex.join([*dtrain_argv(python), 'launch', '--spec'])} {spec_file}"]
     setup = [f"module load {shlex.quote(module)}" for module in job.modules] + list(job.setup)
     values = {
-        "directives": "\n".join(directives(job, spec.name, spec.run_dir, workdir)),
+        "directives": "\n".join(directives(job, spec.name, spec.run_dir, workdir, elastic=spec.min_nodes is not None)),
         "setup": "\n".join(setup) if setup else "# (no modules or setup lines: add them in a cluster profile)",
         "max_requeues": str(spec.max_requeues),
         "command": " \\\n    ".join(lines),
@@ -599,9 +602,9 @@ class Slurm:
     def requeue(self, job_id: str) -> None:
         requeue(job_id)
 
-    def fan_out(self, where: Allocation, argv: Sequence[str]) -> list[str]:
+    def fan_out(self, where: Allocation, argv: Sequence[str], elastic: bool = False) -> list[str]:
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")  # srun does not inherit sbatch's --cpus-per-task
-        return srun_command(where.nodes or 1, argv, int(cpus) if cpus else None)  # SLURM always says how many
+        return srun_command(where.nodes or 1, argv, int(cpus) if cpus else None, elastic)  # SLURM says how many
 
     def requeue_without(self, job_id: str, nodes: Sequence[str], needed: int,
                         announce: Callable[[list[str]], None]) -> list[str]:

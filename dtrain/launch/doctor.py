@@ -110,20 +110,25 @@ def preflight_lines(result: dict) -> tuple[list[str], list[tuple[int, float]]]:
     lines = [f"preflight: {result['world_size']} process(es) on {result['device']}"]
     for r in ranks:
         mark = f"   <- {slow[r['rank']]:.1f}x the other ranks' median" if r["rank"] in slow else ""
-        lines.append(f"  rank {r['rank']} ({r['host']}): matmul {r['matmul_s'] * 1e3:.2f} ms, "
+        lines.append(f"  rank {r['rank']} ({node_of_rank(r)}): matmul {r['matmul_s'] * 1e3:.2f} ms, "
                      f"{r['tflops'] * 1e3:,.1f} GFLOP/s{mark}")
     if result.get("all_reduce"):
         ar = result["all_reduce"]
         lines.append(f"  all-reduce of {ar['bytes'] / 2**20:.0f} MiB: {ar['seconds'] * 1e3:.1f} ms, "
                      f"bus bandwidth {ar['bus_gbps']:.2f} GB/s")
     for rank, ratio in sorted(slow.items()):
-        host = next(r["host"] for r in ranks if r["rank"] == rank)
-        lines.append(f"dtrain: rank {rank} on {host} is slower than the others: its matmul took {ratio:.1f}x their "
+        where = next(node_of_rank(r) for r in ranks if r["rank"] == rank)
+        lines.append(f"dtrain: rank {rank} on {where} is slower than the others: its matmul took {ratio:.1f}x their "
                      "median; look at that process's CPU or GPU (throttling, a neighbour, a limit) before a long run.")
     if not slow:
         lines.append("dtrain: no rank is slower than the others by more than "
                      f"{(SLOW - 1) * 100:.0f}%.")
     return lines, sorted(slow.items())
+
+
+def node_of_rank(rank: dict) -> str:
+    """A rank's node: the cluster engine's name for it (logical nodes may share a host name), else its host."""
+    return rank.get("node") or rank["host"]
 
 
 def run_preflight(devices: list[str], runs: str) -> dict:

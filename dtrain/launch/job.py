@@ -68,6 +68,14 @@ def record_end(run_dir: str, code: int | None) -> None:
         pass
 
 
+def ended(run_dir: str | os.PathLike) -> dict | None:
+    """How the run's last `dtrain launch` ended (`record_end`), or None while it runs or before it ever did."""
+    try:
+        return json.loads(RunDir.of(run_dir).ended.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 @contextlib.contextmanager
 def run_dir_lock(spec: LaunchSpec) -> Iterator[None]:
     """Hold this node's lock of the run directory (`spec.launch_lock`) while the job runs: a second `dtrain launch`
@@ -312,7 +320,12 @@ def run_across_nodes(spec: LaunchSpec, argv: Sequence[str], engine: Submitter, j
     """The job's own launch, started once for all its nodes (a batch script's): run the engine's command that starts
     `dtrain launch` on every node, and when the job fails for a cause that belongs to a node (a rank there hung, or
     hit a device error, or the node dropped off the network), requeue it without that node, at most --max-requeues
-    times. A recipe's exception on every rank, or its hang on every rank, requeues nothing: it would fail again."""
+    times. A recipe's exception on every rank, or its hang on every rank, requeues nothing: it would fail again.
+    With --preflight, a node the preflight finds slow is such a cause before training starts."""
+    if spec.preflight:
+        slow = preflight_slow_nodes(spec)
+        if slow:
+            return _requeue_without(spec, engine, job, slow, code=1)
     proc = subprocess.Popen(list(argv))
 
     def forward(signum, _frame):
@@ -320,19 +333,46 @@ def run_across_nodes(spec: LaunchSpec, argv: Sequence[str], engine: Submitter, j
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        code = proc.wait()
+        code = proc.wait() if spec.min_nodes is None else _until_node_0_ends(proc, spec.run_dir, started)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if code == 0:
         return 0
+    last = ended(spec.run_dir) or {}
+    if spec.min_nodes is not None and last.get("exit_code") == 0 and last.get("time", 0) >= started:
+        print(f"dtrain: the job lost a node on the way and finished on the others (--min-nodes {spec.min_nodes}).",
+              file=sys.stderr)
+        return 0  # node 0's launch ended well: the job's result, whatever srun says of the lost node's task
     blamed = culprit_nodes(read_states(spec.run_dir, started), _rank_nodes(spec),
                            failures(spec.run_dir, spec.world_size, started))
     for record in node_records(spec, started).values():
         if record.get("address") and record.get("node_name") and not hardware.answers(record["address"]):
             blamed.setdefault(record["node_name"], "it did not answer on the network")
-    if not blamed:
-        return code
+    return _requeue_without(spec, engine, job, blamed, code) if blamed else code
+
+
+def preflight_slow_nodes(spec: LaunchSpec) -> dict[str, str]:
+    """--preflight: dtrain doctor's preflight on every node of the job (its result kept as the run's
+    preflight.json, its lines printed), and the nodes of the ranks it found slow -> why."""
+    from dtrain.launch.doctor import node_of_rank, preflight_lines, run_preflight
+
+    devices = ["--cpu", "--nproc", str(spec.nproc)] if spec.device == "cpu" else ["--gpus", str(spec.nproc)]
+    try:
+        result = run_preflight(devices, str(Path(spec.run_dir).parent))
+    except UsageError as exc:
+        print(f"dtrain: {exc}", file=sys.stderr)
+        return {}
+    write_json_atomically(spec.paths.preflight, result)
+    lines, slow = preflight_lines(result)
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    node_of = {r["rank"]: node_of_rank(r) for r in result["ranks"]}
+    return {node_of[rank]: f"the preflight's matmul took {ratio:.1f}x the other ranks' median there"
+            for rank, ratio in slow}
+
+
+def _requeue_without(spec: LaunchSpec, engine: Submitter, job: Job, blamed: Mapping[str, str], code: int) -> int:
+    """Name the nodes to blame and put the job back in the queue without them, if --max-requeues allows."""
     for node, why in blamed.items():
         print(f"dtrain: node {node}: {why}.", file=sys.stderr)
     if job.requeue_count >= spec.max_requeues:
@@ -350,6 +390,28 @@ def run_across_nodes(spec: LaunchSpec, argv: Sequence[str], engine: Submitter, j
     except UsageError as exc:
         print(f"dtrain: {exc}", file=sys.stderr)
     return code
+
+
+STEP_GRACE_S = 30  # after node 0's launch ended, how long the engine's step may take to end by itself
+
+
+def _until_node_0_ends(proc: subprocess.Popen, run_dir: str, started: float) -> int:
+    """The fan-out's exit code, in a job that may shrink: there node 0's launch ending is the job's end, and a step
+    that still waits on a lost node's task (srun can) is stopped STEP_GRACE_S later (SIGTERM, SIGKILL 30 s on)."""
+    while True:
+        try:
+            return proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            last = ended(run_dir) or {}
+            if last.get("time", 0) >= started and time.time() - last["time"] > STEP_GRACE_S:
+                print(f"dtrain: node 0's launch ended {STEP_GRACE_S} s ago and the step that ran it on every node has "
+                      "not; stopping it.", file=sys.stderr, flush=True)
+                _signal_quietly(proc.pid, signal.SIGTERM)
+                try:
+                    return proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    _signal_quietly(proc.pid, signal.SIGKILL)
+                    return proc.wait()
 
 
 def _rank_nodes(spec: LaunchSpec) -> list[str]:

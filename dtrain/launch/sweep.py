@@ -37,7 +37,7 @@ from dtrain.core import metrics
 from dtrain.core.rundir import SUMMARIES, RunDir
 from dtrain.core.spec import dtrain_argv
 from dtrain.errors import UsageError
-from dtrain.launch.job import die_with_parent
+from dtrain.launch.job import die_with_parent, ended
 
 PLAN_FORMAT = "dtrain-sweep-1"
 INTERRUPTED = (130, 128 + signal.SIGTERM, 128 + signal.SIGHUP)
@@ -187,13 +187,6 @@ def runs_of(record: Mapping[str, Any]) -> list[Run]:
 
 
 # --- how runs ended, and the summary ----------------------------------------------------------------
-
-def ended(run_dir: str | Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(RunDir.of(run_dir).ended.read_text())
-    except (OSError, ValueError):
-        return None
-
 
 def finished(run_dir: str | Path) -> bool:
     record = ended(run_dir)

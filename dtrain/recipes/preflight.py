@@ -59,7 +59,8 @@ def main() -> None:
     ctx = setup()
     ctx.barrier()
     seconds, tflops = timed_matmul(ctx.device)
-    mine = {"rank": ctx.rank, "host": socket.gethostname(), "pid": os.getpid(), "matmul_s": seconds, "tflops": tflops}
+    mine = {"rank": ctx.rank, "host": socket.gethostname(), "node": ctx.env.node_name, "pid": os.getpid(),
+            "matmul_s": seconds, "tflops": tflops}
     ranks: list = [mine]
     if ctx.world_size > 1:
         ranks = [None] * ctx.world_size

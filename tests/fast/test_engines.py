@@ -42,7 +42,7 @@ class Fake:
     def requeue(self, job_id):
         raise NotImplementedError
 
-    def fan_out(self, where, argv):
+    def fan_out(self, where, argv, elastic=False):
         return list(argv)
 
     def requeue_without(self, job_id, nodes, needed, announce):

@@ -156,3 +156,21 @@ def test_a_second_launch_of_the_same_node_of_a_run_is_refused_while_the_first_ho
     assert sorted(p.name for p in run_dir.iterdir()) == ["launch-node1.lock", "launch.lock"]
     with run_dir_lock(node0):  # released with its holder
         pass
+
+
+def test_a_job_that_may_shrink_ends_when_node_0_did_though_its_step_waits_on(tmp_path, monkeypatch, capsys):
+    """srun may wait on a lost node's task after the others finished: once node 0's launch has ended, the batch
+    script's dtrain gives the step STEP_GRACE_S and then stops it."""
+    import subprocess
+    import time
+
+    from dtrain.launch import job
+
+    monkeypatch.setattr(job, "STEP_GRACE_S", 0)
+    step = subprocess.Popen(["sleep", "600"])
+    started = time.time()
+    assert job._until_node_0_ends(subprocess.Popen(["true"]), str(tmp_path), started) == 0  # a step that ends
+    job.record_end(str(tmp_path), 0)
+    assert job._until_node_0_ends(step, str(tmp_path), started) == -15
+    assert "node 0's launch ended 0 s ago and the step that ran it on every node has not; stopping it." in \
+        capsys.readouterr().err

@@ -265,10 +265,12 @@ def test_a_job_arrays_status_has_a_line_per_run():
         "  3     20_3  PENDING (JobArrayTaskLimit)  0         003_lr=4"]
 
 
-def test_a_shrink_is_refused_in_one_sentence():
-    with pytest.raises(UsageError, match=r"^a SLURM job runs on the nodes it was given, and srun stops all of them "
-                                         r"when one fails; leave --min-nodes out"):
-        slurm.resolve_job({"nodes": 3, "cpu": True, "min_nodes": 2}, {}, None)
+def test_a_job_that_may_shrink_outlives_a_node_and_its_task():
+    job = slurm.resolve_job({"nodes": 3, "cpu": True, "min_nodes": 2}, {}, None)
+    assert "#SBATCH --no-kill" in "\n".join(slurm.directives(job, "x", "runs/x", "/w", elastic=True))
+    assert "--no-kill" not in "\n".join(slurm.directives(job, "x", "runs/x", "/w"))
+    assert slurm.srun_command(3, ["dtrain"], elastic=True) == [
+        "srun", "--nodes=3", "--ntasks-per-node=1", "--kill-on-bad-exit=0", "--no-kill", "dtrain"]
 
 
 @pytest.mark.parametrize("nodelist, hosts", [
