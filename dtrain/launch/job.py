@@ -324,8 +324,10 @@ def run_across_nodes(spec: LaunchSpec, argv: Sequence[str], engine: Submitter, j
     With --preflight, a node the preflight finds slow is such a cause before training starts."""
     if spec.preflight:
         slow = preflight_slow_nodes(spec)
+        if slow and _requeue_without(spec, engine, job, slow):
+            return 1
         if slow:
-            return _requeue_without(spec, engine, job, slow, code=1)
+            print("dtrain: the job trains on the nodes it has, slow or not.", file=sys.stderr, flush=True)
     proc = subprocess.Popen(list(argv))
 
     def forward(signum, _frame):
@@ -349,7 +351,9 @@ def run_across_nodes(spec: LaunchSpec, argv: Sequence[str], engine: Submitter, j
     for record in node_records(spec, started).values():
         if record.get("address") and record.get("node_name") and not hardware.answers(record["address"]):
             blamed.setdefault(record["node_name"], "it did not answer on the network")
-    return _requeue_without(spec, engine, job, blamed, code) if blamed else code
+    if blamed:
+        _requeue_without(spec, engine, job, blamed)
+    return code
 
 
 def preflight_slow_nodes(spec: LaunchSpec) -> dict[str, str]:
@@ -371,14 +375,15 @@ def preflight_slow_nodes(spec: LaunchSpec) -> dict[str, str]:
             for rank, ratio in slow}
 
 
-def _requeue_without(spec: LaunchSpec, engine: Submitter, job: Job, blamed: Mapping[str, str], code: int) -> int:
-    """Name the nodes to blame and put the job back in the queue without them, if --max-requeues allows."""
+def _requeue_without(spec: LaunchSpec, engine: Submitter, job: Job, blamed: Mapping[str, str]) -> bool:
+    """Name the nodes to blame and put the job back in the queue without them, if --max-requeues and the nodes left
+    allow; whether it did (the engine stops this process meanwhile: SLURM does)."""
     for node, why in blamed.items():
         print(f"dtrain: node {node}: {why}.", file=sys.stderr)
     if job.requeue_count >= spec.max_requeues:
         print(f"dtrain: {engine.name} job {job.job_id} is not requeued without {', '.join(blamed)}: it was requeued "
               f"{job.requeue_count} time(s), --max-requeues {spec.max_requeues}.", file=sys.stderr)
-        return code
+        return False
 
     def announce(excluded: list[str]) -> None:
         print(f"dtrain: requeueing {engine.name} job {job.job_id} without node {', '.join(excluded)} (requeue "
@@ -389,7 +394,8 @@ def _requeue_without(spec: LaunchSpec, engine: Submitter, job: Job, blamed: Mapp
         engine.requeue_without(job.job_id, sorted(blamed), spec.nodes, announce)
     except UsageError as exc:
         print(f"dtrain: {exc}", file=sys.stderr)
-    return code
+        return False
+    return True
 
 
 STEP_GRACE_S = 30  # after node 0's launch ended, how long the engine's step may take to end by itself
