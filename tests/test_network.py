@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -192,7 +193,7 @@ def test_a_replica_group_killed_mid_run_heals_from_its_peer_which_never_stopped(
     optimizer and step over the network (there is no checkpoint to read), and after that both hold the same weights,
     bit for bit."""
     lighthouse = f"{ADDRESSES[0]}:29616"
-    beacon = subprocess.Popen(["ip", "netns", "exec", namespaces[0][0], shutil.which("torchft_lighthouse") or "",
+    beacon = subprocess.Popen(["ip", "netns", "exec", namespaces[0][0], str(Path(DTRAIN).parent / "torchft_lighthouse"),
                                "--min_replicas", "1", "--quorum_tick_ms", "100", "--join_timeout_ms", "1000",
                                "--heartbeat_timeout_ms", "1000", "--bind", lighthouse],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -304,14 +304,15 @@ def throttle(job_id: str, node: str, script: str, stop: threading.Event) -> None
             time.sleep(seconds)
 
 
-def test_a_node_the_preflight_finds_slow_is_left_out_before_the_job_trains(slurm_env, tmp_path):
-    """--preflight: n2's preflight worker is slowed (SIGSTOP/SIGCONT); the batch script's dtrain names n2 and requeues
-    the job without it before training; the job then trains on n1 and n3."""
+def job_with_a_slow_node(slurm_env, tmp_path, nodes: int) -> tuple[dict, str, Path]:
+    """A --preflight job of `nodes` nodes whose preflight worker on n2 is slowed for real (SIGSTOP/SIGCONT): its
+    fields once it ended, its output, its run directory."""
     from dtrain.launch.doctor import PREFLIGHT
 
-    job_id = submit(slurm_env, tmp_path, str(ROOT / "recipes" / "mnist_cnn.py"), "--nodes", "2", "--cpu", "--nproc",
-                    "1", "--name", "slow", "--preflight", "--max-steps", "10", "--checkpoint-every", "never",
-                    "--max-requeues", "1", "--", "--epochs", "1", "--log-every", "5", "--limit-eval-batches", "2")
+    job_id = submit(slurm_env, tmp_path, str(ROOT / "recipes" / "mnist_cnn.py"), "--nodes", str(nodes), "--cpu",
+                    "--nproc", "1", "--name", "slow", "--preflight", "--max-steps", "10", "--checkpoint-every",
+                    "never", "--max-requeues", "1", "--", "--epochs", "1", "--log-every", "5",
+                    "--limit-eval-batches", "2")
     stop = threading.Event()
     slowing = threading.Thread(target=throttle, args=(job_id, "n2", str(PREFLIGHT), stop), daemon=True)
     slowing.start()
@@ -322,11 +323,27 @@ def test_a_node_the_preflight_finds_slow_is_left_out_before_the_job_trains(slurm
         slowing.join()
     run_dir = tmp_path / "runs" / "slow"
     output = (run_dir / "slurm" / f"slurm-{job_id}.out").read_text()
-    assert (fields["JobState"], fields["Restarts"], fields["ExcNodeList"]) == ("COMPLETED", "1", "n2"), output
     assert re.search(r"dtrain: node n2: the preflight's matmul took \d+\.\dx the other ranks' median there\.", output)
+    assert fields["JobState"] == "COMPLETED" and [m["step"] for m in read_metrics(run_dir, "train")][-1] == 10, output
+    return fields, output, run_dir
+
+
+def test_a_node_the_preflight_finds_slow_is_left_out_before_the_job_trains(slurm_env, tmp_path):
+    """--preflight: the batch script's dtrain names n2 and requeues the job without it before training; the job then
+    trains on n1 and n3."""
+    fields, output, run_dir = job_with_a_slow_node(slurm_env, tmp_path, nodes=2)
+    job_id = fields["JobId"]
+    assert (fields["Restarts"], fields["ExcNodeList"]) == ("1", "n2"), output
     assert f"dtrain: requeueing slurm job {job_id} without node n2 (requeue 1 of 1)" in output
-    first_run = output[:output.index("requeueing")]
-    assert "Epoch 1/1" not in first_run  # left out before it trained
+    assert "Epoch 1/1" not in output[:output.index("requeueing")]  # left out before it trained
     assert f"dtrain: job {job_id} on n[1,3], requeue 1 of 1" in output
     assert json.loads((run_dir / "preflight.json").read_text())["world_size"] == 2  # the requeued job's preflight
-    assert [m["step"] for m in read_metrics(run_dir, "train")][-1] == 10
+
+
+def test_a_slow_node_the_job_cannot_do_without_is_named_and_the_job_trains_on_it(slurm_env, tmp_path):
+    """Three nodes of three: without n2 too few are left, which one sentence says; the job trains where it is."""
+    fields, output, _ = job_with_a_slow_node(slurm_env, tmp_path, nodes=3)
+    assert (fields["Restarts"], fields["ExcNodeList"]) == ("0", "(null)"), output
+    assert "dtrain: without n2 partition debug has 2 node(s) and the job needs 3, so it is not requeued; repair or " \
+           "drain those nodes, then submit it again." in output
+    assert "dtrain: the job trains on the nodes it has, slow or not." in output and "requeueing" not in output

@@ -25,6 +25,8 @@ from dtrain.core.contract import NETWORK_INTERFACES, WorkerEnv
 from dtrain.core.hardware import route_to
 from dtrain.errors import UsageError
 
+LIGHTHOUSE_WAIT_S = 60  # how long a group waits for the lighthouse to answer (it may start after the groups)
+
 
 def check(env: WorkerEnv) -> None:
     """What replica groups need, said before anything starts."""
@@ -69,11 +71,20 @@ class Replicas:
         timeout = timedelta(seconds=env.timeout)
         group = ProcessGroupNCCL(timeout=timeout) if device.type == "cuda" else ProcessGroupGloo(timeout=timeout)
         self._store = torch.distributed.TCPStore(address, 0, is_master=True, wait_for_workers=False)
-        self.manager = Manager(pg=group, min_replica_size=1, state_dict=state_dict, load_state_dict=load_state_dict,
-                               replica_id=f"group{env.replica_group}", lighthouse_addr=lighthouse, hostname=address,
-                               store_addr=address, store_port=self._store.port, rank=0, world_size=1,
-                               timeout=timeout, quorum_timeout=timeout, connect_timeout=timeout,
-                               checkpoint_transport=PGTransport(group, timeout=timeout, device=device))
+        wait = min(env.timeout, LIGHTHOUSE_WAIT_S)
+        try:
+            self.manager = Manager(pg=group, min_replica_size=1, state_dict=state_dict, load_state_dict=load_state_dict,
+                                   replica_id=f"group{env.replica_group}", lighthouse_addr=lighthouse,
+                                   hostname=address, store_addr=address, store_port=self._store.port, rank=0,
+                                   world_size=1, timeout=timeout, quorum_timeout=timeout,
+                                   connect_timeout=timedelta(seconds=wait),
+                                   checkpoint_transport=PGTransport(group, timeout=timeout, device=device))
+        except RuntimeError as exc:
+            if "failed to connect" not in str(exc):
+                raise
+            raise UsageError(f"--replica-groups could not reach the lighthouse {lighthouse} within {wait} s; start "
+                             "it where every group reaches it (`torchft_lighthouse --min_replicas 1 --bind "
+                             "HOST:PORT`), or fix --lighthouse.") from None
         self._asked: float | None = None  # when this step's quorum was asked for
 
     def average(self, model: nn.Module) -> None:

@@ -215,3 +215,19 @@ def test_replica_groups_without_torchft_or_a_lighthouse_stop_before_anything_sta
     with pytest.raises(UsageError) as error:
         replicas.Replicas(env, torch.device("cpu"), dict, lambda state: None)
     assert str(error.value) == says
+
+
+def test_a_lighthouse_that_does_not_answer_is_one_sentence(monkeypatch):
+    from dtrain.core.contract import read_env
+    from dtrain.core.hardware import free_port
+    from dtrain.errors import UsageError
+    from dtrain.runtime import replicas
+
+    monkeypatch.setattr(replicas, "LIGHTHOUSE_WAIT_S", 1)
+    nobody = f"http://127.0.0.1:{free_port()}"
+    env = read_env({"DTRAIN_REPLICA_GROUPS": "2", "DTRAIN_LIGHTHOUSE": nobody})
+    with pytest.raises(UsageError) as error:
+        replicas.Replicas(env, torch.device("cpu"), dict, lambda state: None)
+    assert str(error.value) == (f"--replica-groups could not reach the lighthouse {nobody} within 1 s; start it where "
+                                "every group reaches it (`torchft_lighthouse --min_replicas 1 --bind HOST:PORT`), or "
+                                "fix --lighthouse.")
