@@ -225,9 +225,9 @@ def test_a_replica_group_killed_mid_run_heals_from_its_peer_which_never_stopped(
     stepped_alone = [r["step"] for r in survivor if killed < r["time"] < heal["time"]]
     assert len(stepped_alone) >= 5 and heal["step"] - 1 in stepped_alone, stepped_alone
     first = stepped_alone[0]
-    assert stepped_alone == list(range(first, first + len(stepped_alone))) and 20 < first <= 25, stepped_alone
+    assert stepped_alone == list(range(first, first + len(stepped_alone))) and 20 <= first <= 25, stepped_alone
     for dropped in re.findall(r"dtrain: replica group 0 dropped step (\d+): ", outputs[0][0]):  # a kill mid-exchange
-        assert int(dropped) == first  # the step is taken again
+        assert int(dropped) in stepped_alone  # the step is taken again
     longest_stop = max(b["time"] - a["time"] for a, b in zip(survivor, survivor[1:]))
     assert longest_stop < heal["time"] - killed
     assert f"dtrain: replica group 1 took a live peer's state at step {heal['step'] - 1} in" in outputs[1][0]

@@ -224,6 +224,9 @@ def test_a_lighthouse_that_does_not_answer_is_one_sentence(monkeypatch):
     from dtrain.runtime import replicas
 
     monkeypatch.setattr(replicas, "LIGHTHOUSE_WAIT_S", 1)
+    for variable in ("RUST_LOG", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):  # what Replicas sets in its process:
+        monkeypatch.setenv(variable, "")                                     # undone after the test, for the next
+        monkeypatch.delenv(variable)
     nobody = f"http://127.0.0.1:{free_port()}"
     env = read_env({"DTRAIN_REPLICA_GROUPS": "2", "DTRAIN_LIGHTHOUSE": nobody})
     with pytest.raises(UsageError) as error:
