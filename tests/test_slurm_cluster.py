@@ -258,9 +258,10 @@ def test_a_recipes_exception_on_every_rank_excludes_no_node(slurm_env, tmp_path)
 
 
 def test_a_job_that_may_shrink_loses_a_node_and_finishes_on_the_others(slurm_env, tmp_path):
-    """--min-nodes 2 of 3: n3's dtrain, torchrun and worker are killed after a checkpoint; the job goes on with n1 and
-    n2, ends COMPLETED, and logs the restart."""
-    from conftest import processes_with_env
+    """--min-nodes 2 of 3: a node's dtrain, torchrun and worker are killed after a checkpoint; the job goes on with the
+    other two, ends COMPLETED, and logs the restart. The node lost is the one whose worker is rank 0 (the rendezvous
+    ranks nodes as they arrive), unless that is n1, which holds the rendezvous; then n3."""
+    from conftest import environ_of, processes_with_env
 
     job_id = submit(slurm_env, tmp_path, str(TEST_RECIPES / "hang_on_node.py"), "--nodes", "3", "--cpu", "--nproc",
                     "1", "--name", "shrink", "--min-nodes", "2", "--checkpoint-every", "10", "--max-steps", "60")
@@ -270,19 +271,27 @@ def test_a_job_that_may_shrink_loses_a_node_and_finishes_on_the_others(slurm_env
     while not (run_dir / "checkpoints" / "step_0000020" / "COMMITTED").exists():
         assert time.monotonic() < deadline, "no checkpoint came"
         time.sleep(0.05)
-    on_n3 = set(processes_with_env("SLURM_JOB_ID", job_id)) & set(processes_with_env("SLURMD_NODENAME", "n3"))
-    killed = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:120] for pid in on_n3}
-    for pid in on_n3:
+    of_job = set(processes_with_env("SLURM_JOB_ID", job_id))
+    rank_0_on = {node for pid in of_job & set(processes_with_env("RANK", "0")) for node in environ_of(pid, "SLURMD_NODENAME")}
+    lost = next(iter(rank_0_on - {"n1"}), "n3")
+    on_lost = of_job & set(processes_with_env("SLURMD_NODENAME", lost))
+    killed = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:120] for pid in on_lost}
+    for pid in on_lost:
         os.kill(pid, signal.SIGKILL)
     try:
         fields = wait_for(slurm_env, job_id, ("COMPLETED", "FAILED", "CANCELLED"), timeout=300)
     finally:  # what a failure needs to be understood, and no job left holding the nodes
         output = (run_dir / "slurm" / f"slurm-{job_id}.out").read_text()
         steps = slurm_cmd(slurm_env, "scontrol", "show", "steps", job_id, check=False)
-        print(f"killed on n3: {killed}\n{output[-3000:]}\n{steps}")
+        left = {pid: (Path(f"/proc/{pid}/stat").read_text().split()[2], Path(f"/proc/{pid}/wchan").read_text(),
+                      Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:100])
+                for pid in processes_with_env("SLURM_JOB_ID", job_id)}
+        logs = {str(f.relative_to(run_dir)): f.read_text()[-1500:] for f in sorted(run_dir.glob("logs/**/*")) if f.is_file()}
+        print(f"killed on {lost}: {killed}\n{output[-3000:]}\n{steps}\nleft: {left}\nlogs: {logs}")
         slurm_cmd(slurm_env, "scancel", job_id, check=False)
-    assert on_n3 and fields["JobState"] == "COMPLETED" and fields["Restarts"] == "0", output
-    assert re.search(r"dtrain: node 2 lost; restarting on 2 nodes from step \d+ \(each rank's batch kept", output)
+    assert on_lost and fields["JobState"] == "COMPLETED" and fields["Restarts"] == "0", output
+    node = {"n2": 1, "n3": 2}[lost]
+    assert re.search(rf"dtrain: node {node} lost; restarting on 2 nodes from step \d+ \(each rank's batch kept", output)
     assert "dtrain: the job lost a node on the way and finished on the others (--min-nodes 2)." in output
     restart = read_metrics(run_dir, "restart")
     assert len(restart) == 1 and (restart[0]["world_size"], restart[0]["previous_world_size"]) == (2, 3)

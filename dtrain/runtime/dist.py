@@ -216,9 +216,13 @@ def on_uncaught_error(callback: Callable[[BaseException], None]) -> None:
     _failure_callbacks.append(callback)
 
 
+PEER_GONE = "ended while the others waited for it"  # dtrain's own collectives' words for a peer that vanished
+
+
 def _peer_vanished(exc: BaseException) -> bool:
     text = str(exc)
-    return isinstance(exc, RuntimeError) and ("Connection closed by peer" in text or "Connection reset by peer" in text)
+    return isinstance(exc, RuntimeError) and any(words in text for words in (
+        "Connection closed by peer", "Connection reset by peer", PEER_GONE))
 
 
 def _write_error_records(env: WorkerEnv, message: str, text: str, usage: bool) -> bool:

@@ -6,7 +6,9 @@ machine that is bound by latency: an all-reduce of the MNIST CNN's 1.7 MB of gra
 (bench/RESULTS.md). Here every rank copies its bucket into its own slot of one shared buffer,
 publishes a sequence number, waits for everyone's, and sums the slots: no sockets, no threads.
 Two sets of slots alternate, so a rank that is one bucket ahead never overwrites a slot that a
-slower rank is still reading.
+slower rank is still reading. A rank that waits watches the processes it waits for, as gloo's
+closed sockets would tell it: a rank killed mid-step (a lost node of a job whose nodes share a
+host, as the local SLURM's do) fails the others at once, not after the collective time-out.
 """
 
 import os
@@ -18,11 +20,26 @@ import time
 import torch
 import torch.distributed as dist
 
+from dtrain.runtime.dist import PEER_GONE
+
 SHM_DIR = "/dev/shm"
-HEADER = 64  # int64 words: a token that proves every rank mapped the same file, then one sequence number per rank
+HEADER = 256  # int64 words: a token that proves every rank mapped the same file, then per rank its sequence number,
+MAX_RANKS = 63  # its PID and its process's start time
 PATH_BYTES = 256
 DDP_BUCKET_NUMEL = 25 * 2**20 // 4  # DDP's default bucket_cap_mb (25) in float32s; a bucket exceeds it by one tensor at most
 SPIN_S, SLEEP_S = 0.002, 0.00005
+WATCH_S = 0.5  # how often a waiting rank looks at the processes it waits for
+
+
+def process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks after boot), or None if it is not running: a PID and its
+    start time name one process, even once the PID is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()  # after the command's name, which may hold anything
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
 def slot_numel(parameter_numels: list[int]) -> int:
@@ -65,9 +82,13 @@ class SharedMemoryAllReduce:
     label = "shared-memory gradient all-reduce"
 
     def __init__(self, buffer: torch.Tensor, rank: int, world_size: int, numel: int, timeout_s: float):
-        self.sequence = buffer[:HEADER * 2].view(torch.int64)[1:1 + world_size]
+        words = buffer[:HEADER * 2].view(torch.int64)
+        self.sequence = words[1:1 + world_size]
+        self.pids = words[1 + MAX_RANKS:1 + MAX_RANKS + world_size]
+        self.starts = words[1 + 2 * MAX_RANKS:1 + 2 * MAX_RANKS + world_size]
         self.slots = buffer[HEADER * 2:].view(2, world_size, numel)
         self.rank, self.world_size, self.timeout_s, self.last = rank, world_size, timeout_s, 0
+        self.watching = False  # whether this rank sees the others' processes (one PID namespace)
         self.waited_s = 0.0  # for the time each rank spends waiting for the others (dtrain.runtime.performance)
 
     @classmethod
@@ -79,7 +100,7 @@ class SharedMemoryAllReduce:
         """
         size = HEADER * 2 + 2 * world_size * numel
         path = torch.zeros(PATH_BYTES, dtype=torch.uint8)
-        usable = platform.machine() in ("x86_64", "AMD64") and os.path.isdir(SHM_DIR) and world_size < HEADER
+        usable = platform.machine() in ("x86_64", "AMD64") and os.path.isdir(SHM_DIR) and world_size <= MAX_RANKS
         if rank == 0 and usable and (name := reserved_file(size * 4)):
             path[:len(name.encode())] = torch.tensor(list(name.encode()), dtype=torch.uint8)
         dist.broadcast(path, src=0)
@@ -93,7 +114,21 @@ class SharedMemoryAllReduce:
         dist.all_reduce(seen, op=dist.ReduceOp.MIN)
         if rank == 0 and name:
             os.unlink(name)  # the mappings keep it; nothing is left behind, however the job ends
-        return cls(buffer, rank, world_size, numel, timeout_s) if buffer is not None and int(seen) else None
+        if buffer is None or not int(seen):
+            return None
+        shared = cls(buffer, rank, world_size, numel, timeout_s)
+        shared.pids[rank], shared.starts[rank] = os.getpid(), process_start(os.getpid()) or 0
+        dist.barrier()
+        sees = torch.tensor([int(all(process_start(int(pid)) == int(start) for pid, start in zip(shared.pids,
+                                                                                                shared.starts)))])
+        dist.all_reduce(sees, op=dist.ReduceOp.MIN)
+        shared.watching = bool(int(sees))
+        return shared
+
+    def gone(self) -> list[int]:
+        """The ranks this one waits for whose process has ended."""
+        return [r for r in range(self.world_size) if int(self.sequence[r]) < self.last
+                and process_start(int(self.pids[r])) != int(self.starts[r])]
 
     def average(self, tensor: torch.Tensor) -> torch.Tensor:
         """The mean of `tensor` (float32, at most `numel` elements) over all ranks, in place."""
@@ -103,11 +138,16 @@ class SharedMemoryAllReduce:
         slots[self.rank].copy_(tensor.view(-1))
         self.sequence[self.rank] = self.last
         start = time.monotonic()
+        watched = 0.0
         while int(self.sequence.min()) < self.last:
             waited = time.monotonic() - start
             if waited > self.timeout_s:  # gloo's words, which dtrain's hang report recognises
                 raise RuntimeError(f"Timed out waiting {self.timeout_s * 1000:.0f}ms for the other ranks in shared-"
                                    f"memory gradient all-reduce {self.last}")
+            if self.watching and waited - watched > WATCH_S:
+                watched = waited
+                if gone := self.gone():
+                    raise RuntimeError(f"rank {gone[0]} {PEER_GONE} in shared-memory gradient all-reduce {self.last}")
             # Spin briefly (the others are usually close), then sleep: with more ranks than cores a
             # spinning rank would take the core that the rank it waits for needs.
             if waited < SPIN_S:

@@ -146,3 +146,24 @@ def test_the_shared_memory_buffer_holds_one_ddp_bucket_and_is_refused_where_dev_
     assert reserved_file(1 << 50) == ""  # then DDP uses gloo
     assert set(Path("/dev/shm").iterdir()) == before
 
+
+
+def test_a_rank_waiting_in_the_shared_memory_all_reduce_fails_at_once_when_a_rank_it_waits_for_has_ended():
+    import os
+    import subprocess
+
+    from dtrain.runtime.dist import _peer_vanished
+    from dtrain.runtime.shared_memory import HEADER, SharedMemoryAllReduce, process_start
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    assert process_start(os.getpid()) is not None and process_start(ended.pid) is None
+    shared = SharedMemoryAllReduce(torch.zeros(HEADER * 2 + 2 * 2 * 4), rank=0, world_size=2, numel=4, timeout_s=60)
+    shared.pids[:] = torch.tensor([os.getpid(), ended.pid])
+    shared.starts[:] = torch.tensor([process_start(os.getpid()), process_start(os.getpid())])
+    shared.watching = True
+    with pytest.raises(RuntimeError) as failure:
+        shared.average(torch.ones(4))  # rank 1 never publishes: without the watch, a 60 s wait
+    assert "rank 1 ended while the others waited for it" in str(failure.value) and _peer_vanished(failure.value)
+    shared.pids[1] = os.getpid()
+    assert shared.gone() == []  # a live rank that is behind is waited for

@@ -105,6 +105,7 @@ def test_torchrun_argv_for_two_nodes():
     assert env["DTRAIN_DEVICE"] == "cuda" and env["DTRAIN_RUN_DIR"] == "runs/big"
     assert env["OMP_NUM_THREADS"] == "4"
     assert env["DTRAIN_NODE_RANK"] == "1" and "DTRAIN_MIN_WORLD_SIZE" not in env
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in env
 
 
 def test_a_job_that_may_shrink_rendezvous_from_its_minimum_and_restarts_at_least_once_per_node_it_may_lose():
@@ -112,6 +113,7 @@ def test_a_job_that_may_shrink_rendezvous_from_its_minimum_and_restarts_at_least
     argv, env = torchrun.build_command(shrinking, cpus=8, base_env={}, python="python")
     assert argv[argv.index("--nnodes") + 1] == "2:4" and argv[argv.index("--max-restarts") + 1] == "2"
     assert (env["DTRAIN_WORLD_SIZE"], env["DTRAIN_MIN_WORLD_SIZE"], env["DTRAIN_NODE_RANK"]) == ("8", "4", "3")
+    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"  # each round's store address, not the first round's
     more = resolve(cpu=True, nproc=2, nodes=4, node_rank=3, master_addr="node-a", name="big", min_nodes=3,
                    max_restarts=5)
     argv, _ = torchrun.build_command(more, cpus=8, base_env={}, python="python")

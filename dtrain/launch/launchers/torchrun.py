@@ -29,10 +29,14 @@ def build_command(spec: LaunchSpec, cpus: int, base_env: Mapping[str, str],
     advertising its address toward node 0, one node the rendezvous address (`--local-addr`: torchrun would
     publish its host name, which need not resolve, as in a network namespace). With
     `--min-nodes K` the rendezvous takes K to all nodes, and a lost node is a restart of the others: at least one
-    allowed per node the job may lose."""
-    nodes, restarts = str(spec.nodes), spec.max_restarts
+    allowed per node the job may lose. Then the workers' store is not the agents' shared one: a node that was not
+    the rendezvous's rank 0 keeps the first round's address of that store, and if rank 0's node is the one lost,
+    it sends its new workers to a dead address (torch 2.14's DynamicRendezvousHandler caches it); unshared, each
+    round publishes its own."""
+    nodes, restarts, elastic = str(spec.nodes), spec.max_restarts, {}
     if spec.min_nodes is not None:
         nodes, restarts = f"{spec.min_nodes}:{spec.nodes}", max(restarts, spec.nodes - spec.min_nodes)
+        elastic = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     argv = [
         python, "-m", "torch.distributed.run",
         "--nnodes", nodes,
@@ -50,7 +54,7 @@ def build_command(spec: LaunchSpec, cpus: int, base_env: Mapping[str, str],
         spec.recipe,
         *spec.recipe_args,
     ]
-    return argv, {**worker_env(spec, cpus, base_env), **LINE_PREFIX}
+    return argv, {**worker_env(spec, cpus, base_env), **LINE_PREFIX, **elastic}
 
 
 _WORKER_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: \d+")
