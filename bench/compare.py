@@ -1,15 +1,18 @@
 """dtrain's MNIST recipe against the plain PyTorch program it replaces, in one run, on the same data.
 
-    python bench/compare.py [--epochs 3] [--nproc 1,2] [--variants] [--out bench/RESULTS.md]
+    python bench/compare.py [--epochs 3] [--nproc 1,2] [--precision auto] [--variants] [--out bench/RESULTS.md]
 
-Runs `bench/reference/mnist_plain.py` (1 process, its own DataLoader with 4 workers), then
-`dtrain launch recipes/mnist_cnn.py` with the README's defaults on 1 and 2 CPU processes (or
-GPUs, where present), each for `--epochs` epochs, one after another. Both print one line per
-epoch; this script notes when each line arrives. It reports:
+Measures this machine's roof first (`bench/roofline.py`: fp32 and bf16 matmul rate), then runs
+`bench/reference/mnist_plain.py` (1 process, its own DataLoader with 4 workers, fp32), then
+`dtrain launch recipes/mnist_cnn.py --precision auto` with the README's other defaults on 1 and 2
+CPU processes (or GPUs, where present), each for `--epochs` epochs, one after another. Both print
+one line per epoch; this script notes when each line arrives. It reports:
 - samples/s: 60,000 training samples over the mean time between consecutive epoch lines
   (training plus the test pass; epoch 1 is left out, as it holds the start-up),
-- accuracy after epoch 1, and the time from the command's start to the first epoch line at or
-  above 99.0% test accuracy,
+- GFLOP/s: those samples/s times the model's FLOPs per sample (dtrain's count, in its run's
+  config.yaml), and that as a fraction of the roof of the precision the program trained in,
+- accuracy after epoch 1 and after the last (equal accuracy: within 0.2 points), and the time
+  from the command's start to the first epoch line at or above 99.0% test accuracy,
 - peak memory: the largest sum of anonymous resident memory (not libraries or other mapped
   files) over the command's process tree, sampled every 0.5 s (DataLoader workers, launcher and
   W&B processes included),
@@ -37,9 +40,14 @@ import threading
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import roofline  # noqa: E402
+
 from dtrain.core import hardware, metrics  # noqa: E402  (no torch: GPU count from CUDA_VISIBLE_DEVICES / nvidia-smi)
+from dtrain.core.rundir import RunDir  # noqa: E402
 
 TRAIN_SAMPLES = 60_000
 TARGET_ACCURACY = 99.0
@@ -55,6 +63,8 @@ class Result:
     peak_memory_mib: float
     startup_s: float | None = None
     logged_samples_per_s: float | None = None  # median of the run's logging windows after the first
+    precision: str = "fp32"
+    flops_per_sample: float | None = None  # forward and backward, dtrain's count
 
 
 def parse_epoch_line(line: str) -> tuple[int, float] | None:
@@ -142,9 +152,20 @@ def logged_samples_per_s(run_dir: Path) -> list[float]:
 def read_metrics(run_dir: Path, result: Result) -> Result:
     startup = [r["startup_s"] for r in metrics.read(run_dir, metrics.STARTUP)]
     rates = logged_samples_per_s(run_dir)
+    config = yaml.safe_load(RunDir(run_dir).config.read_text())
     result.startup_s = startup[0] if startup else None
     result.logged_samples_per_s = statistics.median(rates) if rates else None
+    result.precision, result.flops_per_sample = config["precision"], config.get("flops_per_sample")
     return result
+
+
+def roof_fraction(samples_per_second: float | None, flops_per_sample: float | None, roof: roofline.Roof,
+                  precision: str) -> tuple[float, float] | None:
+    """(GFLOP/s, fraction of the roof of `precision`) of a program training `samples_per_second`."""
+    if not samples_per_second or not flops_per_sample:
+        return None
+    achieved = samples_per_second * flops_per_sample
+    return achieved / 1e9, roofline.fraction(achieved, roof.of(precision))
 
 
 def dtrain_launch(recipe: Path, nproc: int, run_dir: Path, gpu: bool, *options: str) -> list[str]:
@@ -154,9 +175,10 @@ def dtrain_launch(recipe: Path, nproc: int, run_dir: Path, gpu: bool, *options: 
 
 
 def run_dtrain(label: str, nproc: int, recipe_args: list[str], workdir: Path, env: dict[str, str],
-               gpu: bool) -> Result:
+               gpu: bool, precision: str) -> Result:
     run_dir = workdir / re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-")
-    argv = dtrain_launch(ROOT / "recipes" / "mnist_cnn.py", nproc, run_dir, gpu, "--", *recipe_args)
+    argv = dtrain_launch(ROOT / "recipes" / "mnist_cnn.py", nproc, run_dir, gpu, "--precision", precision, "--",
+                         *recipe_args)
     return read_metrics(run_dir, run(label, argv, workdir, env))
 
 
@@ -176,28 +198,35 @@ def fmt(value: float | None, pattern: str = "{:,.0f}") -> str:
 
 
 def render(results: list[Result], reference: Result, variants: list[Result], breakdowns: list[dict[str, float]],
-           device: str, epochs: int, command: str) -> str:
+           device: str, roof: roofline.Roof, epochs: int, command: str) -> str:
     """The Markdown section for bench/RESULTS.md."""
     ref_rate, ref_99 = samples_per_s(reference.epoch_times), time_to_accuracy(reference)
+    flops_per_sample = next((r.flops_per_sample for r in results if r.flops_per_sample), None)  # the same model
     lines = [
         f"### dtrain vs the plain PyTorch program (MNIST CNN, {device}, {epochs} epochs)",
         "",
         f"`{command}`, {time.strftime('%Y-%m-%d')}. samples/s: 60,000 over the mean time between consecutive "
-        "epoch lines (training + test pass, epochs 2 onwards); time to 99.0%: from the command's start to the "
-        "first epoch line at or above it; memory: peak of the anonymous resident memory summed over the "
-        "process tree.",
+        "epoch lines (training + test pass, epochs 2 onwards); GFLOP/s: samples/s x "
+        f"{fmt(flops_per_sample and flops_per_sample / 1e6, '{:.1f}')}M FLOPs per sample (dtrain's count), and "
+        f"its fraction of the roof of the program's precision; time to 99.0%: from the command's start to the first "
+        "epoch line at or above it; memory: peak of the anonymous resident memory summed over the process tree. "
+        f"Roof: {roof.describe()}.",
         "",
-        "| program | samples/s | x reference | acc. epoch 1 | best acc. | time to 99.0% | x reference "
-        "| start-up to 1st step | peak memory |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| program | precision | samples/s | x reference | GFLOP/s | of the roof | acc. epoch 1 | acc. last epoch "
+        "| time to 99.0% | x reference | start-up to 1st step | peak memory |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in [reference, *results]:
         rate, t99 = samples_per_s(r.epoch_times), time_to_accuracy(r)
+        achieved = roof_fraction(rate, flops_per_sample, roof, r.precision)
         lines.append(" | ".join([
-            f"| {r.label}", fmt(rate), fmt(rate / ref_rate if rate and ref_rate else None, "{:.2f}x"),
-            f"{r.accuracies[0]:.2f}%", f"{max(r.accuracies):.2f}%", fmt(t99, "{:.1f} s"),
+            f"| {r.label}", r.precision, fmt(rate), fmt(rate / ref_rate if rate and ref_rate else None, "{:.2f}x"),
+            fmt(achieved and achieved[0]), fmt(achieved and achieved[1], "{:.1%}"),
+            f"{r.accuracies[0]:.2f}%", f"{r.accuracies[-1]:.2f}%", fmt(t99, "{:.1f} s"),
             fmt(t99 / ref_99 if t99 and ref_99 else None, "{:.2f}"), fmt(r.startup_s, "{:.1f} s"),
             f"{r.peak_memory_mib:,.0f} MiB |"]))
+    lines += ["", "Accuracy after the last epoch against the reference's: " + ", ".join(
+        f"{r.label} {r.accuracies[-1] - reference.accuracies[-1]:+.2f} points" for r in results) + "."]
     if breakdowns:
         lines += ["", "Step breakdown (`bench/step_time.py`, per process, batch 64 each; mean ms per step, compute "
                   "of the slowest rank):", "",
@@ -229,31 +258,35 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--nproc", default="1,2", help="dtrain's process counts, comma-separated")
     parser.add_argument("--data-dir", default=os.environ.get("DTRAIN_DATA_DIR", str(ROOT.parent / "shared" / "data")))
+    parser.add_argument("--precision", default="auto", help="dtrain's --precision (the reference trains in fp32)")
     parser.add_argument("--variants", action="store_true", help="also measure the recipe's speed options")
     parser.add_argument("--out", default=None, help="append the tables to this Markdown file")
     args = parser.parse_args()
 
     gpus = hardware.visible_gpus()  # what the reference program and dtrain's defaults will use
     gpu = gpus > 0
-    device = f"{gpus} GPU(s)" if gpu else f"{hardware.cpu_count()} CPU cores"
     data_dir = str(Path(args.data_dir).resolve())
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "DTRAIN_DATA_DIR": data_dir}
     epochs = ["--epochs", str(args.epochs)]
+    roof = roofline.measure_apart()
+    print(f"[compare] roof: {roof.describe()}", flush=True)
+    device = f"{gpus} GPU(s), {roof.device}" if gpu else roof.device
     with tempfile.TemporaryDirectory(prefix="dtrain-compare-") as tmp:
         workdir = Path(tmp)
         reference = run("plain PyTorch (bench/reference), 1 process",
                         [sys.executable, str(ROOT / "bench" / "reference" / "mnist_plain.py"), *epochs,
                          "--data-dir", data_dir], workdir, env)
         nprocs = [int(n) for n in args.nproc.split(",")]
-        results = [run_dtrain(f"dtrain, {n} process{'es' if n > 1 else ''}", n, epochs, workdir, env, gpu)
-                   for n in nprocs]
+        results = [run_dtrain(f"dtrain, {n} process{'es' if n > 1 else ''}", n, epochs, workdir, env, gpu,
+                              args.precision) for n in nprocs]
         breakdowns = [step_breakdown(n, workdir, env, gpu) for n in nprocs]
         variants = []
         if args.variants:
             for options in (["--no-fused"], ["--no-channels-last"], ["--compile"]):
-                variants.append(run_dtrain(" ".join(options), 1, ["--epochs", "1", *options], workdir, env, gpu))
+                variants.append(run_dtrain(" ".join(options), 1, ["--epochs", "1", *options], workdir, env, gpu,
+                                           args.precision))
     command = "python bench/compare.py " + " ".join(sys.argv[1:])
-    publish(render(results, reference, variants, breakdowns, device, args.epochs, command.strip()), args.out)
+    publish(render(results, reference, variants, breakdowns, device, roof, args.epochs, command.strip()), args.out)
 
 
 if __name__ == "__main__":
