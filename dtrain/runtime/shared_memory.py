@@ -111,18 +111,17 @@ class SharedMemoryAllReduce:
             buffer[:2].view(torch.int64)[0] = token
         dist.broadcast(token, src=0)  # the others find it in the file they mapped if it is the same file
         seen = torch.tensor([int(buffer is not None and bool(buffer[:2].view(torch.int64)[0] == token))])
-        dist.all_reduce(seen, op=dist.ReduceOp.MIN)
+        shared = cls(buffer, rank, world_size, numel, timeout_s) if buffer is not None and int(seen) else None
+        if shared is not None:
+            shared.pids[rank], shared.starts[rank] = os.getpid(), process_start(os.getpid()) or 0
+        dist.all_reduce(seen, op=dist.ReduceOp.MIN)  # also: every rank that mapped the buffer has published its PID
         if rank == 0 and name:
             os.unlink(name)  # the mappings keep it; nothing is left behind, however the job ends
-        if buffer is None or not int(seen):
+        if shared is None or not int(seen):
             return None
-        shared = cls(buffer, rank, world_size, numel, timeout_s)
-        shared.pids[rank], shared.starts[rank] = os.getpid(), process_start(os.getpid()) or 0
-        dist.barrier()
-        sees = torch.tensor([int(all(process_start(int(pid)) == int(start) for pid, start in zip(shared.pids,
-                                                                                                shared.starts)))])
-        dist.all_reduce(sees, op=dist.ReduceOp.MIN)
-        shared.watching = bool(int(sees))
+        # Each rank decides alone (no collective more: the hang report counts them); where one cannot see the
+        # others' processes it waits out the time-out as before.
+        shared.watching = all(process_start(int(pid)) == int(start) for pid, start in zip(shared.pids, shared.starts))
         return shared
 
     def gone(self) -> list[int]:
