@@ -149,13 +149,18 @@ def logged_samples_per_s(run_dir: Path) -> list[float]:
     return [r["samples_per_s"] for r in metrics.read(run_dir, metrics.TRAIN) if "samples_per_s" in r][1:]
 
 
+def precision_and_flops(run_dir: Path) -> tuple[str, float | None]:
+    """The precision a dtrain run trained in and its FLOPs per sample, from its config.yaml."""
+    config = yaml.safe_load(RunDir(run_dir).config.read_text())
+    return config["precision"], config.get("flops_per_sample")
+
+
 def read_metrics(run_dir: Path, result: Result) -> Result:
     startup = [r["startup_s"] for r in metrics.read(run_dir, metrics.STARTUP)]
     rates = logged_samples_per_s(run_dir)
-    config = yaml.safe_load(RunDir(run_dir).config.read_text())
     result.startup_s = startup[0] if startup else None
     result.logged_samples_per_s = statistics.median(rates) if rates else None
-    result.precision, result.flops_per_sample = config["precision"], config.get("flops_per_sample")
+    result.precision, result.flops_per_sample = precision_and_flops(run_dir)
     return result
 
 

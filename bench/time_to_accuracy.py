@@ -36,8 +36,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import roofline  # noqa: E402
@@ -45,7 +43,14 @@ import roofline  # noqa: E402
 from dtrain.core import hardware, metrics  # noqa: E402
 from dtrain.core.rundir import RunDir  # noqa: E402
 
-from compare import dtrain_launch, logged_samples_per_s, parse_epoch_line, publish, roof_fraction  # noqa: E402
+from compare import (  # noqa: E402
+    dtrain_launch,
+    logged_samples_per_s,
+    parse_epoch_line,
+    precision_and_flops,
+    publish,
+    roof_fraction,
+)
 
 ANCHOR = "0.76 s of training on a GTX 1660 Ti (tuomaso/train_mnist_fast)"
 TRAIN_SAMPLES = 60_000
@@ -84,9 +89,9 @@ def from_metrics(label: str, run_dir: Path, wall_s: float) -> Result:
     target = metrics.read(run_dir, metrics.TARGET)
     evaluations = [r["eval/accuracy"] for r in metrics.read(run_dir) if "eval/accuracy" in r]
     rates = logged_samples_per_s(run_dir)
-    config = yaml.safe_load(RunDir(run_dir).config.read_text())
-    result = Result(label, wall_s, max(evaluations, default=None), precision=config["precision"],
-                    flops_per_sample=config.get("flops_per_sample"))
+    precision, flops_per_sample = precision_and_flops(run_dir)
+    result = Result(label, wall_s, max(evaluations, default=None), precision=precision,
+                    flops_per_sample=flops_per_sample)
     if target:
         row = target[0]
         result.accuracy, result.step = row["eval/accuracy"], row["step"]
