@@ -122,3 +122,21 @@ def test_time_to_accuracy_gives_the_median_of_the_seeds_and_whether_every_seed_r
     text = tta.render(runs, {"dtrain, fast": runs}, ROOF, 0.99, "python bench/time_to_accuracy.py --seeds 5")
     assert "| dtrain, fast, seed 0 | bf16 | 14.5 s | 12.00 s | 2.5 s | 400 | 99.10% | 10,000 (9,000..11,000) | 31.2% |" in text
     assert "dtrain, fast: median training time of 5 seeds 12.50 s; every seed reached the target." in text
+
+
+def test_the_malloc_table_gives_each_settings_median_and_the_pairs_speed_up():
+    import argparse
+
+    import malloc
+
+    assert malloc.speedups([(5_000.0, 9_000.0), (6_000.0, 9_000.0), (4_000.0, 8_000.0)]) == (1.8, 1.5, 2.0)
+    before, after = malloc.SETTINGS
+    runs = {before: [{"samples_per_s": 5_000.0, "faults_per_step": 15_000.0},
+                     {"samples_per_s": 6_000.0, "faults_per_step": 14_000.0}],
+            after: [{"samples_per_s": 9_000.0, "faults_per_step": 0.0},
+                    {"samples_per_s": 9_600.0, "faults_per_step": 2.0}]}
+    args = argparse.Namespace(batch_size=256, precision="bf16", pairs=2, steps=60, settle=10)
+    text = malloc.render(args, "AMD EPYC (AVX-512 BF16), 2 threads", runs, "python bench/malloc.py --pairs 2")
+    assert "| glibc's thresholds | 5,500 | 5,000..6,000 | 14,500 |" in text
+    assert "| dtrain's for CPU workers | 9,300 | 9,000..9,600 | 1 |" in text
+    assert "Speed-up of the pairs: median 1.70x (range 1.60x..1.80x)." in text

@@ -136,9 +136,20 @@ def test_worker_env_is_the_dtrain_contract_and_keeps_the_callers_variables():
         "DTRAIN_MLFLOW_EXPERIMENT": "dtrain",
         "DTRAIN_STRATEGY": "ddp", "DTRAIN_GRAD_ACCUM": "1", "DTRAIN_WORLD_SIZE": "2", "DTRAIN_NODE_RANK": "0",
         "DTRAIN_REPLICA_GROUPS": "1", "DTRAIN_REPLICA_GROUP": "0",
+        "MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824",
     }
     plain = contract.worker_env(resolve(cpu=True, name="r"), cpus=2, base={"DTRAIN_KEEP_LAST": "9"})
     assert "DTRAIN_KEEP_LAST" not in plain and "DTRAIN_ASYNC_CHECKPOINT" not in plain
+
+
+def test_cpu_workers_keep_freed_memory_unless_the_user_says_otherwise():
+    """glibc's thresholds for CPU workers only (a GPU job's host may need its memory back), never over the user's."""
+    cpu = resolve(cpu=True, name="r")
+    assert contract.worker_env(cpu, cpus=2, base={})["MALLOC_TRIM_THRESHOLD_"] == str(1 << 30)
+    mine = contract.worker_env(cpu, cpus=2, base={"MALLOC_MMAP_THRESHOLD_": "65536"})
+    assert mine["MALLOC_MMAP_THRESHOLD_"] == "65536" and mine["MALLOC_TRIM_THRESHOLD_"] == str(1 << 30)
+    gpu = contract.worker_env(resolve(gpus_available=1, name="r"), cpus=2, base={})
+    assert not contract.CPU_MALLOC.keys() & gpu.keys()
 
 
 @pytest.mark.parametrize("value, parsed", [("epoch", (None, True)), ("500", (500, False)), ("500,epoch", (500, True)),
