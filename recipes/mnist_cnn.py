@@ -73,7 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64, help="per process")
     parser.add_argument("--lr", type=float, default=1e-3, help="the learning rate (onecycle: its peak)")
     parser.add_argument("--lr-schedule", choices=("constant", "onecycle"), default="constant",
-                        help="onecycle: OneCycleLR over the whole run, stepped every optimizer step")
+                        help="onecycle: OneCycleLR over the whole run (its epochs, or --max-steps if fewer), stepped "
+                             "every optimizer step")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="CrossEntropyLoss's label_smoothing")
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--dropout", type=float, default=0.5)
     parser.add_argument("--data-dir", default=os.environ.get("DTRAIN_DATA_DIR", "./data"))
@@ -136,9 +138,11 @@ def main() -> None:
     if args.lr_schedule == "onecycle":
         batches = steps_per_epoch(len(train_set), args.batch_size, ctx.world_size, args.limit_train_batches)
         total = args.epochs * math.ceil(batches / ctx.env.grad_accum)
+        total = min(total, ctx.max_steps or total)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total)
-    trainer = Trainer(ctx, model, optimizer, nn.CrossEntropyLoss(), batch_size=args.batch_size,
-                      class_names=datasets.MNIST.classes, scheduler=scheduler, scheduler_interval="step", log_every=args.log_every,
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    trainer = Trainer(ctx, model, optimizer, loss_fn, batch_size=args.batch_size, class_names=datasets.MNIST.classes,
+                      scheduler=scheduler, scheduler_interval="step", log_every=args.log_every,
                       eval_every=args.eval_every, stop_at=args.stop_at)
     trainer.fit(train_set, test_set, epochs=args.epochs, limit_train_batches=args.limit_train_batches,
                 limit_eval_batches=args.limit_eval_batches)

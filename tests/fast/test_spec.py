@@ -136,7 +136,7 @@ def test_worker_env_is_the_dtrain_contract_and_keeps_the_callers_variables():
         "DTRAIN_MLFLOW_EXPERIMENT": "dtrain",
         "DTRAIN_STRATEGY": "ddp", "DTRAIN_GRAD_ACCUM": "1", "DTRAIN_WORLD_SIZE": "2", "DTRAIN_NODE_RANK": "0",
         "DTRAIN_REPLICA_GROUPS": "1", "DTRAIN_REPLICA_GROUP": "0",
-        "MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824",
+        "MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "1073741824",
     }
     plain = contract.worker_env(resolve(cpu=True, name="r"), cpus=2, base={"DTRAIN_KEEP_LAST": "9"})
     assert "DTRAIN_KEEP_LAST" not in plain and "DTRAIN_ASYNC_CHECKPOINT" not in plain
