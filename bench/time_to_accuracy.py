@@ -8,8 +8,8 @@ One after another, on one GPU (without one: one CPU process, and no --cuda-graph
 - `dtrain launch recipes/mnist_cnn.py --precision auto` with the standard setting (the recipe's defaults:
   batch 64, AdamW at 1e-3, 10 epochs) or the fast one (batch 256, dropout 0.25, label smoothing 0.1, OneCycle
   peaking at 2e-2 over `--max-steps 352`, 1.5 epochs: 99% after 1 to 1.24 epochs in each of 5 seeds on a CPU
-  here, 2026-12-07; over 1.25 epochs one seed stopped at 98.99%), each eager and with --cuda-graph, evaluating every quarter epoch and stopping at the
-  target (`--stop-at`); no checkpoints;
+  here, 2026-12-07; over 1.25 epochs one seed stopped at 98.99%), each eager and with --cuda-graph, evaluating
+  every quarter epoch and stopping at the target (`--stop-at`); no checkpoints;
 - the reference program (bench/reference/mnist_plain.py), stopped at its first epoch line at the target.
 For a dtrain run, from its `target` row: end to end (from `dtrain launch` to the evaluation that reached
 the target), training (from the training loop's start: steps and evaluations) and start-up (the rest:
