@@ -107,6 +107,14 @@ def build(args: argparse.Namespace) -> tuple[MNISTCNN, torch.optim.Optimizer]:
     return model, optimizer
 
 
+def onecycle_steps(epochs: int, batches: int, grad_accum: int, max_steps: int | None) -> int:
+    """The optimizer steps OneCycleLR spans: the run's, `batches` per epoch, or --max-steps if that ends it sooner
+    (as Lightning's `estimated_stepping_batches`). One too few and the schedule raises at the end; too many and
+    the run ends before the schedule's low end."""
+    total = epochs * math.ceil(batches / grad_accum)
+    return min(total, max_steps or total)
+
+
 # --- what `dtrain export` builds and checks (docs/deploy.md) ----------------------------------------------------
 
 def export_model(args: argparse.Namespace) -> MNISTCNN:
@@ -137,8 +145,7 @@ def main() -> None:
     scheduler = None
     if args.lr_schedule == "onecycle":
         batches = steps_per_epoch(len(train_set), args.batch_size, ctx.world_size, args.limit_train_batches)
-        total = args.epochs * math.ceil(batches / ctx.env.grad_accum)
-        total = min(total, ctx.max_steps or total)
+        total = onecycle_steps(args.epochs, batches, ctx.env.grad_accum, ctx.max_steps)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     trainer = Trainer(ctx, model, optimizer, loss_fn, batch_size=args.batch_size, class_names=datasets.MNIST.classes,

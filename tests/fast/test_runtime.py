@@ -16,7 +16,7 @@ from dtrain.runtime.data import make_loader, shard_indices
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "recipes"))
-from mnist_cnn import TRANSFORM, to_tensors
+from mnist_cnn import TRANSFORM, onecycle_steps, to_tensors
 
 
 @pytest.mark.parametrize("n, world", [(10, 2), (11, 2), (7, 3), (2, 4)])
@@ -234,3 +234,9 @@ def test_a_lighthouse_that_does_not_answer_is_one_sentence(monkeypatch):
     assert str(error.value) == (f"--replica-groups could not reach the lighthouse {nobody} within 1 s; start it where "
                                 "every group reaches it (`torchft_lighthouse --min_replicas 1 --bind HOST:PORT`), or "
                                 "fix --lighthouse.")
+
+
+def test_the_mnist_recipes_onecycle_spans_the_runs_steps_or_max_steps_if_fewer():
+    assert onecycle_steps(epochs=2, batches=10, grad_accum=3, max_steps=None) == 8  # ceil(10 / 3) per epoch
+    assert onecycle_steps(epochs=2, batches=235, grad_accum=1, max_steps=352) == 352
+    assert onecycle_steps(epochs=2, batches=235, grad_accum=1, max_steps=1000) == 470
