@@ -115,8 +115,7 @@ def main() -> None:
                                  capture_output=True, text=True, check=True)
             runs[label].append(json.loads(out.stdout.splitlines()[-1]))
             print(f"[malloc] pair {pair + 1}, {label}: {runs[label][-1]}", flush=True)
-    device = f"{roofline.cpu_name()} ({roofline.bf16_isa(hardware.cpu_flags())}), {hardware.cpu_count()} threads"
-    publish(render(args, device, runs, " ".join(["python bench/malloc.py", *sys.argv[1:]])), args.out)
+    publish(render(args, roofline.cpu_device(hardware.cpu_count()), runs, " ".join(["python bench/malloc.py", *sys.argv[1:]])), args.out)
 
 
 if __name__ == "__main__":

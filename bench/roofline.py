@@ -51,6 +51,11 @@ def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
         return "CPU"
 
 
+def cpu_device(threads: int) -> str:
+    """How every table names the CPU it ran on: "AMD EPYC (AVX-512 BF16), 2 threads"."""
+    return f"{cpu_name()} ({bf16_isa(hardware.cpu_flags())}), {threads} threads"
+
+
 def fraction(achieved_flops_per_s: float, roof_flops_per_s: float) -> float:
     return achieved_flops_per_s / roof_flops_per_s
 
@@ -95,7 +100,7 @@ def measure(threads: int | None = None, sizes: tuple[int, ...] | None = None, se
     if device == "cpu":
         if threads:
             torch.set_num_threads(threads)
-        name = f"{cpu_name()} ({bf16_isa(hardware.cpu_flags())}), {torch.get_num_threads()} threads"
+        name = cpu_device(torch.get_num_threads())
     else:
         name = torch.cuda.get_device_name(0)
     sizes = sizes or (GPU_SIZES if device == "cuda" else CPU_SIZES)
